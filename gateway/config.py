@@ -1,0 +1,367 @@
+"""YAML configuration → frozen, typed objects, validated once.
+
+Every error names the file and the key path (``limits.max_sessions: must be a positive
+integer``), so an operator can fix a config without reading code.  Unknown keys are errors
+too: a misspelt ``max_sesions`` silently ignored is a limit that is not there.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``str()`` is the line to show the operator."""
+
+    def __init__(self, source: str, path: str, message: str) -> None:
+        self.source = source
+        self.path = path
+        self.message = message
+        where = f"{path}: " if path else ""
+        super().__init__(f"{source}: {where}{message}")
+
+
+class Direction(StrEnum):
+    OUTBOUND = "outbound"  # the local MTA is the client; forward to the original destination
+    INBOUND = "inbound"  # the local MTA is the server; forward only to configured MTAs
+
+
+class InterceptMode(StrEnum):
+    REDIRECT = "redirect"  # NAT: destination from SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST
+    TPROXY = "tproxy"  # no NAT: destination is the accepted socket's own address
+
+
+class FailureSignal(StrEnum):
+    """What the MTA sees when the upstream cannot be reached."""
+
+    REPLY = "reply"  # a 421 greeting that carries the reason into the MTA's log and queue
+    RESET = "reset"  # a TCP reset right after accept
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        if self.host.version == 6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    address: IPAddress
+    port: int
+    direction: Direction = Direction.OUTBOUND
+    mode: InterceptMode = InterceptMode.REDIRECT
+    # Inbound only: the MTAs this listener may forward to, tried in order (A6).
+    upstreams: tuple[Endpoint, ...] = ()
+    name: str = ""
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(self.address, self.port)
+
+    @property
+    def key(self) -> tuple[str, int, str, str, tuple[Endpoint, ...]]:
+        """Identity for reload: a listener whose key is unchanged keeps its socket."""
+        return (str(self.address), self.port, self.direction, self.mode, self.upstreams)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.direction}@{self.endpoint}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    # SO_MARK on every upstream socket, so firewall rules can exempt the gateway's own
+    # traffic from interception; also how a looped connection is recognised.
+    mark: int = 0x2525
+    source_ipv4: ipaddress.IPv4Address | None = None
+    source_ipv6: ipaddress.IPv6Address | None = None
+    on_failure: FailureSignal = FailureSignal.REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_sessions: int = 2000
+    # High-water mark of the user-space buffer per direction: reading the other side pauses
+    # above it.  Memory per session is about twice this plus two socket reads.
+    buffer_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 30.0  # Postfix's own smtp_connect_timeout
+    idle: float = 300.0  # RFC 5321 4.5.3.2 server timeouts are 2-10 minutes
+    session: float = 3600.0
+    drain: float = 60.0  # SIGTERM: how long active sessions may finish
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    listen: Endpoint | None = Endpoint(ipaddress.ip_address("127.0.0.1"), 9125)
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    format: LogFormat = LogFormat.TEXT
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[Listener, ...]
+    upstream: Upstream = field(default_factory=Upstream)
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    metrics: Metrics = field(default_factory=Metrics)
+    logging: Logging = field(default_factory=Logging)
+    source: str = "<config>"
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Defaults are read from instances: slotted dataclasses keep no class-level field values.
+_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING = (
+    Upstream(), Limits(), Timeouts(), Metrics(), Logging())
+E = TypeVar("E", bound=StrEnum)
+
+
+class _Section:
+    """A mapping being read, with its key path; every read is checked, leftovers are errors."""
+
+    def __init__(self, source: str, path: str, data: object) -> None:
+        self.source = source
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(source, path, "must be a mapping")
+        self._data: Mapping[Any, Any] = data
+        self._seen: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.source, self._join(key), message)
+
+    def _join(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def raw(self, key: str) -> object:
+        self._seen.add(key)
+        return self._data.get(key)
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.source, self._join(key), self.raw(key))
+
+    def items(self, key: str) -> Iterator[tuple[str, object]]:
+        """Yields (path, item) for a list value."""
+        value = self.raw(key)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            raise self.error(key, "must be a list")
+        for i, item in enumerate(value):
+            yield f"{self._join(key)}[{i}]", item
+
+    def integer(self, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        # bool is an int in Python; `max_sessions: yes` is a mistake, not 1.
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and value >= minimum and (maximum is None or value <= maximum):  # type: ignore[operator]
+            return value  # type: ignore[return-value]
+        if minimum == 1 and maximum is None:
+            raise self.error(key, "must be a positive integer")
+        upper = "" if maximum is None else f" and at most {maximum}"
+        raise self.error(key, f"must be an integer of at least {minimum}{upper}")
+
+    def seconds(self, key: str, default: float) -> float:
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        raise self.error(key, "must be a positive number of seconds")
+
+    def string(self, key: str, default: str) -> str:
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        if isinstance(value, str) and value:
+            return value
+        raise self.error(key, "must be a non-empty string")
+
+    def choice(self, key: str, enum: type[E], default: E) -> E:
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        try:
+            return enum(str(value)) if isinstance(value, str) else enum(value)  # type: ignore[arg-type]
+        except ValueError:
+            allowed = ", ".join(e.value for e in enum)
+            raise self.error(key, f"must be one of: {allowed}") from None
+
+    def address(self, key: str, default: IPAddress | None = None) -> IPAddress | None:
+        if not self.has(key) or self.raw(key) is None:
+            return default
+        return _parse_ip(self.raw(key), self.source, self._join(key))
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self._data if k not in self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _parse_ip(value: object, source: str, path: str) -> IPAddress:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_address(value.strip("[]"))
+        except ValueError:
+            pass
+    raise ConfigError(source, path, "must be an IP address")
+
+
+def parse_endpoint(value: object, source: str, path: str) -> Endpoint:
+    """``192.0.2.1:25`` or ``[2001:db8::1]:25``; host names are refused on purpose (A6)."""
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if sep and port.isdigit() and 0 < int(port) < 65536:
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            elif ":" in host:
+                host = ""  # a bare IPv6 literal with a port is ambiguous
+            try:
+                return Endpoint(ipaddress.ip_address(host), int(port))
+            except ValueError:
+                pass
+    raise ConfigError(source, path, "must be IP:PORT (IPv6 as [ADDRESS]:PORT)")
+
+
+def _listener(source: str, path: str, data: object) -> Listener:
+    s = _Section(source, path, data)
+    if not s.has("address"):
+        raise s.error("address", "is required")
+    if not s.has("port"):
+        raise s.error("port", "is required")
+    address = s.address("address")
+    assert address is not None
+    port = s.integer("port", 0, 1, 65535)
+    direction = s.choice("direction", Direction, Direction.OUTBOUND)
+    mode = s.choice("mode", InterceptMode, InterceptMode.REDIRECT)
+    upstreams = tuple(parse_endpoint(v, source, p) for p, v in s.items("upstreams"))
+    name = s.string("name", "")
+    s.done()
+    if direction is Direction.INBOUND and not upstreams:
+        raise s.error("upstreams", "an inbound listener needs at least one MTA (IP:PORT)")
+    if direction is Direction.OUTBOUND and upstreams:
+        raise s.error("upstreams", "only for inbound listeners: outbound goes to the original "
+                                   "destination")
+    return Listener(address, port, direction, mode, upstreams, name)
+
+
+def parse(data: object, source: str = "<config>") -> Config:
+    """Validates a loaded YAML document; raises ConfigError naming the key path."""
+    top = _Section(source, "", data)
+
+    listeners: list[Listener] = []
+    for path, item in top.items("listeners"):
+        listener = _listener(source, path, item)
+        if any(lst.endpoint == listener.endpoint for lst in listeners):
+            raise ConfigError(source, path, f"duplicate listener {listener.endpoint}")
+        listeners.append(listener)
+    if not listeners:
+        raise top.error("listeners", "at least one listener is required")
+
+    u = top.section("upstream")
+    src4 = u.address("source_ipv4")
+    src6 = u.address("source_ipv6")
+    if src4 is not None and src4.version != 4:
+        raise u.error("source_ipv4", "must be an IPv4 address")
+    if src6 is not None and src6.version != 6:
+        raise u.error("source_ipv6", "must be an IPv6 address")
+    upstream = Upstream(
+        mark=u.integer("mark", _UPSTREAM.mark, 0, 0xFFFFFFFF),
+        source_ipv4=src4 if isinstance(src4, ipaddress.IPv4Address) else None,
+        source_ipv6=src6 if isinstance(src6, ipaddress.IPv6Address) else None,
+        on_failure=u.choice("on_failure", FailureSignal, _UPSTREAM.on_failure),
+    )
+    u.done()
+
+    lim = top.section("limits")
+    limits = Limits(
+        max_sessions=lim.integer("max_sessions", _LIMITS.max_sessions),
+        buffer_bytes=lim.integer("buffer_bytes", _LIMITS.buffer_bytes, 4096, 64 * 1024 * 1024),
+    )
+    lim.done()
+
+    t = top.section("timeouts")
+    timeouts = Timeouts(
+        connect=t.seconds("connect", _TIMEOUTS.connect),
+        idle=t.seconds("idle", _TIMEOUTS.idle),
+        session=t.seconds("session", _TIMEOUTS.session),
+        drain=t.seconds("drain", _TIMEOUTS.drain),
+    )
+    t.done()
+
+    m = top.section("metrics")
+    listen = _METRICS.listen
+    if m.has("listen"):
+        raw = m.raw("listen")
+        listen = None if raw is None else parse_endpoint(raw, source, "metrics.listen")
+    m.done()
+
+    lg = top.section("log")
+    level = lg.string("level", _LOGGING.level).upper()
+    if level not in _LOG_LEVELS:
+        raise lg.error("level", f"must be one of: {', '.join(_LOG_LEVELS)}")
+    logging_ = Logging(format=lg.choice("format", LogFormat, _LOGGING.format), level=level)
+    lg.done()
+
+    top.done()
+    return Config(
+        listeners=tuple(listeners),
+        upstream=upstream,
+        limits=limits,
+        timeouts=timeouts,
+        metrics=Metrics(listen),
+        logging=logging_,
+        source=source,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Reads and validates a config file; every failure is a ConfigError naming the file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(source, "", f"{where}{problem}") from None
+    return parse(data, source)

@@ -1,0 +1,72 @@
+"""Logging: plain text or JSON lines, and the one summary line per session."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from .config import LogFormat
+
+log = logging.getLogger("smtpgate")
+session_log = logging.getLogger("smtpgate.session")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                  + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            doc["event"] = record.getMessage()
+            doc.update(fields)
+        else:
+            doc["msg"] = record.getMessage()
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"), default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if fields is not None:
+            # key=value, values with spaces quoted: greppable and awk-able.
+            text = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+            record = logging.makeLogRecord({**record.__dict__, "msg": f"{record.msg} {text}",
+                                            "args": ()})
+        return super().format(record)
+
+
+def _quote(value: object) -> str:
+    s = str(value)
+    return json.dumps(s) if (" " in s or '"' in s or not s) else s
+
+
+def setup(fmt: LogFormat, level: str) -> None:
+    """Idempotent: a reload may switch format or level."""
+    root = logging.getLogger("smtpgate")
+    handler = next((h for h in root.handlers if getattr(h, "_smtpgate", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler._smtpgate = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    handler.setFormatter(_JsonFormatter() if fmt is LogFormat.JSON else _TextFormatter())
+    root.setLevel(level)
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO,
+          **fields: object) -> None:
+    """A structured log line: ``name`` plus key/value fields (no field may be ``level``)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, name, extra={"fields": fields})

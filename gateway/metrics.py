@@ -1,0 +1,137 @@
+"""Every metric, defined once, on a registry passed in (tests build their own), and the
+exporter that serves it.
+
+Labels are low-cardinality by construction: direction, outcome, reason — never a peer address
+or a domain, so the number of series stays flat whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from collections.abc import Callable
+from typing import cast
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from . import __version__
+from .config import Direction, Endpoint
+
+log = logging.getLogger("smtpgate")
+
+# Session outcomes; every value is pre-created so dashboards see zeros, not gaps.
+OUTCOMES = (
+    "relayed", "client_reset", "upstream_reset", "timeout_idle", "timeout_session", "aborted",
+    "upstream_failed", "refused_limit", "refused_loop", "refused_intercept",
+)
+CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "error")
+STREAMS = ("client_to_upstream", "upstream_to_client")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.sessions = Counter(
+            "smtpgate_sessions", "Sessions ended, by direction and outcome.",
+            ["direction", "outcome"], registry=registry)
+        self.active = Gauge(
+            "smtpgate_sessions_active", "Sessions in progress.", ["direction"],
+            registry=registry)
+        self.bytes = Counter(
+            "smtpgate_relayed_bytes", "Bytes relayed, by direction and stream.",
+            ["direction", "stream"], registry=registry)
+        self.duration = Histogram(
+            "smtpgate_session_duration_seconds", "Session duration, accept to close.",
+            ["direction"], registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))
+        self.connect_failures = Counter(
+            "smtpgate_upstream_connect_failures", "Upstream connections that failed, by reason.",
+            ["direction", "reason"], registry=registry)
+        self.reloads = Counter(
+            "smtpgate_config_reloads", "Configuration reloads, by result.", ["result"],
+            registry=registry)
+        self.buffered = Gauge(
+            "smtpgate_relay_buffered_bytes",
+            "Bytes held in user space by all sessions, waiting for a slow peer.",
+            registry=registry)
+        self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
+                          registry=registry)
+        self.build.info({"version": __version__, "python": platform.python_version()})
+        for d in Direction:
+            self.active.labels(d.value)
+            self.duration.labels(d.value)
+            for o in OUTCOMES:
+                self.sessions.labels(d.value, o)
+            for r in CONNECT_FAILURES:
+                self.connect_failures.labels(d.value, r)
+            for s in STREAMS:
+                self.bytes.labels(d.value, s)
+        for result in ("ok", "rejected"):
+            self.reloads.labels(result)
+
+    def track_buffered(self, fn: Callable[[], int]) -> None:
+        """Computed at scrape time: no bookkeeping on the data path."""
+        self.buffered.set_function(fn)
+
+
+class _Exporter(asyncio.Protocol):
+    """Answers one HTTP/1.0-style GET per connection; anything else is refused."""
+
+    MAX_REQUEST = 8192
+    TIMEOUT = 10.0
+
+    def __init__(self, registry: CollectorRegistry, health: Callable[[], bool]) -> None:
+        self._registry = registry
+        self._health = health
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # A scraper that connects and says nothing must not hold a socket for ever.
+        self._timer = asyncio.get_running_loop().call_later(self.TIMEOUT,
+                                                                  self._transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if b"\r\n\r\n" not in self._buf and b"\n\n" not in self._buf:
+            if len(self._buf) > self.MAX_REQUEST:
+                self._respond(431, b"request too large\n")
+            return
+        line = bytes(self._buf.split(b"\n", 1)[0]).strip()
+        parts = line.split()
+        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+            self._respond(405, b"only GET\n")
+            return
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/metrics":
+            self._respond(200, generate_latest(self._registry), CONTENT_TYPE_LATEST,
+                          head=parts[0] == b"HEAD")
+        elif path in (b"/healthz", b"/"):
+            ok = self._health()
+            self._respond(200 if ok else 503, b"ok\n" if ok else b"draining\n")
+        else:
+            self._respond(404, b"not found\n")
+
+    def _respond(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8",
+                 head: bool = False) -> None:
+        assert self._transport is not None
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed",
+                  431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
+        header = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        self._transport.write(header.encode() + (b"" if head else body))
+        self._transport.close()
+
+
+async def serve(registry: CollectorRegistry, listen: Endpoint,
+                health: Callable[[], bool]) -> asyncio.Server:
+    """The Prometheus endpoint, on the gateway's own loop (no thread, nothing to fork)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Exporter(registry, health), str(listen.host),
+                                    listen.port, reuse_address=True)

@@ -1,0 +1,139 @@
+"""The kernel side of interception: original destinations, transparent and marked sockets.
+
+REDIRECT rewrites the destination to the gateway, and conntrack remembers the original:
+``SO_ORIGINAL_DST`` (IPv4) / ``IP6T_SO_ORIGINAL_DST`` (IPv6) read it back.  TPROXY leaves
+the packet alone and delivers it to an ``IP_TRANSPARENT`` listener, so the accepted socket's
+own address *is* the original destination.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+
+from .config import Endpoint, InterceptMode, IPAddress
+
+# linux/netfilter_ipv4.h and linux/netfilter_ipv6/ip6_tables.h: both are 80.
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+# linux/in.h, linux/in6.h; not all exported by the socket module.
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+IP_BIND_ADDRESS_NO_PORT = 24
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+class InterceptError(Exception):
+    """The connection cannot be attributed to an original destination."""
+
+
+def _endpoint(family: int, raw: bytes) -> Endpoint:
+    if family == socket.AF_INET:
+        port, packed = struct.unpack_from("!2xH4s", raw)
+        return Endpoint(ipaddress.IPv4Address(packed), port)
+    port, packed = struct.unpack_from("!2xH4x16s", raw)
+    return Endpoint(ipaddress.IPv6Address(packed), port)
+
+
+def sock_endpoint(addr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    """socket-module address tuple → Endpoint (scope ids are dropped: global addresses only)."""
+    return Endpoint(ipaddress.ip_address(addr[0].split("%", 1)[0]), addr[1])
+
+
+def original_destination(sock: socket.socket, mode: InterceptMode) -> Endpoint:
+    """Where the client meant to connect before the firewall sent it to us."""
+    if mode is InterceptMode.TPROXY:
+        return sock_endpoint(sock.getsockname())
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        else:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+    except OSError as exc:
+        # ENOENT: no conntrack entry (nf_conntrack not loaded for this family).
+        raise InterceptError(f"no original destination: {exc.strerror}") from None
+    return _endpoint(sock.family, raw)
+
+
+def socket_mark(sock: socket.socket) -> int:
+    """The mark of an accepted socket; with net.ipv4.tcp_fwmark_accept=1 it is the SYN's."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_MARK)
+    except OSError:
+        return 0
+
+
+def listening_socket(address: IPAddress, port: int, mode: InterceptMode,
+                     backlog: int = 1024) -> socket.socket:
+    """A bound, listening, non-blocking socket for one listener."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Workers (and a restarted gateway during drain) share the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # One family per listener: a v4-mapped client on a v6 socket would need the v4
+            # conntrack lookup, and the operator configures both families explicitly anyway.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if mode is InterceptMode.TPROXY:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((str(address), port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def upstream_socket(destination: Endpoint, mark: int, source: IPAddress | None = None,
+                    source_port: int = 0, transparent: bool = False) -> socket.socket:
+    """A non-blocking socket for the upstream leg: marked, optionally bound to a source.
+
+    ``transparent`` binds to a non-local address (the client's own, for inbound TPROXY).
+    """
+    family = socket.AF_INET6 if destination.host.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if transparent:
+            level, opt = ((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if family == socket.AF_INET6
+                          else (socket.SOL_IP, IP_TRANSPARENT))
+            sock.setsockopt(level, opt, 1)
+        if source is not None:
+            if source.version != destination.host.version:
+                raise InterceptError(f"source {source} and destination {destination} differ "
+                                     "in address family")
+            if source_port == 0:
+                # Defer port choice to connect(): the 4-tuple, not the 2-tuple, must be unique,
+                # so many sessions can share one source address.
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((str(source), source_port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def is_local_address(address: IPAddress) -> bool:
+    """True when this host (this network namespace) owns ``address``."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    if address.is_unspecified:
+        return True
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return False
+            raise
+    return True

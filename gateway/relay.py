@@ -1,0 +1,202 @@
+"""A byte pump between two TCP legs, on asyncio Protocols.
+
+Backpressure: each leg's transport has a write high-water mark; when a leg's outgoing buffer
+rises above it, asyncio calls ``pause_writing`` on that leg and we stop *reading the other
+leg* until it drains (``resume_writing``).  So a session holds at most the high-water mark
+plus one socket read per direction, however slow either peer is.
+
+Half-close: EOF from one leg becomes ``shutdown(SHUT_WR)`` on the other (``write_eof``,
+issued after the buffered bytes are flushed); the pump is finished when both directions have
+seen EOF, or when either leg is lost.
+
+Timeouts: idle (no byte read in either direction) and total; one timer each, the idle one
+re-armed lazily so the hot path only stores a timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+from enum import StrEnum
+from typing import cast
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Closes with a TCP RST instead of a FIN: the peer must not mistake it for a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone: abort() is all that is left
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
+
+
+class End(StrEnum):
+    """How a pump finished; becomes the session outcome."""
+
+    DONE = "relayed"  # both directions closed cleanly
+    CLIENT_RESET = "client_reset"
+    UPSTREAM_RESET = "upstream_reset"
+    IDLE = "timeout_idle"
+    TOTAL = "timeout_session"
+    ABORTED = "aborted"  # the gateway ended it (drain deadline)
+
+
+class Leg(asyncio.Protocol):
+    """One TCP connection of the pump; forwards what it reads to its partner leg."""
+
+    def __init__(self, pump: Pump, name: str) -> None:
+        self.pump = pump
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.partner: Leg | None = None
+        self.bytes_in = 0
+        self.eof = False  # this leg's peer closed its sending side
+        self.lost = False
+        self._paused_by_partner = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=self.pump.high_water,
+                                          low=self.pump.high_water // 4)
+        # Nothing moves before the pump starts: both legs must exist first.
+        self.transport.pause_reading()
+        self.pump.leg_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.pump.touch()
+        partner = self.partner
+        if partner is not None and partner.transport is not None and not partner.lost:
+            partner.transport.write(data)
+        # With no live partner the bytes have nowhere to go: the pump is ending anyway.
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.pump.leg_eof(self)
+        return True  # keep our own sending side open: half-close
+
+    def pause_writing(self) -> None:
+        # Our outgoing buffer is full: stop reading whoever fills it.
+        if self.partner is not None and self.partner.transport is not None:
+            self.partner._paused_by_partner = True
+            self.partner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        partner = self.partner
+        if partner is not None and partner.transport is not None and partner._paused_by_partner:
+            partner._paused_by_partner = False
+            if not partner.transport.is_closing():
+                partner.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pump.leg_lost(self, exc)
+
+    # -- helpers -----------------------------------------------------------------------
+    def buffered(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+
+
+class Pump:
+    """Couples two Legs.  ``done`` resolves with an End once the session is over."""
+
+    def __init__(self, high_water: int, idle_timeout: float, total_timeout: float,
+                 on_made: Callable[[Leg], None] | None = None) -> None:
+        self.high_water = high_water
+        self.idle_timeout = idle_timeout
+        self.total_timeout = total_timeout
+        self.client = Leg(self, "client")
+        self.upstream = Leg(self, "upstream")
+        self.client.partner = self.upstream
+        self.upstream.partner = self.client
+        self._loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[End] = self._loop.create_future()
+        self._on_made = on_made
+        self._last = self._loop.time()
+        self._idle: asyncio.TimerHandle | None = None
+        self._total: asyncio.TimerHandle | None = None
+
+    def leg_made(self, leg: Leg) -> None:
+        if self._on_made is not None:
+            self._on_made(leg)
+
+    def start(self) -> None:
+        """Both legs are connected: start moving bytes and the clocks."""
+        now = self._loop.time()
+        self._last = now
+        self._idle = self._loop.call_at(now + self.idle_timeout, self._check_idle)
+        self._total = self._loop.call_at(now + self.total_timeout, self.finish, End.TOTAL)
+        for leg in (self.client, self.upstream):
+            if leg.transport is not None and not leg.transport.is_closing():
+                leg.transport.resume_reading()
+            if leg.eof:  # EOF that came before the pump started
+                self.leg_eof(leg)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check_idle(self) -> None:
+        due = self._last + self.idle_timeout
+        if self._loop.time() >= due:
+            self.finish(End.IDLE)
+        else:
+            self._idle = self._loop.call_at(due, self._check_idle)
+
+    def leg_eof(self, leg: Leg) -> None:
+        if self._idle is None:
+            return  # not started: start() replays it
+        partner = leg.partner
+        assert partner is not None
+        if partner.transport is not None and not partner.transport.is_closing():
+            if partner.transport.can_write_eof():
+                partner.transport.write_eof()
+            else:
+                partner.transport.close()
+        if self.client.eof and self.upstream.eof:
+            self.finish(End.DONE)
+
+    def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
+        # Before finish(), a transport is only lost by the peer's doing: a reset, or a
+        # clean close after its EOF.
+        if exc is None and leg.eof:
+            self.finish(End.DONE)
+        else:
+            self.finish(End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET)
+
+    def buffered(self) -> int:
+        """Bytes held in user space for both directions."""
+        return self.client.buffered() + self.upstream.buffered()
+
+    def finish(self, end: End) -> None:
+        """Ends the session.  A clean end flushes what is buffered (close); any other end is
+        mirrored as a reset, so neither peer takes a cut-off session for a complete one."""
+        if self.done.done():
+            return
+        for timer in (self._idle, self._total):
+            if timer is not None:
+                timer.cancel()
+        for leg in (self.client, self.upstream):
+            t = leg.transport
+            if t is None or t.is_closing():
+                continue
+            if end is End.DONE:
+                t.close()
+            else:
+                reset(t)
+        if end is End.DONE:
+            # close() waits for the buffer to drain; a peer that never reads must not keep
+            # the socket forever.
+            self._loop.call_later(self.idle_timeout, self._abort_lingering)
+        self.done.set_result(end)
+
+    def _abort_lingering(self) -> None:
+        for leg in (self.client, self.upstream):
+            if leg.transport is not None and not leg.lost:
+                leg.transport.abort()

@@ -1,0 +1,170 @@
+"""The process: listeners, the metrics endpoint, reload on SIGHUP, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from . import config as config_mod
+from . import logs
+from .config import Config, ConfigError, Endpoint, Listener
+from .logs import event, log
+from .metrics import Metrics, serve
+from .netfilter import is_local_address, listening_socket
+from .session import Session
+from .tasks import TaskGroup
+
+ListenerKey = tuple[str, int, str, str, tuple[Endpoint, ...]]
+
+
+class Gateway:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.sessions: set[Session] = set()
+        # Local addresses of our upstream sockets: a connection *from* one of these that
+        # reaches a listener is our own traffic intercepted again (A6).
+        self.own_upstreams: set[tuple[str, int]] = set()
+        self.tasks = TaskGroup()
+        self._servers: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
+        self._metrics_server: asyncio.Server | None = None
+        self.draining = False
+        self._idle = asyncio.Event()  # set when the last session ends (drain waits on it)
+        self._reloading = asyncio.Lock()  # two quick SIGHUPs must not interleave
+        metrics.track_buffered(self.buffered)
+
+    # -- listeners ---------------------------------------------------------------------
+    async def _open(self, listener: Listener) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        sock = listening_socket(listener.address, listener.port, listener.mode)
+        try:
+            server = await loop.create_server(lambda: Session(self, listener).pump.client,
+                                              sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        event(log, "listening", listener=listener.label, address=str(listener.endpoint),
+              mode=listener.mode.value, direction=listener.direction.value)
+        return server
+
+    async def _apply_listeners(self, config: Config) -> None:
+        """Opens the new listeners first; if one fails nothing changes (it raises)."""
+        wanted = {lst.key: lst for lst in config.listeners}
+        opened: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
+        try:
+            for key, lst in wanted.items():
+                if key not in self._servers:
+                    opened[key] = (lst, await self._open(lst))
+        except BaseException:
+            for _, server in opened.values():
+                server.close()
+            raise
+        for key in list(self._servers):
+            if key not in wanted:
+                lst, server = self._servers.pop(key)
+                server.close()  # stops accepting; its sessions go on (asyncio keeps them)
+                event(log, "listener closed", listener=lst.label)
+        self._servers.update(opened)
+        # Same socket, possibly a new name: keep the Listener object current.
+        for key, lst in wanted.items():
+            self._servers[key] = (lst, self._servers[key][1])
+
+    def is_gateway_endpoint(self, ep: Endpoint) -> bool:
+        """A destination that is one of our listeners: a connection that was not redirected,
+        or was redirected to a local address at our port.  Forwarding it would loop."""
+        return any(
+            ep.port == lst.port and ep.host.version == lst.address.version
+            and (ep.host == lst.address or is_local_address(ep.host))
+            for lst, _ in self._servers.values())
+
+    def session_ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._idle.set()
+
+    def buffered(self) -> int:
+        return sum(s.pump.buffered() for s in self.sessions)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._apply_listeners(self.config)
+        if self.config.metrics.listen is not None:
+            self._metrics_server = await serve(self.metrics.registry, self.config.metrics.listen,
+                                               lambda: not self.draining)
+            event(log, "metrics", address=str(self.config.metrics.listen))
+
+    async def reload(self, path: str | Path) -> bool:
+        """SIGHUP: a bad new config is refused and the old one stays."""
+        async with self._reloading:
+            return await self._reload(path)
+
+    async def _reload(self, path: str | Path) -> bool:
+        try:
+            new = config_mod.load(path)
+            if new.metrics != self.config.metrics:
+                raise ConfigError(str(path), "metrics.listen",
+                                  "cannot change on reload; restart the gateway")
+            await self._apply_listeners(new)
+        except (ConfigError, OSError) as exc:
+            self.metrics.reloads.labels("rejected").inc()
+            event(log, "reload rejected", logging.ERROR, error=str(exc))
+            return False
+        self.config = new  # sessions already running keep the config they started with
+        logs.setup(new.logging.format, new.logging.level)
+        self.metrics.reloads.labels("ok").inc()
+        event(log, "reloaded", source=new.source, listeners=len(new.listeners))
+        return True
+
+    async def drain(self) -> None:
+        """SIGTERM: stop accepting, let sessions finish until the deadline, then end them."""
+        self.draining = True
+        for _, server in self._servers.values():
+            server.close()
+        deadline = self.config.timeouts.drain
+        event(log, "draining", sessions=len(self.sessions), deadline=deadline)
+        self._idle.clear()
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline):
+                    await self._idle.wait()
+        left = list(self.sessions)
+        for s in left:
+            s.abort()
+        if left:
+            await self.tasks.cancel_all()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        event(log, "stopped", aborted=len(left))
+
+
+async def _serve(path: str, config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    gw = Gateway(config, Metrics(CollectorRegistry()))
+    try:
+        await gw.start()
+    except OSError as exc:
+        event(log, "cannot start", logging.ERROR, error=str(exc))
+        return 1
+    stop = asyncio.Event()
+    holder = TaskGroup()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP,
+                            lambda: holder.spawn(gw.reload(path), name="reload"))
+    event(log, "started", source=path, listeners=len(config.listeners))
+    await stop.wait()
+    await gw.drain()
+    await holder.cancel_all()
+    return 0
+
+
+def run(path: str, config: Config) -> int:
+    logs.setup(config.logging.format, config.logging.level)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_serve(path, config))

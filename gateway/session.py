@@ -1,0 +1,198 @@
+"""One intercepted connection, accept to close: admission, the upstream leg, the pump, and
+the summary line.  Pure decisions (what to refuse, what to tell the MTA) live in
+``gateway.admission``; this module carries them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import admission
+from .config import Config, Direction, Endpoint, FailureSignal, Listener
+from .logs import event, session_log
+from .netfilter import (
+    InterceptError,
+    original_destination,
+    sock_endpoint,
+    socket_mark,
+    upstream_socket,
+)
+from .relay import End, Leg, Pump, reset
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+
+class Session:
+    def __init__(self, gw: Gateway, listener: Listener) -> None:
+        self.gw = gw
+        self.config: Config = gw.config  # the config at accept time, for the whole session
+        self.listener = listener
+        self.direction = listener.direction
+        t = self.config.timeouts
+        self.pump = Pump(self.config.limits.buffer_bytes, t.idle, t.session,
+                         on_made=self._leg_made)
+        self.started = time.monotonic()
+        self.client: Endpoint | None = None
+        self.destination: Endpoint | None = None
+        self.upstream: Endpoint | None = None
+        self.reason = ""
+        self._own_addr: tuple[str, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- accept ------------------------------------------------------------------------
+    def _leg_made(self, leg: Leg) -> None:
+        if leg is self.pump.client:
+            self._accepted()
+
+    def _accepted(self) -> None:
+        transport = self.pump.client.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        self.client = sock_endpoint(transport.get_extra_info("peername"))
+        gw = self.gw
+        try:
+            self.destination = original_destination(sock, self.listener.mode)
+        except InterceptError as exc:
+            self._refuse(admission.Refusal.NO_DESTINATION, str(exc))
+            return
+        verdict = admission.admit(
+            active=len(gw.sessions),
+            max_sessions=self.config.limits.max_sessions,
+            direction=self.direction,
+            client=self.client,
+            destination=self.destination,
+            own_mark=self.config.upstream.mark,
+            client_mark=socket_mark(sock),
+            own_upstreams=gw.own_upstreams,
+            is_gateway=gw.is_gateway_endpoint,
+        )
+        if verdict is not None:
+            self._refuse(verdict, "")
+            return
+        gw.sessions.add(self)
+        gw.metrics.active.labels(self.direction).inc()
+        self._task = gw.tasks.spawn(self._run(),
+                                    name=f"session {self.client}->{self.destination}")
+
+    def _refuse(self, refusal: admission.Refusal, detail: str) -> None:
+        transport = self.pump.client.transport
+        assert transport is not None
+        self.reason = detail or refusal.text
+        transport.write(refusal.reply)
+        transport.close()
+        self._summary(refusal.outcome)
+
+    # -- upstream and relay ------------------------------------------------------------
+    def _targets(self) -> tuple[Endpoint, ...]:
+        if self.direction is Direction.INBOUND:
+            return self.listener.upstreams  # configured MTAs only, whatever was asked (A6)
+        assert self.destination is not None
+        return (self.destination,)
+
+    async def _run(self) -> None:
+        end: str = "aborted"
+        try:
+            if await self._connect():
+                self.pump.start()
+                end = (await self.pump.done).value
+            else:
+                end = "upstream_failed"
+                self._signal_failure()
+        finally:
+            if self._own_addr is not None:
+                self.gw.own_upstreams.discard(self._own_addr)
+            self.gw.session_ended(self)
+            self.gw.metrics.active.labels(self.direction).dec()
+            self._summary(end)
+
+    async def _connect(self) -> bool:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        failure = ""
+        for target in self._targets():
+            source = cfg.upstream.source_ipv6 if target.host.version == 6 \
+                else cfg.upstream.source_ipv4
+            try:
+                sock = upstream_socket(target, cfg.upstream.mark, source)
+            except OSError as exc:
+                failure = admission.classify_connect_error(exc)
+                self._connect_failed(target, failure, exc)
+                continue
+            try:
+                async with asyncio.timeout(cfg.timeouts.connect):
+                    await loop.sock_connect(sock, (str(target.host), target.port))
+                # Registered before any byte can arrive: a looped connection accepted by this
+                # process must find it (A6).
+                self._own_addr = sock.getsockname()[:2]
+                self.gw.own_upstreams.add(self._own_addr)
+                await loop.create_connection(lambda: self.pump.upstream, sock=sock)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                if self._own_addr is not None:
+                    self.gw.own_upstreams.discard(self._own_addr)
+                    self._own_addr = None
+                failure = admission.classify_connect_error(exc)
+                self._connect_failed(target, failure, exc)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.upstream = target
+            return True
+        self.reason = self.reason or failure
+        return False
+
+    def _connect_failed(self, target: Endpoint, reason: str, exc: BaseException) -> None:
+        self.gw.metrics.connect_failures.labels(self.direction, reason).inc()
+        detail = getattr(exc, "strerror", None) or type(exc).__name__
+        self.reason = f"{reason}: {target} ({detail})"
+        event(session_log, "upstream", logging.DEBUG, target=str(target), reason=reason,
+              error=detail)
+
+    def _signal_failure(self) -> None:
+        """Tells the MTA the way it already understands: see docs/architecture.md."""
+        transport = self.pump.client.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.config.upstream.on_failure is FailureSignal.RESET:
+            reset(transport)
+        else:
+            transport.write(admission.unreachable_reply(self.reason))
+            transport.close()
+
+    def abort(self) -> None:
+        """Drain deadline passed: end now."""
+        self.pump.finish(End.ABORTED)
+        if self.upstream is None and self._task is not None:
+            self._task.cancel()  # still connecting: the task holds the socket
+
+    # -- the one line per session ------------------------------------------------------
+    def _summary(self, outcome: str) -> None:
+        duration = time.monotonic() - self.started
+        m = self.gw.metrics
+        d = self.direction.value
+        up, down = self.pump.client.bytes_in, self.pump.upstream.bytes_in
+        m.sessions.labels(d, outcome).inc()
+        m.duration.labels(d).observe(duration)
+        if up:
+            m.bytes.labels(d, "client_to_upstream").inc(up)
+        if down:
+            m.bytes.labels(d, "upstream_to_client").inc(down)
+        fields: dict[str, object] = {
+            "direction": d,
+            "listener": self.listener.label,
+            "client": str(self.client),
+            "destination": str(self.destination),
+            "upstream": str(self.upstream) if self.upstream else "-",
+            "outcome": outcome,
+            "bytes_up": up,
+            "bytes_down": down,
+            "duration": f"{duration:.3f}",
+        }
+        if self.reason:
+            fields["reason"] = self.reason
+        event(session_log, "session", logging.INFO, **fields)

@@ -1,0 +1,164 @@
+"""Config: good files load into typed objects; each wrong file prints its exact error."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    ConfigError,
+    Direction,
+    Endpoint,
+    FailureSignal,
+    InterceptMode,
+    LogFormat,
+    load,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """
+listeners:
+  - {address: 0.0.0.0, port: 10025}
+  - {address: "::", port: 10025, mode: tproxy, name: out6}
+  - address: 198.51.100.1
+    port: 10026
+    direction: inbound
+    upstreams: ["198.51.100.25:25", "[2001:db8::25]:2525"]
+upstream: {mark: 0x25, source_ipv4: 203.0.113.1, on_failure: reset}
+limits: {max_sessions: 10, buffer_bytes: 65536}
+timeouts: {connect: 5, idle: 60, session: 600, drain: 2.5}
+metrics: {listen: "[::1]:9125"}
+log: {format: json, level: debug}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "smtpgate.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_is_typed(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, GOOD))
+    out4, out6, inbound = cfg.listeners
+    assert out4.address == ipaddress.ip_address("0.0.0.0")
+    assert out4.direction is Direction.OUTBOUND and out4.mode is InterceptMode.REDIRECT
+    assert out6.mode is InterceptMode.TPROXY and out6.label == "out6"
+    assert inbound.direction is Direction.INBOUND
+    assert inbound.upstreams == (
+        Endpoint(ipaddress.ip_address("198.51.100.25"), 25),
+        Endpoint(ipaddress.ip_address("2001:db8::25"), 2525),
+    )
+    assert cfg.upstream.mark == 0x25
+    assert cfg.upstream.source_ipv4 == ipaddress.IPv4Address("203.0.113.1")
+    assert cfg.upstream.source_ipv6 is None
+    assert cfg.upstream.on_failure is FailureSignal.RESET
+    assert (cfg.limits.max_sessions, cfg.limits.buffer_bytes) == (10, 65536)
+    assert cfg.timeouts.drain == 2.5
+    assert str(cfg.metrics.listen) == "[::1]:9125"
+    assert cfg.logging.format is LogFormat.JSON and cfg.logging.level == "DEBUG"
+    with pytest.raises(AttributeError):
+        cfg.limits.max_sessions = 1  # type: ignore[misc]
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "listeners: [{address: 127.0.0.1, port: 10025}]\n"))
+    assert cfg.limits.max_sessions == 2000
+    assert cfg.timeouts.connect == 30.0
+    assert cfg.upstream.on_failure is FailureSignal.REPLY
+    assert str(cfg.metrics.listen) == "127.0.0.1:9125"
+
+
+L = "listeners: [{address: 127.0.0.1, port: 10025}]\n"
+
+# (file content, the exact message after "<file>: ")
+BAD = [
+    ("", "listeners: at least one listener is required"),
+    ("- 1\n", "must be a mapping"),
+    ("listeners: {address: 1}\n", "listeners: must be a list"),
+    ("listeners: [{port: 25}]\n", "listeners[0].address: is required"),
+    ("listeners: [{address: 127.0.0.1}]\n", "listeners[0].port: is required"),
+    ("listeners: [{address: localhost, port: 25}]\n",
+     "listeners[0].address: must be an IP address"),
+    ("listeners: [{address: 127.0.0.1, port: 70000}]\n",
+     "listeners[0].port: must be an integer of at least 1 and at most 65535"),
+    ("listeners: [{address: 127.0.0.1, port: 25, mode: nat}]\n",
+     "listeners[0].mode: must be one of: redirect, tproxy"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: sideways}]\n",
+     "listeners[0].direction: must be one of: outbound, inbound"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound}]\n",
+     "listeners[0].upstreams: an inbound listener needs at least one MTA (IP:PORT)"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, upstreams: [mx:25]}]\n",
+     "listeners[0].upstreams[0]: must be IP:PORT (IPv6 as [ADDRESS]:PORT)"),
+    ("listeners: [{address: 127.0.0.1, port: 25, upstreams: ['192.0.2.1:25']}]\n",
+     "listeners[0].upstreams: only for inbound listeners: outbound goes to the original "
+     "destination"),
+    ("listeners: [{address: 127.0.0.1, port: 25}, {address: 127.0.0.1, port: 25}]\n",
+     "listeners[1]: duplicate listener 127.0.0.1:25"),
+    ("listeners: [{address: 127.0.0.1, port: 25, prot: 1}]\n",
+     "listeners[0].prot: unknown key"),
+    (L + "limits: {max_sessions: 0}\n", "limits.max_sessions: must be a positive integer"),
+    (L + "limits: {max_sessions: yes}\n", "limits.max_sessions: must be a positive integer"),
+    (L + "limits: {max_sessions: '100'}\n", "limits.max_sessions: must be a positive integer"),
+    (L + "limits: {max_sesions: 100}\n", "limits.max_sesions: unknown key"),
+    (L + "limits: {buffer_bytes: 100}\n",
+     "limits.buffer_bytes: must be an integer of at least 4096 and at most 67108864"),
+    (L + "limits: 5\n", "limits: must be a mapping"),
+    (L + "timeouts: {idle: -1}\n", "timeouts.idle: must be a positive number of seconds"),
+    (L + "timeouts: {connect: soon}\n",
+     "timeouts.connect: must be a positive number of seconds"),
+    (L + "upstream: {mark: -1}\n",
+     "upstream.mark: must be an integer of at least 0 and at most 4294967295"),
+    (L + "upstream: {source_ipv4: '2001:db8::1'}\n",
+     "upstream.source_ipv4: must be an IPv4 address"),
+    (L + "upstream: {source_ipv6: 192.0.2.1}\n", "upstream.source_ipv6: must be an IPv6 address"),
+    (L + "upstream: {on_failure: shrug}\n", "upstream.on_failure: must be one of: reply, reset"),
+    (L + "metrics: {listen: 9125}\n",
+     "metrics.listen: must be IP:PORT (IPv6 as [ADDRESS]:PORT)"),
+    (L + "metrics: {listen: '::1:9125'}\n",
+     "metrics.listen: must be IP:PORT (IPv6 as [ADDRESS]:PORT)"),
+    (L + "log: {format: xml}\n", "log.format: must be one of: text, json"),
+    (L + "log: {level: loud}\n", "log.level: must be one of: DEBUG, INFO, WARNING, ERROR"),
+    (L + "extra: 1\n", "extra: unknown key"),
+    ("listeners: [\n", "line 2, column 1: expected the node content, but found '<stream end>'"),
+    ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as err:
+        load(missing)
+    assert str(err.value) == f"{missing}: cannot read: No such file or directory"
+
+
+def test_check_command_prints_the_error_and_exits_2(tmp_path: Path) -> None:
+    bad = write(tmp_path, L + "limits: {max_sessions: 0}\n")
+    r = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"smtpgate: {bad}: limits.max_sessions: must be a positive integer"
+    good = write(tmp_path, GOOD)
+    r = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c", str(good)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{good}: OK: 3 listener(s)")
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "deploy").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_deploy_examples_are_valid(example: Path) -> None:
+    load(example)
