@@ -8,10 +8,14 @@ own address *is* the original destination.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import struct
+from collections.abc import Callable
 
 from .config import Endpoint, InterceptMode, IPAddress
 
@@ -137,3 +141,33 @@ def is_local_address(address: IPAddress) -> bool:
                 return False
             raise
     return True
+
+
+async def connect(sock: socket.socket, destination: Endpoint,
+                  on_bound: Callable[[tuple[str, int]], None]) -> None:
+    """Non-blocking connect that reports the local address as soon as the kernel picks it.
+
+    ``on_bound`` runs right after the connect() syscall, before the handshake can complete
+    and before this process can accept anything: if the firewall sends the connection back
+    to us, the accepting side already knows it is our own (A6).  ``loop.sock_connect`` only
+    returns once connected, which is too late for that.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(BlockingIOError):  # EINPROGRESS: the normal case
+        sock.connect((str(destination.host), destination.port))
+    on_bound(sock.getsockname()[:2])
+    fd = sock.fileno()
+    writable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not writable.done():
+            writable.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))

@@ -57,6 +57,7 @@ class Leg(asyncio.Protocol):
         self.bytes_in = 0
         self.eof = False  # this leg's peer closed its sending side
         self.lost = False
+        self.held: list[bytes] = []  # read before the pump started (at most one read)
         self._paused_by_partner = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -72,9 +73,17 @@ class Leg(asyncio.Protocol):
         self.bytes_in += len(data)
         self.pump.touch()
         partner = self.partner
-        if partner is not None and partner.transport is not None and not partner.lost:
+        assert partner is not None
+        if partner.transport is None or not self.pump.started:
+            # uvloop starts reading right after connection_made, whatever that said; hold
+            # this one read and stop until the pump starts.
+            self.held.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
+        # A lost partner means the pump is finishing: nothing more can be delivered.
+        if not partner.lost:
             partner.transport.write(data)
-        # With no live partner the bytes have nowhere to go: the pump is ending anyway.
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -122,13 +131,31 @@ class Pump:
         self._last = self._loop.time()
         self._idle: asyncio.TimerHandle | None = None
         self._total: asyncio.TimerHandle | None = None
+        self._want_start = False
 
     def leg_made(self, leg: Leg) -> None:
         if self._on_made is not None:
             self._on_made(leg)
+        self._maybe_start()
 
     def start(self) -> None:
-        """Both legs are connected: start moving bytes and the clocks."""
+        """Both legs are connected: start moving bytes and the clocks.
+
+        uvloop calls ``connection_made`` one loop iteration *after* ``create_connection``
+        returns, so the real start waits until both legs have their transports: reading the
+        client earlier would have nowhere to put its bytes.
+        """
+        self._want_start = True
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        if (not self._want_start or self.started or self.done.done()
+                or self.client.transport is None or self.upstream.transport is None):
+            return
+        for leg in (self.client, self.upstream):
+            if leg.held and leg.partner is not None and leg.partner.transport is not None:
+                leg.partner.transport.write(b"".join(leg.held))
+                leg.held.clear()
         now = self._loop.time()
         self._last = now
         self._idle = self._loop.call_at(now + self.idle_timeout, self._check_idle)
@@ -138,6 +165,10 @@ class Pump:
                 leg.transport.resume_reading()
             if leg.eof:  # EOF that came before the pump started
                 self.leg_eof(leg)
+
+    @property
+    def started(self) -> bool:
+        return self._idle is not None
 
     def touch(self) -> None:
         self._last = self._loop.time()
@@ -150,8 +181,8 @@ class Pump:
             self._idle = self._loop.call_at(due, self._check_idle)
 
     def leg_eof(self, leg: Leg) -> None:
-        if self._idle is None:
-            return  # not started: start() replays it
+        if not self.started:
+            return  # start() replays it
         partner = leg.partner
         assert partner is not None
         if partner.transport is not None and not partner.transport.is_closing():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from .config import Config, Direction, Endpoint, FailureSignal, Listener
 from .logs import event, session_log
 from .netfilter import (
     InterceptError,
+    connect,
     original_destination,
     sock_endpoint,
     socket_mark,
@@ -103,8 +105,7 @@ class Session:
                 end = "upstream_failed"
                 self._signal_failure()
         finally:
-            if self._own_addr is not None:
-                self.gw.own_upstreams.discard(self._own_addr)
+            self._unregister_own()
             self.gw.session_ended(self)
             self.gw.metrics.active.labels(self.direction).dec()
             self._summary(end)
@@ -124,31 +125,35 @@ class Session:
                 continue
             try:
                 async with asyncio.timeout(cfg.timeouts.connect):
-                    await loop.sock_connect(sock, (str(target.host), target.port))
-                # Registered before any byte can arrive: a looped connection accepted by this
-                # process must find it (A6).
-                self._own_addr = sock.getsockname()[:2]
-                self.gw.own_upstreams.add(self._own_addr)
+                    await connect(sock, target, self._register_own)
                 await loop.create_connection(lambda: self.pump.upstream, sock=sock)
-            except (OSError, TimeoutError) as exc:
+            except BaseException as exc:
                 sock.close()
-                if self._own_addr is not None:
-                    self.gw.own_upstreams.discard(self._own_addr)
-                    self._own_addr = None
+                self._unregister_own()
+                if not isinstance(exc, OSError | TimeoutError):
+                    raise
                 failure = admission.classify_connect_error(exc)
                 self._connect_failed(target, failure, exc)
                 continue
-            except BaseException:
-                sock.close()
-                raise
             self.upstream = target
             return True
         self.reason = self.reason or failure
         return False
 
+    def _register_own(self, addr: tuple[str, int]) -> None:
+        self._own_addr = addr
+        self.gw.own_upstreams.add(addr)
+
+    def _unregister_own(self) -> None:
+        if self._own_addr is not None:
+            self.gw.own_upstreams.discard(self._own_addr)
+            self._own_addr = None
+
     def _connect_failed(self, target: Endpoint, reason: str, exc: BaseException) -> None:
         self.gw.metrics.connect_failures.labels(self.direction, reason).inc()
-        detail = getattr(exc, "strerror", None) or type(exc).__name__
+        errno_ = getattr(exc, "errno", None)
+        detail = os.strerror(errno_) if errno_ else "timed out" if isinstance(
+            exc, TimeoutError) else type(exc).__name__
         self.reason = f"{reason}: {target} ({detail})"
         event(session_log, "upstream", logging.DEBUG, target=str(target), reason=reason,
               error=detail)

@@ -148,12 +148,14 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_check_command_prints_the_error_and_exits_2(tmp_path: Path) -> None:
     bad = write(tmp_path, L + "limits: {max_sessions: 0}\n")
     r = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c", str(bad)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+                       check=False, capture_output=True, text=True, cwd=ROOT,
+                       timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == f"smtpgate: {bad}: limits.max_sessions: must be a positive integer"
     good = write(tmp_path, GOOD)
     r = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c", str(good)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+                       check=False, capture_output=True, text=True, cwd=ROOT,
+                       timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{good}: OK: 3 listener(s)")
 

@@ -30,12 +30,15 @@ class Rig:
         self.pump, self.client, self.server = pump, client, server
 
 
-async def rig(high_water: int = 64 * 1024, idle: float = 30.0, total: float = 120.0) -> Rig:
+async def rig(high_water: int = 64 * 1024, idle: float = 30.0, total: float = 120.0,
+              early: bytes = b"") -> Rig:
+    """``early`` is sent by the client before the upstream leg exists (as an MTA may)."""
     loop = asyncio.get_running_loop()
     pump = Pump(high_water, idle, total)
     gw_listen = socket.create_server(("127.0.0.1", 0))
     up_listen = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(gw_listen.getsockname())
+    client.sendall(early)
     accepted, _ = gw_listen.accept()
     accepted.setblocking(False)
     await loop.connect_accepted_socket(lambda: pump.client, accepted)
@@ -72,7 +75,7 @@ def receiver(sock: socket.socket, read_size: int, out: list[bytes],
     return go
 
 
-async def in_threads(*fns: Callable[[], None], timeout: float = 120.0) -> None:
+async def in_threads(*fns: Callable[[], None], limit: float = 120.0) -> None:
     """Runs blocking peers in threads while the loop runs; their failures fail the test."""
     errors: list[BaseException] = []
 
@@ -88,7 +91,7 @@ async def in_threads(*fns: Callable[[], None], timeout: float = 120.0) -> None:
     for t in threads:
         t.start()
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit
     while any(t.is_alive() for t in threads):
         assert loop.time() < deadline, "peers did not finish in time"
         await asyncio.sleep(0.01)
@@ -122,6 +125,25 @@ def test_byte_exact_both_directions(size: int, read_size: int, write_chunk: int)
     run(main())
 
 
+def test_bytes_sent_before_the_upstream_exists_are_relayed() -> None:
+    """Start is called right after create_connection returns; uvloop makes the upstream
+    transport one iteration later.  Nothing the client sent early may be lost."""
+    early = os.urandom(200_000)
+
+    async def main() -> None:
+        r = await rig(early=early)
+        loop = asyncio.get_running_loop()
+        r.server.settimeout(5)
+        got = b""
+        while len(got) < len(early):
+            got += await loop.run_in_executor(None, r.server.recv, 65536)
+        assert got == early
+        r.client.close()
+        r.server.close()
+
+    run(main())
+
+
 def test_half_close_each_direction() -> None:
     """The client's EOF reaches the server as EOF while the server can still answer."""
 
@@ -145,7 +167,7 @@ def test_half_close_each_direction() -> None:
                 data += chunk
             assert data == b"221 bye\r\n" * 1000
 
-        await in_threads(server, client, timeout=10)
+        await in_threads(server, client, limit=10)
         assert await asyncio.wait_for(r.pump.done, 5) is End.DONE
         # both legs closed by the gateway after both EOFs
         await asyncio.sleep(0.05)

@@ -1,0 +1,132 @@
+"""The real ``smtpgate run`` as a child process inside a lab namespace, with its JSON log
+and its Prometheus endpoint read back by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.netlab import Netns, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GatewayProcess:
+    def __init__(self, ns: Netns, workdir: Path, config: str, *, port: int = 10025,
+                 host: str = "127.0.0.1", metrics_port: int = 9125) -> None:
+        self.ns = ns
+        self.workdir = workdir
+        self.config_path = workdir / "smtpgate.yaml"
+        self.config_path.write_text(config)
+        self.log_path = workdir / "smtpgate.log"
+        self.port, self.host, self.metrics_port = port, host, metrics_port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> GatewayProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            self.proc = self.ns.popen([sys.executable, "-m", "gateway", "run", "-c",
+                                       str(self.config_path)],
+                                      stdout=log, stderr=log, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while not any(e.get("event") == "started" for e in self.events()):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smtpgate exited {self.proc.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"smtpgate did not start:\n{self.log_text()}")
+            time.sleep(0.05)
+        wait_port(self.ns, self.host, self.metrics_port)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        rc = self.ns.stop(self.proc, timeout)
+        self.proc = None
+        return rc
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout)
+        self.ns.stop(self.proc)
+        self.proc = None
+        return rc
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what it said ------------------------------------------------------------------
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or doc.get("event") == name:
+                out.append(doc)
+        return out
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.events("session")
+
+    def wait_sessions(self, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(s := self.sessions()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(s)} of {n} session lines:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        return s
+
+    def wait_event(self, name: str, n: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(e := self.events(name)) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {name!r} x{n}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        return e
+
+    def scrape(self) -> str:
+        sock = self.ns.connect(self.host, self.metrics_port)
+        with sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        return body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value (0.0 when absent), e.g. metric("smtpgate_sessions_total", ...)."""
+        for family in text_string_to_metric_families(self.scrape()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))

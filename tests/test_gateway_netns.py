@@ -1,0 +1,510 @@
+"""The real gateway process in a lab: mta → gw (REDIRECT/TPROXY, smtpgate) → peer.
+
+Every test builds its own namespaces on documentation ranges and removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import netlab
+from tests.gatewayproc import GatewayProcess
+from tests.netlab import (
+    GW_PEER_V4,
+    GW_PEER_V6,
+    MTA_V4,
+    MTA_V6,
+    PEER_V4,
+    PEER_V4_ALT,
+    PEER_V6,
+    Lab,
+)
+
+pytestmark = pytest.mark.netns
+
+if (_why := netlab.netns_usable()) is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+
+def config(extra: str = "", limits: str = "", timeouts: str = "", upstream: str = "",
+           listeners: str = "") -> str:
+    listeners = listeners or """
+  - {address: 0.0.0.0, port: 10025}
+  - {address: "::", port: 10025}"""
+    return f"""
+listeners:{listeners}
+upstream: {{mark: 0x2525{upstream}}}
+limits: {{max_sessions: 50{limits}}}
+timeouts: {{connect: 2, idle: 30, session: 120, drain: 5{timeouts}}}
+metrics: {{listen: 127.0.0.1:9125}}
+log: {{format: json, level: debug}}
+{extra}"""
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        lab.redirect_port25(10025)
+        yield lab
+
+
+@pytest.fixture
+def gateway(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    started: list[GatewayProcess] = []
+
+    def start(text: str | None = None) -> GatewayProcess:
+        gw = GatewayProcess(lab.gw, tmp_path, text or config()).start()
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+class Peer:
+    """A TCP server in the peer namespace; each accepted connection runs ``handler``."""
+
+    def __init__(self, lab: Lab, host: str, handler: Callable[[socket.socket], None],
+                 port: int = 25) -> None:
+        self.sock = lab.peer.listen(host, port)
+        self.handler = handler
+        self.clients: list[tuple[str, int]] = []
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._loop, daemon=True)
+        self._accept.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                return
+            self.clients.append(addr[:2])
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+    def join(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        for t in list(self.threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "peer handlers still running"
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def recv_all(sock: socket.socket, read_size: int) -> tuple[bytes, int]:
+    h = hashlib.sha256()
+    n = 0
+    while chunk := sock.recv(read_size):
+        h.update(chunk)
+        n += len(chunk)
+    return h.digest(), n
+
+
+def exchange(client: socket.socket, peer_conn_data: dict[str, object], up: bytes,
+             read_size: int) -> tuple[bytes, int]:
+    """Client sends ``up`` and reads everything the peer sends until EOF."""
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            client.sendall(up)
+            client.shutdown(socket.SHUT_WR)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    result = recv_all(client, read_size)
+    t.join(60)
+    if errors:
+        raise errors[0]
+    return result
+
+
+def stream_handler(down: bytes, read_size: int, got: dict[str, object]) -> Callable[
+        [socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        got["original_port_peer_sees"] = conn.getsockname()[1]
+        def send() -> None:
+            conn.sendall(down)
+            conn.shutdown(socket.SHUT_WR)
+
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        got["digest"], got["size"] = recv_all(conn, read_size)
+        t.join(60)
+    return handle
+
+
+@pytest.mark.parametrize(("family", "size", "read_size"), [
+    ("v4", 50 * 1024 * 1024, 65536),
+    ("v4", 50 * 1024 * 1024, 4096),
+    ("v6", 50 * 1024 * 1024, 65536),
+    ("v6", 1024 * 1024, 16),
+])
+def test_redirect_recovers_destination_and_relays_byte_exact(
+        lab: Lab, gateway: Callable[..., GatewayProcess], family: str, size: int,
+        read_size: int) -> None:
+    gw = gateway()
+    dst, gw_addr = (PEER_V4, GW_PEER_V4) if family == "v4" else (PEER_V6, GW_PEER_V6)
+    up, down = os.urandom(size), os.urandom(size)
+    got: dict[str, object] = {}
+    peer = Peer(lab, dst, stream_handler(down, read_size, got))
+    try:
+        client = lab.mta.connect(dst, 25)
+        with client:
+            digest, n = exchange(client, got, up, read_size)
+        peer.join()
+    finally:
+        peer.close()
+    assert (digest, n) == (hashlib.sha256(down).digest(), size)
+    assert (got["digest"], got["size"]) == (hashlib.sha256(up).digest(), size)
+    # The peer was reached by the gateway (outbound: its own address), at the port asked for.
+    assert peer.clients[0][0] == gw_addr
+    [s] = gw.wait_sessions(1)
+    assert s["outcome"] == "relayed"
+    assert s["destination"] == (f"{dst}:25" if family == "v4" else f"[{dst}]:25")
+    assert s["client"].startswith(MTA_V4 if family == "v4" else f"[{MTA_V6}]")
+    assert (s["bytes_up"], s["bytes_down"]) == (size, size)
+    assert gw.metric("smtpgate_sessions_total", direction="outbound", outcome="relayed") == 1
+    assert gw.metric("smtpgate_relayed_bytes_total", direction="outbound",
+                     stream="client_to_upstream") == size
+
+
+def test_upstream_sockets_carry_the_mark(lab: Lab, gateway: Callable[..., GatewayProcess]
+                                         ) -> None:
+    """The firewall exempts the gateway's traffic by mark: prove the mark is on the wire
+    path by counting packets with it in gw's OUTPUT chain."""
+    lab.gw.iptables(["-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport", "25",
+                     "-m", "mark", "--mark", "0x2525", "-j", "ACCEPT"])
+    gateway()
+    peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
+    try:
+        with lab.mta.connect(PEER_V4, 25) as c:
+            assert c.recv(100) == b"220 peer\r\n"
+        peer.join()
+    finally:
+        peer.close()
+    out = lab.gw.run(["iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-x", "-n"]).stdout
+    row = next(line for line in out.splitlines() if "0x2525" in line)
+    assert int(row.split()[0]) > 0, out
+
+
+def test_connection_to_the_listener_itself_is_refused(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    """Not redirected: the original destination is the gateway's own listener (A6)."""
+    gw = gateway()
+    fds = 0
+    for i in range(21):
+        if i == 1:  # after the first, lazily opened descriptors (epoll, ...) exist
+            time.sleep(0.2)
+            fds = gw.open_fds()
+        with lab.mta.connect(netlab.GW_MTA_V4, 10025) as c:
+            c.settimeout(5)
+            assert c.recv(200).startswith(b"421 4.4.6 ")
+    sessions = gw.wait_sessions(21)
+    assert {s["outcome"] for s in sessions} == {"refused_loop"}
+    assert gw.metric("smtpgate_sessions_total", direction="outbound",
+                     outcome="refused_loop") == 21
+    time.sleep(0.2)
+    assert gw.open_fds() <= fds
+
+
+def test_own_traffic_intercepted_again_is_refused(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    """A firewall without the mark exemption sends the gateway's upstream connection back to
+    itself; the gateway recognises its own connection and refuses it, without leaking."""
+    for v6 in (False, True):
+        lab.gw.iptables(["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "25",
+                         "-j", "REDIRECT", "--to-ports", "10025"], v6=v6)
+    gw = gateway()
+    fds = 0
+    for i, dst in enumerate((PEER_V4, PEER_V6) * 10):
+        if i == 2:  # lazily opened descriptors exist after the first sessions
+            time.sleep(0.2)
+            fds = gw.open_fds()
+        with lab.mta.connect(dst, 25) as c:
+            c.settimeout(5)
+            # The inner session's refusal is what the outer session relays to the MTA.
+            assert c.recv(200).startswith(b"421 4.4.6 ")
+    sessions = gw.wait_sessions(40)
+    outcomes = sorted(s["outcome"] for s in sessions)
+    assert outcomes.count("refused_loop") == 20
+    time.sleep(0.3)
+    assert gw.open_fds() <= fds
+    assert gw.metric("smtpgate_sessions_active", direction="outbound") == 0
+
+
+def test_session_limit_answers_421_and_closes(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(limits=", max_sessions: 3"))
+    release = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(30)
+
+    peer = Peer(lab, PEER_V4, hold)
+    held = []
+    try:
+        for _ in range(3):
+            c = lab.mta.connect(PEER_V4, 25)
+            c.settimeout(5)
+            assert c.recv(100) == b"220 peer\r\n"
+            held.append(c)
+        for _ in range(5):
+            with lab.mta.connect(PEER_V4, 25) as extra:
+                extra.settimeout(5)
+                assert extra.recv(200) == (b"421 4.3.2 smtpgate: too many sessions, "
+                                           b"try again later\r\n")
+                assert extra.recv(10) == b""  # and closed
+        assert gw.metric("smtpgate_sessions_active", direction="outbound") == 3
+        assert len(peer.clients) == 3  # the refused ones never reached the peer
+    finally:
+        release.set()
+        for c in held:
+            c.close()
+        peer.join()
+        peer.close()
+    assert gw.metric("smtpgate_sessions_total", direction="outbound",
+                     outcome="refused_limit") == 5
+
+
+def test_unreachable_upstream_gets_a_421_greeting_with_the_reason(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway()
+    # Nothing listens on PEER_V4_ALT:25: the peer's kernel answers with a reset.
+    with lab.mta.connect(PEER_V4_ALT, 25) as c:
+        c.settimeout(5)
+        reply = c.recv(500)
+        assert c.recv(10) == b""
+    assert reply == (b"421 4.4.1 smtpgate: upstream refused: 203.0.113.3:25 "
+                     b"(Connection refused)\r\n")
+    # A peer that drops SYNs: the connect timeout (2 s here) ends it.
+    lab.peer.iptables(["-A", "INPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"])
+    t0 = time.monotonic()
+    with lab.mta.connect(PEER_V4, 25) as c:
+        c.settimeout(10)
+        reply = c.recv(500)
+    assert 1.8 < time.monotonic() - t0 < 5
+    assert reply.startswith(b"421 4.4.1 smtpgate: upstream timeout: 203.0.113.2:25")
+    assert gw.metric("smtpgate_upstream_connect_failures_total", direction="outbound",
+                     reason="refused") == 1
+    assert gw.metric("smtpgate_upstream_connect_failures_total", direction="outbound",
+                     reason="timeout") == 1
+    assert [s["outcome"] for s in gw.wait_sessions(2)] == ["upstream_failed"] * 2
+
+
+def test_unreachable_upstream_reset_mode(lab: Lab, gateway: Callable[..., GatewayProcess]
+                                         ) -> None:
+    gw = gateway(config(upstream=", on_failure: reset"))
+    # The reset can come so fast that the client's connect() already reports it.
+    with pytest.raises(ConnectionResetError), lab.mta.connect(PEER_V4_ALT, 25) as c:
+        c.settimeout(5)
+        c.recv(500)
+    assert gw.wait_sessions(1)[0]["outcome"] == "upstream_failed"
+
+
+def test_idle_timeout_ends_a_silent_session(lab: Lab, gateway: Callable[..., GatewayProcess]
+                                            ) -> None:
+    gw = gateway(config(timeouts=", idle: 0.5"))
+    release = threading.Event()
+    def greet_and_wait(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(10)
+
+    peer = Peer(lab, PEER_V4, greet_and_wait)
+    try:
+        with lab.mta.connect(PEER_V4, 25) as c:
+            c.settimeout(5)
+            assert c.recv(100) == b"220 peer\r\n"
+            t0 = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                c.recv(100)
+            assert 0.4 < time.monotonic() - t0 < 3
+    finally:
+        release.set()
+        peer.join()
+        peer.close()
+    assert gw.wait_sessions(1)[0]["outcome"] == "timeout_idle"
+
+
+def test_slow_reader_keeps_gateway_buffer_bounded(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    """The peer sends 32 MB at full speed; the MTA reads 64 KiB every 20 ms.  The gateway's
+    user-space buffer (its own metric, sampled all along) stays under high-water + one read."""
+    high = 65536
+    gw = gateway(config(limits=f", buffer_bytes: {high}"))
+    size = 32 * 1024 * 1024
+    down = os.urandom(size)
+
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(down)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(10)
+
+    peer = Peer(lab, PEER_V4, handler)
+    peak = 0
+    samples = 0
+    try:
+        client = lab.mta.socket(socket.AF_INET)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.connect((PEER_V4, 25))
+        result: list[tuple[bytes, int]] = []
+
+        def slow() -> None:
+            h = hashlib.sha256()
+            n = 0
+            while chunk := client.recv(65536):
+                h.update(chunk)
+                n += len(chunk)
+                time.sleep(0.02)
+            result.append((h.digest(), n))
+
+        t = threading.Thread(target=slow, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 120
+        while t.is_alive():
+            assert time.monotonic() < deadline
+            peak = max(peak, int(gw.metric("smtpgate_relay_buffered_bytes")))
+            samples += 1
+            time.sleep(0.05)
+        client.close()
+        peer.join()
+    finally:
+        peer.close()
+    assert result == [(hashlib.sha256(down).digest(), size)]
+    assert samples >= 20
+    assert 0 < peak <= high + 256 * 1024, peak
+
+
+def test_tproxy_mode_destination_from_the_socket(tmp_path: Path) -> None:
+    """TPROXY: no NAT; the accepted socket's own address is the original destination."""
+    with Lab() as lab:
+        tproxy_session(lab, tmp_path)
+
+
+def tproxy_session(lab: Lab, tmp_path: Path) -> None:
+    gw_ns = lab.gw
+    gw_ns.iptables(["-t", "mangle", "-A", "PREROUTING", "-i", netlab.GW_MTA_IF, "-p", "tcp",
+                    "--dport", "25", "-j", "TPROXY", "--on-port", "10027",
+                    "--tproxy-mark", "0x40000/0x40000"])
+    # The TPROXY mark bit must not overlap upstream.mark (0x2525), or the gateway's own
+    # upstream packets would be routed to the local table too.
+    gw_ns.ip("rule", "add", "fwmark", "0x40000/0x40000", "lookup", "100")
+    gw_ns.ip("route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    text = config(listeners="""
+  - {address: 0.0.0.0, port: 10027, mode: tproxy}""")
+    with GatewayProcess(gw_ns, tmp_path, text) as gw:
+        peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 tproxy peer\r\n"))
+        try:
+            with lab.mta.connect(PEER_V4, 25) as c:
+                c.settimeout(5)
+                assert c.recv(100) == b"220 tproxy peer\r\n"
+            peer.join()
+        finally:
+            peer.close()
+        [s] = gw.wait_sessions(1)
+        assert s["destination"] == f"{PEER_V4}:25" and s["outcome"] == "relayed"
+
+
+def test_sighup_reload_keeps_sessions_and_refuses_bad_config(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(limits=", max_sessions: 5"))
+    release = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(30)
+        conn.sendall(b"221 bye\r\n")
+
+    peer = Peer(lab, PEER_V4, hold)
+    try:
+        c = lab.mta.connect(PEER_V4, 25)
+        c.settimeout(10)
+        assert c.recv(100) == b"220 peer\r\n"
+        # A bad config is refused; the old one stays.
+        good = gw.config_path.read_text()
+        gw.config_path.write_text(good.replace("max_sessions: 5", "max_sessions: 0"))
+        gw.signal(signal.SIGHUP)
+        [rej] = gw.wait_event("reload rejected")
+        assert rej["error"] == f"{gw.config_path}: limits.max_sessions: must be a positive integer"
+        assert gw.metric("smtpgate_config_reloads_total", result="rejected") == 1
+        # A good one applies to new sessions: max_sessions 1 now, and one is running.
+        gw.config_path.write_text(good.replace("max_sessions: 5", "max_sessions: 1"))
+        gw.signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        with lab.mta.connect(PEER_V4, 25) as extra:
+            extra.settimeout(5)
+            assert extra.recv(200).startswith(b"421 4.3.2 ")
+        # The session that started before both reloads is untouched.
+        release.set()
+        assert c.recv(100) == b"221 bye\r\n"
+        c.close()
+        peer.join()
+    finally:
+        release.set()
+        peer.close()
+    outcomes = sorted(s["outcome"] for s in gw.wait_sessions(2))
+    assert outcomes == ["refused_limit", "relayed"]
+
+
+def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(timeouts=", drain: 3"))
+    release = threading.Event()
+
+    def slow_session(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(30)
+        conn.sendall(b"250 finished in drain\r\n")
+
+    peer = Peer(lab, PEER_V4, slow_session)
+    try:
+        finishing = lab.mta.connect(PEER_V4, 25)
+        stuck = lab.mta.connect(PEER_V4, 25)
+        for c in (finishing, stuck):
+            c.settimeout(10)
+            assert c.recv(100) == b"220 peer\r\n"
+        gw.signal(signal.SIGTERM)
+        gw.wait_event("draining")
+        # Listeners are closed: a new connection is not accepted any more.
+        with pytest.raises(OSError):
+            lab.mta.connect(PEER_V4, 25, timeout=1).recv(1)
+        time.sleep(0.5)
+        release.set()  # both sessions get their reply...
+        assert finishing.recv(100) == b"250 finished in drain\r\n"
+        finishing.close()  # ...one ends, the other holds on past the deadline
+        assert stuck.recv(100) == b"250 finished in drain\r\n"
+        t0 = time.monotonic()
+        assert gw.wait_exit(timeout=10) == 0
+        assert time.monotonic() - t0 < 4
+        stopped = gw.wait_event("stopped")[0]
+        assert stopped["aborted"] == 1
+    finally:
+        release.set()
+        peer.close()
+    outcomes = sorted(s["outcome"] for s in gw.sessions())
+    assert outcomes == ["aborted", "relayed"], outcomes
