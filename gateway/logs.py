@@ -61,6 +61,9 @@ def setup(fmt: LogFormat, level: str) -> None:
         handler._smtpgate = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
+    else:
+        # Follow the current stderr (tests swap it; setStream would flush a closed one).
+        handler.stream = sys.stderr  # type: ignore[attr-defined]
     handler.setFormatter(_JsonFormatter() if fmt is LogFormat.JSON else _TextFormatter())
     root.setLevel(level)
 

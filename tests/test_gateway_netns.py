@@ -508,3 +508,31 @@ def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProce
         peer.close()
     outcomes = sorted(s["outcome"] for s in gw.sessions())
     assert outcomes == ["aborted", "relayed"], outcomes
+
+
+def test_connection_carrying_the_gateway_mark_is_refused(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    """With net.ipv4.tcp_fwmark_accept=1 an accepted socket carries its SYN's mark: a
+    connection marked as the gateway's own is refused even from an address the gateway
+    does not know (another process using the mark by mistake, or a second instance)."""
+    lab.gw.sysctl("net.ipv4.tcp_fwmark_accept", 1)
+    gw = gateway()
+    peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
+    try:
+        # A process of gw's own with some other mark is relayed; one with the gateway's
+        # mark is refused.  (Only the test sockets' marks are redirected, not the gateway's.)
+        for mark, expect in ((0x77, b"220 peer\r\n"), (0x2525, b"421 4.4.6 ")):
+            lab.gw.iptables(["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "25",
+                             "-m", "mark", "--mark", hex(mark),
+                             "-j", "REDIRECT", "--to-ports", "10025"])
+            s = lab.gw.socket(socket.AF_INET)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            s.settimeout(5)
+            with s:
+                s.connect((PEER_V4, 25))  # redirected to the gateway in its own namespace
+                assert s.recv(100).startswith(expect)
+        peer.join()
+    finally:
+        peer.close()
+    outcomes = sorted(s["outcome"] for s in gw.wait_sessions(2))
+    assert outcomes == ["refused_loop", "relayed"]

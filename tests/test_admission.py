@@ -1,0 +1,83 @@
+"""Admission is a pure function: every refusal rule as a plain call."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+import pytest
+
+from gateway.admission import Refusal, admit, classify_connect_error, unreachable_reply
+from gateway.config import Direction, Endpoint
+
+
+def ep(text: str, port: int) -> Endpoint:
+    return Endpoint(ipaddress.ip_address(text), port)
+
+
+CLIENT = ep("198.51.100.2", 40000)
+DEST = ep("203.0.113.2", 25)
+GW = ep("198.51.100.1", 10025)
+
+
+def verdict(**kw: object) -> Refusal | None:
+    args: dict[str, object] = {
+        "active": 0, "max_sessions": 10, "direction": Direction.OUTBOUND, "client": CLIENT,
+        "destination": DEST, "own_mark": 0x2525, "client_mark": 0,
+        "own_upstreams": set(), "is_gateway": lambda e: e == GW,
+    }
+    args.update(kw)
+    return admit(**args)  # type: ignore[arg-type]
+
+
+def test_admits_an_ordinary_connection() -> None:
+    assert verdict() is None
+
+
+def test_session_limit() -> None:
+    assert verdict(active=9) is None
+    assert verdict(active=10) is Refusal.LIMIT
+    assert Refusal.LIMIT.reply == b"421 4.3.2 smtpgate: too many sessions, try again later\r\n"
+
+
+def test_loop_by_mark() -> None:
+    assert verdict(client_mark=0x2525) is Refusal.LOOP
+    assert verdict(client_mark=0x2524) is None
+    # mark 0 disables marking: an unmarked client is not "ours"
+    assert verdict(own_mark=0, client_mark=0) is None
+
+
+def test_loop_by_own_upstream_address() -> None:
+    assert verdict(own_upstreams={("198.51.100.2", 40000)}) is Refusal.LOOP
+    assert verdict(own_upstreams={("198.51.100.2", 40001)}) is None
+
+
+def test_loop_by_destination_being_the_gateway() -> None:
+    assert verdict(destination=GW) is Refusal.LOOP
+    # Inbound never forwards to the original destination, so it is not a loop there (A6).
+    assert verdict(destination=GW, direction=Direction.INBOUND) is None
+
+
+def test_loop_wins_over_limit() -> None:
+    """A looped connection is refused as a loop even when full: the reason must be right."""
+    assert verdict(active=10, client_mark=0x2525) is Refusal.LOOP
+
+
+@pytest.mark.parametrize(("exc", "label"), [
+    (TimeoutError(), "timeout"),
+    (ConnectionRefusedError(errno.ECONNREFUSED, "x"), "refused"),
+    (ConnectionResetError(errno.ECONNRESET, "x"), "reset"),
+    (OSError(errno.EHOSTUNREACH, "x"), "unreachable"),
+    (OSError(errno.ENETUNREACH, "x"), "unreachable"),
+    (OSError(errno.EACCES, "x"), "error"),
+])
+def test_connect_error_labels(exc: BaseException, label: str) -> None:
+    assert classify_connect_error(exc) == label
+
+
+def test_unreachable_reply_is_one_safe_line() -> None:
+    reply = unreachable_reply(
+        "refused: 203.0.113.2:25 (Connection refused)\r\nEVIL\x00" + "x" * 999)
+    assert reply.startswith(b"421 4.4.1 smtpgate: upstream refused: 203.0.113.2:25")
+    assert reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1 and b"\x00" not in reply
+    assert len(reply) < 512  # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets

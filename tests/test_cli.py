@@ -1,0 +1,47 @@
+"""The command line as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gateway
+from gateway.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smtpgate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30, check=False)
+
+
+def test_version() -> None:
+    r = smtpgate("version")
+    assert (r.returncode, r.stdout) == (0, f"smtpgate {gateway.__version__}\n")
+    r = smtpgate("version", "-v")
+    assert "uvloop" in r.stdout and "dnspython" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", [[], ["run"], ["version"]])
+def test_help(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*cmd, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: smtpgate")
+
+
+def test_no_command_is_a_usage_error() -> None:
+    r = smtpgate()
+    assert r.returncode == 2 and "usage: smtpgate" in r.stderr
+
+
+def test_run_with_missing_config_names_it() -> None:
+    r = smtpgate("run", "-c", "/nonexistent/smtpgate.yaml")
+    assert r.returncode == 2
+    assert r.stderr == ("smtpgate: /nonexistent/smtpgate.yaml: cannot read: "
+                        "No such file or directory\n")

@@ -1,0 +1,87 @@
+"""Metrics live on a registry passed in, and the exporter serves it over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from gateway.config import Endpoint
+from gateway.metrics import OUTCOMES, Metrics, serve
+
+
+def test_metrics_on_own_registry_with_preset_labels() -> None:
+    a, b = CollectorRegistry(), CollectorRegistry()
+    ma, _ = Metrics(a), Metrics(b)
+    ma.sessions.labels("outbound", "relayed").inc()
+    assert a.get_sample_value("smtpgate_sessions_total",
+                              {"direction": "outbound", "outcome": "relayed"}) == 1
+    assert b.get_sample_value("smtpgate_sessions_total",
+                              {"direction": "outbound", "outcome": "relayed"}) == 0
+    for outcome in OUTCOMES:  # dashboards see zeros, not gaps
+        assert a.get_sample_value("smtpgate_sessions_total",
+                                  {"direction": "inbound", "outcome": outcome}) == 0
+    info = a.get_sample_value("smtpgate_build_info", {"version": "0.1.0",
+                                                      "python": __import__("platform")
+                                                      .python_version()})
+    assert info == 1
+
+
+def test_no_label_carries_an_address() -> None:
+    reg = CollectorRegistry()
+    Metrics(reg)
+    labels = {k for fam in reg.collect() for s in fam.samples for k in s.labels}
+    assert labels <= {"direction", "outcome", "stream", "reason", "result", "le", "version",
+                      "python"}
+
+
+def test_buffered_gauge_is_computed_at_scrape() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    held = [0]
+    m.track_buffered(lambda: held[0])
+    held[0] = 12345
+    assert reg.get_sample_value("smtpgate_relay_buffered_bytes") == 12345
+
+
+def _get(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_exporter_serves_metrics_health_and_refuses_the_rest() -> None:
+    reg = CollectorRegistry()
+    m = Metrics(reg)
+    m.sessions.labels("outbound", "upstream_failed").inc(3)
+    draining = [False]
+
+    async def main() -> None:
+        server = await serve(reg, Endpoint(ipaddress.ip_address("127.0.0.1"), 0),
+                             lambda: not draining[0])
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+
+        async def get(req: bytes) -> bytes:
+            return await loop.run_in_executor(None, _get, port, req)
+
+        body = await get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert body.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert (b'smtpgate_sessions_total{direction="outbound",outcome="upstream_failed"} 3.0'
+                in body)
+        assert (await get(b"GET /healthz HTTP/1.0\r\n\r\n")).endswith(b"\r\n\r\nok\n")
+        draining[0] = True
+        assert (await get(b"GET /healthz HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 503")
+        assert (await get(b"POST /metrics HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 405")
+        assert (await get(b"GET /nope HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 404")
+        assert (await get(b"GET /" + b"a" * 9000)).startswith(b"HTTP/1.1 431")
+        server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(main())
