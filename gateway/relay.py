@@ -134,6 +134,11 @@ class Pump:
         self._want_start = False
 
     def leg_made(self, leg: Leg) -> None:
+        if self.done.done():
+            # Connected after the session ended (the client left during the connect).
+            assert leg.transport is not None
+            leg.transport.abort()
+            return
         if self._on_made is not None:
             self._on_made(leg)
         self._maybe_start()

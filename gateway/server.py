@@ -58,9 +58,15 @@ class Gateway:
         wanted = {lst.key: lst for lst in config.listeners}
         opened: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
         try:
-            for key, lst in wanted.items():
-                if key not in self._servers:
-                    opened[key] = (lst, await self._open(lst))
+            for i, lst in enumerate(config.listeners):
+                if lst.key in self._servers:
+                    continue
+                try:
+                    opened[lst.key] = (lst, await self._open(lst))
+                except OSError as exc:
+                    raise ConfigError(config.source, f"listeners[{i}]",
+                                      f"cannot listen on {lst.endpoint}: "
+                                      f"{exc.strerror or exc}") from None
         except BaseException:
             for _, server in opened.values():
                 server.close()
@@ -148,7 +154,7 @@ async def _serve(path: str, config: Config) -> int:
     gw = Gateway(config, Metrics(CollectorRegistry()))
     try:
         await gw.start()
-    except OSError as exc:
+    except (ConfigError, OSError) as exc:
         event(log, "cannot start", logging.ERROR, error=str(exc))
         return 1
     stop = asyncio.Event()

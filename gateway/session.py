@@ -54,7 +54,13 @@ class Session:
         transport = self.pump.client.transport
         assert transport is not None
         sock = transport.get_extra_info("socket")
-        self.client = sock_endpoint(transport.get_extra_info("peername"))
+        peer = transport.get_extra_info("peername")
+        if peer is None:
+            # Reset between the kernel's accept and ours: there is no one to answer.
+            transport.abort()
+            self._summary(End.CLIENT_RESET.value)
+            return
+        self.client = sock_endpoint(peer)
         gw = self.gw
         try:
             self.destination = original_destination(sock, self.listener.mode)
@@ -96,7 +102,9 @@ class Session:
         return (self.destination,)
 
     async def _run(self) -> None:
-        end: str = "aborted"
+        end: str = End.ABORTED.value
+        # A client that resets while we are still connecting ends the session at once.
+        self.pump.done.add_done_callback(self._pump_done)
         try:
             if await self._connect():
                 self.pump.start()
@@ -104,6 +112,10 @@ class Session:
             else:
                 end = "upstream_failed"
                 self._signal_failure()
+        except asyncio.CancelledError:
+            if not self.pump.done.done():
+                raise
+            end = self.pump.done.result().value
         finally:
             self._unregister_own()
             self.gw.session_ended(self)
@@ -169,11 +181,13 @@ class Session:
             transport.write(admission.unreachable_reply(self.reason))
             transport.close()
 
+    def _pump_done(self, _: object) -> None:
+        if self.upstream is None and self._task is not None and not self._task.done():
+            self._task.cancel()  # still connecting: the task holds the socket
+
     def abort(self) -> None:
         """Drain deadline passed: end now."""
         self.pump.finish(End.ABORTED)
-        if self.upstream is None and self._task is not None:
-            self._task.cancel()  # still connecting: the task holds the socket
 
     # -- the one line per session ------------------------------------------------------
     def _summary(self, outcome: str) -> None:

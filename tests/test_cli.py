@@ -45,3 +45,14 @@ def test_run_with_missing_config_names_it() -> None:
     assert r.returncode == 2
     assert r.stderr == ("smtpgate: /nonexistent/smtpgate.yaml: cannot read: "
                         "No such file or directory\n")
+
+
+def test_run_fails_cleanly_when_a_listener_cannot_be_opened(tmp_path: Path) -> None:
+    """192.0.2.99 is no address of this host: bind fails, nothing is left running."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listeners: [{address: 192.0.2.99, port: 10025}]\n"
+                   "metrics: {listen: null}\nlog: {format: json}\n")
+    r = smtpgate("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert (f'"error":"{cfg}: listeners[0]: cannot listen on 192.0.2.99:10025: '
+            'Cannot assign requested address"') in r.stderr

@@ -536,3 +536,62 @@ def test_connection_carrying_the_gateway_mark_is_refused(
         peer.close()
     outcomes = sorted(s["outcome"] for s in gw.wait_sessions(2))
     assert outcomes == ["refused_loop", "relayed"]
+
+
+def test_client_reset_during_a_slow_connect_ends_the_session_at_once(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(timeouts=", connect: 20"))
+    lab.peer.iptables(["-A", "INPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"])
+    time.sleep(0.3)
+    fds = gw.open_fds()
+    clients = [lab.mta.connect(PEER_V4, 25) for _ in range(5)]
+    time.sleep(0.3)  # the gateway has accepted them and waits for the peer's SYN-ACK
+    assert gw.metric("smtpgate_sessions_active", direction="outbound") == 5
+    t0 = time.monotonic()
+    for c in clients:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        c.close()  # RST
+    sessions = gw.wait_sessions(5, timeout=5)
+    assert time.monotonic() - t0 < 5
+    assert {s["outcome"] for s in sessions} == {"client_reset"}
+    assert {s["destination"] for s in sessions} == {f"{PEER_V4}:25"}
+    assert gw.metric("smtpgate_sessions_active", direction="outbound") == 0
+    time.sleep(0.2)
+    assert gw.open_fds() <= fds
+
+
+def test_sighup_opens_and_closes_listeners(lab: Lab, gateway: Callable[..., GatewayProcess]
+                                           ) -> None:
+    gw = gateway()
+    base = gw.config_path.read_text()
+    added = base.replace('  - {address: "::", port: 10025}',
+                         '  - {address: "::", port: 10025}\n'
+                         '  - {address: 0.0.0.0, port: 10030, name: extra}')
+    gw.config_path.write_text(added)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded")
+    # Listening: a direct connection is answered (as a loop: it was not redirected).
+    with lab.mta.connect(netlab.GW_MTA_V4, 10030) as c:
+        c.settimeout(5)
+        assert c.recv(100).startswith(b"421 4.4.6 ")
+    gw.config_path.write_text(base)
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded", n=2)
+    assert gw.wait_event("listener closed")[0]["listener"] == "extra"
+    with pytest.raises(ConnectionRefusedError):
+        lab.mta.connect(netlab.GW_MTA_V4, 10030)
+    # A listener that cannot be opened rejects the whole reload; the old ones stay.
+    gw.config_path.write_text(base.replace('  - {address: "::", port: 10025}',
+                                           '  - {address: 192.0.2.99, port: 10031}'))
+    gw.signal(signal.SIGHUP)
+    [rej] = gw.wait_event("reload rejected")
+    assert rej["error"] == (f"{gw.config_path}: listeners[1]: cannot listen on "
+                            "192.0.2.99:10031: Cannot assign requested address")
+    peer = Peer(lab, PEER_V6, lambda c: c.sendall(b"220 still v6\r\n"))
+    try:
+        with lab.mta.connect(PEER_V6, 25) as c:
+            c.settimeout(5)
+            assert c.recv(100) == b"220 still v6\r\n"
+        peer.join()
+    finally:
+        peer.close()

@@ -52,8 +52,10 @@ def test_smtp_source_to_sink_through_gateway_loses_nothing(
 POSTFIX_SAYS = {
     "reply": r"refused to talk to me: 421 4\.4\.1 smtpgate: upstream refused: "
              r"203\.0\.113\.2:25 \(Connection refused\)",
-    "reset": r"lost connection with 203\.0\.113\.2\[203\.0\.113\.2\] while receiving the "
-             r"initial server greeting",
+    # The reset may come before Postfix's connect() returns: then it is a connect failure.
+    "reset": r"(?:lost connection with 203\.0\.113\.2\[203\.0\.113\.2\] while receiving the "
+             r"initial server greeting|connect to 203\.0\.113\.2\[203\.0\.113\.2\]:25: "
+             r"Connection reset by peer)",
 }
 
 
@@ -72,11 +74,11 @@ def test_postfix_tries_the_next_host_when_the_upstream_is_unreachable(
         mta.sendmail("alice@example.com", "bob@example.net", b"Subject: t\r\n\r\nhello\r\n")
         [msg] = sink.wait_count(1)
         assert b"hello" in msg.content
-        failed = mta.wait_log(rf"postfix/smtp\[(\d+)\]: (\w+): .*{POSTFIX_SAYS[signal_]}")
+        failed = mta.wait_log(rf"postfix/smtp\[(\d+)\]: .*{POSTFIX_SAYS[signal_]}")
         sent = mta.wait_log(r"postfix/smtp\[(\d+)\]: (\w+): to=<bob@example\.net>, "
                             r"relay=203\.0\.113\.3\[203\.0\.113\.3\]:25, .*status=sent")
-        # Same smtp process, same queue id: one delivery attempt, no deferral in between.
-        assert failed.group(1, 2) == sent.group(1, 2)
+        # Same smtp process: one delivery attempt, no deferral in between.
+        assert failed.group(1) == sent.group(1)
         assert "status=deferred" not in mta.log_text()
         mta.wait_queue_empty()
         outcomes = [s["outcome"] for s in gw.wait_sessions(2)]
