@@ -64,7 +64,7 @@ class Leg(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport.set_write_buffer_limits(high=self.pump.high_water,
-                                          low=self.pump.high_water // 4)
+                                               low=self.pump.high_water // 4)
         # Nothing moves before the pump starts: both legs must exist first.
         self.transport.pause_reading()
         self.pump.leg_made(self)

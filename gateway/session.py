@@ -65,8 +65,12 @@ class Session:
         try:
             self.destination = original_destination(sock, self.listener.mode)
         except InterceptError as exc:
-            self._refuse(admission.Refusal.NO_DESTINATION, str(exc))
-            return
+            if self.direction is Direction.OUTBOUND:
+                self._refuse(admission.Refusal.NO_DESTINATION, str(exc))
+                return
+            # Inbound forwards to its configured MTAs whatever was asked: the original
+            # destination is only for the log, and a client sent here without NAT is fine.
+            self.destination = sock_endpoint(sock.getsockname())
         verdict = admission.admit(
             active=len(gw.sessions),
             max_sessions=self.config.limits.max_sessions,

@@ -5,6 +5,7 @@ Every test builds its own namespaces on documentation ranges and removes them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -111,7 +112,10 @@ class Peer:
             raise self.errors[0]
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
         self.sock.close()
+        self._accept.join(5)
 
 
 def recv_all(sock: socket.socket, read_size: int) -> tuple[bytes, int]:
@@ -595,3 +599,50 @@ def test_sighup_opens_and_closes_listeners(lab: Lab, gateway: Callable[..., Gate
         peer.join()
     finally:
         peer.close()
+
+
+def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
+    """Inbound: connections from the internet side to any address on port 25 go to the
+    configured MTA and nowhere else (A6), whatever destination the client asked for."""
+    with Lab() as lab:
+        for v6 in (False, True):
+            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", netlab.GW_PEER_IF, "-p",
+                             "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
+                            v6=v6)
+        text = config(listeners=f"""
+  - {{address: 0.0.0.0, port: 10026, direction: inbound, upstreams: ["{MTA_V4}:2525"]}}
+  - {{address: "::", port: 10026, direction: inbound, upstreams: ["{MTA_V4}:2525"]}}""")
+        mta = lab.mta.listen(MTA_V4, 2525)
+        seen: list[tuple[str, int]] = []
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, addr = mta.accept()
+                except OSError:
+                    return
+                seen.append(addr[:2])
+                with conn:
+                    conn.sendall(b"220 legacy mta\r\n")
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        try:
+            with GatewayProcess(lab.gw, tmp_path, text) as gw:
+                # The MTA's own address, another address of that network, and v6: all end
+                # at the configured MTA.
+                for dst in (MTA_V4, "198.51.100.77", MTA_V6):
+                    with lab.peer.connect(dst, 25) as c:
+                        c.settimeout(5)
+                        assert c.recv(100) == b"220 legacy mta\r\n"
+                sessions = gw.wait_sessions(3)
+        finally:
+            mta.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+            mta.close()
+            t.join(5)
+            assert not t.is_alive()
+    assert len(seen) == 3
+    assert [s["upstream"] for s in sessions] == [f"{MTA_V4}:2525"] * 3
+    assert [s["destination"] for s in sessions] == [
+        f"{MTA_V4}:25", "198.51.100.77:25", f"[{MTA_V6}]:25"]
+    assert {s["direction"] for s in sessions} == {"inbound"}
