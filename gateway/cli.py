@@ -28,6 +28,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, config)
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .check import check
+    from .config import Config
+
+    try:
+        config = load(args.config) if args.config else Config(listeners=())
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(check(config, args.target, print))
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
@@ -54,6 +68,17 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true",
                      help="validate the config and exit: 0 when valid, 2 with the error")
     run.set_defaults(func=_cmd_run)
+
+    chk = sub.add_parser("check", help="show discovery and the plan for a destination",
+                         description="Look up a destination as the gateway would (PTR, "
+                                     "forward confirmation, TLSA, each with its DNSSEC status "
+                                     "and TTL), match the policy and print the plan. "
+                                     "Nothing is sent to the destination.")
+    chk.add_argument("target", help="destination IP address or host name")
+    chk.add_argument("-c", "--config",
+                     help="config file for dns and policy (default: built-in defaults: "
+                          "resolver 127.0.0.1:53, policy dane)")
+    chk.set_defaults(func=_cmd_check)
 
     ver = sub.add_parser("version", help="print the version",
                          description="Print the version of smtpgate.")

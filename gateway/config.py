@@ -44,7 +44,18 @@ class FailureSignal(StrEnum):
     """What the MTA sees when the upstream cannot be reached."""
 
     REPLY = "reply"  # a 421 greeting that carries the reason into the MTA's log and queue
-    RESET = "reset"  # a TCP reset right after accept
+    RESET = "reset"  # a TCP reset, once the connect to every target has failed
+
+
+class Level(StrEnum):
+    """Per-destination TLS policy, named as Postfix names its smtp_tls_security_level."""
+
+    NONE = "none"  # never TLS: the bytes pass through
+    MAY = "may"  # opportunistic TLS, plaintext when the peer offers none
+    ENCRYPT = "encrypt"  # TLS required, peer not authenticated
+    DANE = "dane"  # opportunistic, DANE-authenticated where a secure usable TLSA exists
+    DANE_ONLY = "dane-only"  # DANE authentication required
+    FINGERPRINT = "fingerprint"  # TLS required, peer key or certificate pinned by SHA-256
 
 
 class LogFormat(StrEnum):
@@ -119,6 +130,42 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsCache:
+    min_ttl: float = 30.0  # floor: a 0-TTL record must not cost a query per session
+    max_ttl: float = 3600.0
+    negative_max_ttl: float = 900.0  # RFC 2308 NXDOMAIN/NODATA, capped
+    failure_ttl: float = 5.0  # RFC 9520: SERVFAIL, bogus and timeouts, briefly
+    max_entries: int = 20000
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    # Validating resolvers, tried in order when one does not answer.
+    resolvers: tuple[Endpoint, ...] = (Endpoint(ipaddress.ip_address("127.0.0.1"), 53),)
+    # The AD bit is believed only from loopback resolvers and from these.
+    trusted: tuple[Endpoint, ...] = ()
+    timeout: float = 2.0  # one query to one resolver
+    budget: float = 5.0  # one whole discovery (PTR, forward, TLSA)
+    max_queries: int = 200  # concurrent queries in flight
+    cache: DnsCache = field(default_factory=DnsCache)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEntry:
+    match: str  # as written: "192.0.2.0/24", "mx.example.com" or ".example.com"
+    level: Level
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    host: str | None = None  # absolute, lower case; a leading "." matches subdomains
+    fingerprints: tuple[bytes, ...] = ()  # SHA-256 of the certificate or of its public key
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    default: Level = Level.DANE
+    entries: tuple[PolicyEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Logging:
     format: LogFormat = LogFormat.TEXT
     level: str = "INFO"
@@ -132,13 +179,15 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics: Metrics = field(default_factory=Metrics)
     logging: Logging = field(default_factory=Logging)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "<config>"
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Defaults are read from instances: slotted dataclasses keep no class-level field values.
-_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING = (
-    Upstream(), Limits(), Timeouts(), Metrics(), Logging())
+_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE = (
+    Upstream(), Limits(), Timeouts(), Metrics(), Logging(), DnsConfig(), DnsCache())
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -194,13 +243,15 @@ class _Section:
         upper = "" if maximum is None else f" and at most {maximum}"
         raise self.error(key, f"must be an integer of at least {minimum}{upper}")
 
-    def seconds(self, key: str, default: float) -> float:
+    def seconds(self, key: str, default: float, zero_ok: bool = False) -> float:
         if not self.has(key):
             return default
         value = self.raw(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and (value > 0 or (zero_ok and value == 0))):
             return float(value)
-        raise self.error(key, "must be a positive number of seconds")
+        kind = "a non-negative" if zero_ok else "a positive"
+        raise self.error(key, f"must be {kind} number of seconds")
 
     def string(self, key: str, default: str) -> str:
         if not self.has(key):
@@ -278,6 +329,103 @@ def _listener(source: str, path: str, data: object) -> Listener:
     return Listener(address, port, direction, mode, upstreams, name)
 
 
+def _hostname(value: str) -> str | None:
+    """``mx.example.com`` / ``.example.com`` → absolute lower-case form, or None."""
+    text = value.strip().lower().rstrip(".")
+    suffix = text.startswith(".")
+    labels = text.lstrip(".").split(".")
+    ok = len(labels) >= 1 and all(
+        0 < len(label) <= 63 and label.replace("-", "").replace("_", "").isalnum()
+        and label.isascii() and not label.startswith("-") and not label.endswith("-")
+        for label in labels)
+    if not ok:
+        return None
+    return ("." if suffix else "") + ".".join(labels) + "."
+
+
+def _fingerprint(value: object) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    text = value.replace(":", "").strip().lower()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def _policy_entry(source: str, path: str, data: object) -> PolicyEntry:
+    s = _Section(source, path, data)
+    if not s.has("match"):
+        raise s.error("match", "is required")
+    match = s.raw("match")
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    host: str | None = None
+    if isinstance(match, str):
+        try:
+            network = ipaddress.ip_network(match, strict=False)
+        except ValueError:
+            # Anything with "/" or ":" was meant as a network: don't read it as a name.
+            host = None if ("/" in match or ":" in match) else _hostname(match)
+    if network is None and host is None:
+        raise s.error("match", "not an IP network or hostname")
+    level = s.choice("level", Level, Level.DANE)
+    prints: list[bytes] = []
+    for p, v in s.items("fingerprints"):
+        fp = _fingerprint(v)
+        if fp is None:
+            raise ConfigError(source, p, "must be a SHA-256 digest in hex (64 digits, "
+                                         "colons allowed)")
+        prints.append(fp)
+    s.done()
+    if level is Level.FINGERPRINT and not prints:
+        raise s.error("fingerprints", "level fingerprint needs at least one fingerprint")
+    if prints and level is not Level.FINGERPRINT:
+        raise s.error("fingerprints", "only with level: fingerprint")
+    return PolicyEntry(str(match), level, network, host, tuple(prints))
+
+
+def _dns(top: _Section) -> DnsConfig:
+    d = top.section("dns")
+    resolvers = tuple(parse_endpoint(v, d.source, p) for p, v in d.items("resolvers")) \
+        if d.has("resolvers") else _DNS.resolvers
+    if not resolvers:
+        raise d.error("resolvers", "at least one resolver is required")
+    trusted = tuple(parse_endpoint(v, d.source, p) for p, v in d.items("trusted"))
+    for i, t in enumerate(trusted):
+        if t not in resolvers:
+            raise ConfigError(d.source, f"dns.trusted[{i}]", "is not one of dns.resolvers")
+    c = d.section("cache")
+    cache = DnsCache(
+        min_ttl=c.seconds("min_ttl", _CACHE.min_ttl, zero_ok=True),
+        max_ttl=c.seconds("max_ttl", _CACHE.max_ttl),
+        negative_max_ttl=c.seconds("negative_max_ttl", _CACHE.negative_max_ttl, zero_ok=True),
+        failure_ttl=c.seconds("failure_ttl", _CACHE.failure_ttl, zero_ok=True),
+        max_entries=c.integer("max_entries", _CACHE.max_entries),
+    )
+    c.done()
+    if cache.min_ttl > cache.max_ttl:
+        raise c.error("min_ttl", "must not exceed dns.cache.max_ttl")
+    config = DnsConfig(
+        resolvers=resolvers,
+        trusted=trusted,
+        timeout=d.seconds("timeout", _DNS.timeout),
+        budget=d.seconds("budget", _DNS.budget),
+        max_queries=d.integer("max_queries", _DNS.max_queries),
+        cache=cache,
+    )
+    d.done()
+    return config
+
+
+def _policy(top: _Section) -> PolicyConfig:
+    p = top.section("policy")
+    default = p.choice("default", Level, Level.DANE)
+    entries = tuple(_policy_entry(p.source, path, item) for path, item in p.items("entries"))
+    p.done()
+    return PolicyConfig(default, entries)
+
+
 def parse(data: object, source: str = "<config>") -> Config:
     """Validates a loaded YAML document; raises ConfigError naming the key path."""
     top = _Section(source, "", data)
@@ -336,6 +484,8 @@ def parse(data: object, source: str = "<config>") -> Config:
     logging_ = Logging(format=lg.choice("format", LogFormat, _LOGGING.format), level=level)
     lg.done()
 
+    dns_config = _dns(top)
+    policy = _policy(top)
     top.done()
     return Config(
         listeners=tuple(listeners),
@@ -344,6 +494,8 @@ def parse(data: object, source: str = "<config>") -> Config:
         timeouts=timeouts,
         metrics=Metrics(listen),
         logging=logging_,
+        dns=dns_config,
+        policy=policy,
         source=source,
     )
 

@@ -28,6 +28,7 @@ OUTCOMES = (
 )
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "error")
 STREAMS = ("client_to_upstream", "upstream_to_client")
+DNS_TYPES = ("PTR", "A", "AAAA", "MX", "TLSA")
 
 
 class Metrics:
@@ -56,6 +57,16 @@ class Metrics:
             "smtpgate_relay_buffered_bytes",
             "Bytes held in user space by all sessions, waiting for a slow peer.",
             registry=registry)
+        self.dns_cache = Counter(
+            "smtpgate_dns_cache", "DNS lookups by cache result: hit, miss (a query was "
+            "sent), shared (joined a query already in flight).", ["result"], registry=registry)
+        self.dns_latency = Histogram(
+            "smtpgate_dns_lookup_seconds", "Time to answer a DNS lookup that missed the cache.",
+            ["rdtype"], registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.dns_answers = Counter(
+            "smtpgate_dns_answers", "DNS answers by record type and DNSSEC status.",
+            ["rdtype", "status"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -70,6 +81,12 @@ class Metrics:
                 self.bytes.labels(d.value, s)
         for result in ("ok", "rejected"):
             self.reloads.labels(result)
+        for result in ("hit", "miss", "shared"):
+            self.dns_cache.labels(result)
+        for rdtype in DNS_TYPES:
+            self.dns_latency.labels(rdtype)
+            for status in ("secure", "insecure", "bogus", "failed"):
+                self.dns_answers.labels(rdtype, status)
 
     def track_buffered(self, fn: Callable[[], int]) -> None:
         """Computed at scrape time: no bookkeeping on the data path."""

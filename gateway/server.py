@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import uvloop
@@ -16,7 +17,7 @@ from . import logs
 from .config import Config, ConfigError, Endpoint, Listener
 from .logs import event, log
 from .metrics import Metrics, serve
-from .netfilter import is_local_address, listening_socket
+from .netfilter import SO_MARK, is_local_address, listening_socket
 from .session import Session
 from .tasks import TaskGroup
 
@@ -99,6 +100,7 @@ class Gateway:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        check_upstream(self.config)
         await self._apply_listeners(self.config)
         if self.config.metrics.listen is not None:
             self._metrics_server = await serve(self.metrics.registry, self.config.metrics.listen,
@@ -111,8 +113,12 @@ class Gateway:
             return await self._reload(path)
 
     async def _reload(self, path: str | Path) -> bool:
+        if self.draining:
+            event(log, "reload ignored", logging.WARNING, reason="draining")
+            return False
         try:
             new = config_mod.load(path)
+            check_upstream(new)
             if new.metrics != self.config.metrics:
                 raise ConfigError(str(path), "metrics.listen",
                                   "cannot change on reload; restart the gateway")
@@ -147,6 +153,24 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))
+
+
+def check_upstream(config: Config) -> None:
+    """Fails at start (or reload), naming the key, what would otherwise fail every session:
+    a mark the process may not set, a source address this host does not have."""
+    u = config.upstream
+    if u.mark:
+        try:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, SO_MARK, u.mark)
+        except OSError as exc:
+            raise ConfigError(config.source, "upstream.mark",
+                              f"cannot mark sockets: {exc.strerror} (needs CAP_NET_ADMIN)"
+                              ) from None
+    for key, address in (("source_ipv4", u.source_ipv4), ("source_ipv6", u.source_ipv6)):
+        if address is not None and not is_local_address(address):
+            raise ConfigError(config.source, f"upstream.{key}",
+                              f"{address} is not an address of this host")
 
 
 async def _serve(path: str, config: Config) -> int:

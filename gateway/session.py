@@ -152,6 +152,7 @@ class Session:
                 self._connect_failed(target, failure, exc)
                 continue
             self.upstream = target
+            self.reason = ""  # an earlier target's failure is not this session's outcome
             return True
         self.reason = self.reason or failure
         return False
@@ -208,13 +209,13 @@ class Session:
         fields: dict[str, object] = {
             "direction": d,
             "listener": self.listener.label,
-            "client": str(self.client),
-            "destination": str(self.destination),
+            "client": str(self.client) if self.client else "-",
+            "destination": str(self.destination) if self.destination else "-",
             "upstream": str(self.upstream) if self.upstream else "-",
             "outcome": outcome,
             "bytes_up": up,
             "bytes_down": down,
-            "duration": f"{duration:.3f}",
+            "duration": round(duration, 3),
         }
         if self.reason:
             fields["reason"] = self.reason

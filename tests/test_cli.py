@@ -56,3 +56,14 @@ def test_run_fails_cleanly_when_a_listener_cannot_be_opened(tmp_path: Path) -> N
     assert r.returncode == 1
     assert (f'"error":"{cfg}: listeners[0]: cannot listen on 192.0.2.99:10025: '
             'Cannot assign requested address"') in r.stderr
+
+
+def test_run_refuses_a_source_address_this_host_does_not_have(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listeners: [{address: 127.0.0.1, port: 10025}]\n"
+                   "upstream: {source_ipv4: 192.0.2.99}\n"
+                   "metrics: {listen: null}\nlog: {format: json}\n")
+    r = smtpgate("run", "-c", str(cfg))
+    assert r.returncode == 1
+    assert (f'"error":"{cfg}: upstream.source_ipv4: 192.0.2.99 is not an address of this '
+            'host"') in r.stderr

@@ -1,0 +1,131 @@
+"""Who is behind a destination address, and has it published a key?
+
+PTR(D) → H, kept only when A/AAAA(H) contains D (a PTR alone is a claim by whoever runs the
+reverse zone); then TLSA at ``_25._tcp.H`` (RFC 7672 2.2), at the CNAME-expanded name first
+when H's addresses came through a secure CNAME, then at H.  Every answer is kept, with its
+status, for the log and for ``smtpgate check``.
+
+``doubt`` is set when an answer that DANE depends on could not be trusted *after* the chain
+was secure up to it (bogus, SERVFAIL, timeout, budget spent): the policy defers there rather
+than fall back to plaintext (A3).  Trouble before anything secure was seen (the PTR lookup
+itself) is no evidence that the peer asked for DANE, so it is not doubt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass, field
+
+from .config import IPAddress
+from .dane import TLSARecord
+from .dns import Answer, Resolver, Status, failed
+
+MAX_PTR_NAMES = 3  # a PTR RRset with dozens of names is not worth a query each
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    address: IPAddress
+    steps: tuple[Answer, ...]
+    host: str | None = None  # forward-confirmed name of the address
+    host_secure: bool = False  # PTR and forward lookups both secure
+    tlsa: Answer | None = None  # the TLSA answer DANE would use
+    tlsa_base: str | None = None  # the name the TLSA was found at (the SNI name)
+    records: tuple[TLSARecord, ...] = ()  # from a secure, non-empty TLSA RRset
+    doubt: str | None = None
+
+    @property
+    def usable(self) -> tuple[TLSARecord, ...]:
+        return tuple(r for r in self.records if r.usable)
+
+
+@dataclass
+class _Progress:
+    address: IPAddress
+    steps: list[Answer] = field(default_factory=list)
+    host: str | None = None
+    host_secure: bool = False
+    secure_so_far: bool = False
+    tlsa: Answer | None = None
+    tlsa_base: str | None = None
+    records: tuple[TLSARecord, ...] = ()
+    doubt: str | None = None
+    asking: tuple[str, str] | None = None  # the lookup in progress (for a budget timeout)
+
+    def result(self) -> Discovery:
+        return Discovery(self.address, tuple(self.steps), self.host, self.host_secure,
+                         self.tlsa, self.tlsa_base, self.records, self.doubt)
+
+
+def reverse_name(address: IPAddress) -> str:
+    return address.reverse_pointer + "."
+
+
+def _distrust(answer: Answer) -> bool:
+    return answer.status in (Status.BOGUS, Status.FAILED)
+
+
+async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Discovery:
+    """Never raises for DNS trouble and never takes longer than ``budget`` seconds."""
+    p = _Progress(address)
+    try:
+        async with asyncio.timeout(budget):
+            await _discover(resolver, p)
+    except TimeoutError:
+        assert p.asking is not None
+        name, rdtype = p.asking
+        p.steps.append(failed(name, rdtype, "TIMEOUT", f"discovery budget of {budget}s spent"))
+        if p.secure_so_far:
+            p.doubt = f"{rdtype} lookup of {name} did not finish within the budget"
+    return p.result()
+
+
+async def _ask(resolver: Resolver, p: _Progress, name: str, rdtype: str) -> Answer:
+    p.asking = (name, rdtype)
+    answer = await resolver.lookup(name, rdtype)
+    p.steps.append(answer)
+    return answer
+
+
+async def _discover(resolver: Resolver, p: _Progress) -> None:
+    ptr = await _ask(resolver, p, reverse_name(p.address), "PTR")
+    if not ptr.exists:
+        return
+    p.secure_so_far = ptr.status is Status.SECURE
+    rdtype = "AAAA" if p.address.version == 6 else "A"
+    names = sorted({r.target.to_text().lower() for r in ptr.records})[:MAX_PTR_NAMES]
+    forward: Answer | None = None
+    trouble: Answer | None = None
+    for name in names:
+        answer = await _ask(resolver, p, name, rdtype)
+        if answer.exists and any(ipaddress.ip_address(r.address) == p.address
+                                 for r in answer.records):
+            forward = answer
+            p.host = name
+            break
+        if _distrust(answer):
+            trouble = answer
+    if forward is None:
+        if trouble is not None and p.secure_so_far:
+            p.doubt = f"{trouble.rdtype} lookup of {trouble.name} is {trouble.status}"
+        return
+    p.host_secure = p.secure_so_far = ptr.status is Status.SECURE \
+        and forward.status is Status.SECURE
+    if not p.host_secure:
+        return  # DANE needs a secure path to the host name (RFC 7672 2.2.2)
+    assert p.host is not None
+    bases = [forward.canonical, p.host] if forward.cnames else [p.host]
+    for base in bases:
+        tlsa = await _ask(resolver, p, f"_25._tcp.{base}", "TLSA")
+        if _distrust(tlsa):
+            p.doubt = f"TLSA lookup of {tlsa.name} is {tlsa.status}"
+            return
+        if tlsa.status is not Status.SECURE:
+            return  # an unsigned TLSA zone publishes nothing DANE can use
+        if tlsa.exists:
+            p.tlsa, p.tlsa_base = tlsa, base.rstrip(".")
+            p.records = tuple(TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert))
+                              for r in tlsa.records)
+            return
+        # secure absence at the expanded name: try the original name (RFC 7672 2.2.2)

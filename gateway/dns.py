@@ -1,0 +1,262 @@
+"""DNSSEC-aware lookups: every answer carries how far it can be trusted.
+
+Status comes from the AD bit of a *trusted* resolver (loopback by default: the path to it
+cannot be tampered with).  An AD bit from any other resolver is never believed.  A lookup
+never raises for DNS trouble: it returns an Answer whose status says what happened
+(``failed`` for timeouts, SERVFAIL and garbage; ``bogus`` when validation failed).
+
+Shape: ``classify`` turns one response into an Answer (pure, tested on crafted messages);
+``Resolver`` is the shell: transport, TTL cache (negative answers and failures too),
+one shared in-flight query per name, and a cap on concurrent queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import dns.asyncquery
+import dns.edns
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.ttl
+
+from .config import DnsConfig, Endpoint
+from .metrics import Metrics
+from .tasks import TaskGroup
+
+
+class Status(StrEnum):
+    SECURE = "secure"
+    INSECURE = "insecure"
+    BOGUS = "bogus"
+    FAILED = "failed"
+
+
+# RFC 8914 extended errors that mean "DNSSEC validation failed" rather than "no answer".
+_EDE_DNSSEC = {1, 2, 5, 6, 7, 8, 9, 10, 11, 12}
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    name: str  # as asked, absolute, lower case
+    rdtype: str
+    status: Status
+    rcode: str  # NOERROR, NXDOMAIN, SERVFAIL, ..., or TIMEOUT / ERROR for transport trouble
+    records: tuple[Any, ...] = ()  # dnspython rdata of the final name's RRset
+    canonical: str = ""  # after CNAMEs; == name when there were none
+    cnames: tuple[str, ...] = ()
+    ttl: int = 0  # positive: RRset TTL (min along the chain); negative: RFC 2308
+    detail: str = ""
+
+    @property
+    def exists(self) -> bool:
+        """True when the name has data of this type (not NXDOMAIN/NODATA, not a failure)."""
+        return self.rcode == "NOERROR" and bool(self.records)
+
+    @property
+    def absent(self) -> bool:
+        """NXDOMAIN or NODATA: a definite no (trust it as far as ``status`` says)."""
+        return self.rcode == "NXDOMAIN" or (self.rcode == "NOERROR" and not self.records)
+
+    def texts(self) -> list[str]:
+        return [r.to_text() for r in self.records]
+
+    def describe(self) -> str:
+        what = ("; ".join(self.texts()) if self.records
+                else "NXDOMAIN" if self.rcode == "NXDOMAIN"
+                else "NODATA" if self.rcode == "NOERROR" else self.rcode)
+        via = f" via {' -> '.join(self.cnames)} -> {self.canonical}" if self.cnames else ""
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.name} {self.rdtype}{via}: {what} [{self.status}, ttl {self.ttl}]{extra}"
+
+
+def failed(name: str, rdtype: str, rcode: str, detail: str) -> Answer:
+    return Answer(name, rdtype, Status.FAILED, rcode, canonical=name, detail=detail)
+
+
+def classify(response: dns.message.QueryMessage, name: str, rdtype: str, trusted: bool,
+             cd_response: dns.message.QueryMessage | None = None) -> Answer:
+    """One response → an Answer.  ``cd_response`` is the same query with CD set, asked
+    only after a SERVFAIL without an extended error, to tell bogus from unreachable."""
+    rcode = dns.rcode.to_text(response.rcode())
+    if rcode == "SERVFAIL":
+        codes = {e.code for e in response.extended_errors()}
+        if codes & _EDE_DNSSEC:
+            return Answer(name, rdtype, Status.BOGUS, rcode, canonical=name,
+                          detail=f"extended error {min(codes & _EDE_DNSSEC)}")
+        if cd_response is not None and cd_response.rcode() in (dns.rcode.NOERROR,
+                                                                dns.rcode.NXDOMAIN):
+            return Answer(name, rdtype, Status.BOGUS, rcode, canonical=name,
+                          detail="data only with checking disabled")
+        return failed(name, rdtype, rcode, "server failure")
+    if rcode not in ("NOERROR", "NXDOMAIN"):
+        return failed(name, rdtype, rcode, "refused or malformed")
+    ad = bool(response.flags & dns.flags.AD)
+    status = Status.SECURE if ad and trusted else Status.INSECURE
+    detail = "AD from an untrusted resolver ignored" if ad and not trusted else ""
+    try:
+        chain = response.resolve_chaining()
+    except dns.exception.DNSException as exc:  # CNAME loop, wrong question, ...
+        return failed(name, rdtype, "ERROR", f"unusable answer: {exc}")
+    canonical = chain.canonical_name.to_text().lower()
+    cnames = tuple(c.name.to_text().lower() for c in chain.cnames)
+    records: tuple[Any, ...] = ()
+    if chain.answer is not None:
+        records = tuple(sorted(chain.answer, key=lambda r: r.to_text()))
+    # A negative answer without an SOA leaves the "no minimum" sentinel: cache it briefly.
+    ttl = chain.minimum_ttl if chain.minimum_ttl < dns.ttl.MAX_TTL else 0
+    return Answer(name, rdtype, status, rcode, records, canonical, cnames, int(ttl), detail)
+
+
+@dataclass(slots=True)
+class _Entry:
+    answer: Answer
+    expires: float
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    shared: int = 0
+    queries: int = 0  # sent to a resolver (CD re-queries and fallbacks included)
+    by_key: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class Resolver:
+    """Lookups through the configured resolvers, cached for their TTL."""
+
+    def __init__(self, config: DnsConfig, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.stats = CacheStats()
+        self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
+        self._sem = asyncio.Semaphore(config.max_queries)
+        self._tasks = TaskGroup()
+
+    # -- cache ---------------------------------------------------------------------------
+    def _ttl_for(self, answer: Answer) -> float:
+        c = self.config.cache
+        if answer.status in (Status.FAILED, Status.BOGUS):
+            return c.failure_ttl  # RFC 9520: briefly, so a broken zone is not hammered
+        if answer.absent:
+            return min(max(answer.ttl, c.min_ttl), c.negative_max_ttl)  # RFC 2308
+        return min(max(answer.ttl, c.min_ttl), c.max_ttl)
+
+    def cached(self, name: str, rdtype: str) -> Answer | None:
+        key = (_norm(name), rdtype)
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= self.clock():
+            del self._cache[key]
+            return None
+        return entry.answer
+
+    def _store(self, key: tuple[str, str], answer: Answer) -> None:
+        ttl = self._ttl_for(answer)
+        if ttl <= 0:
+            return
+        self._cache[key] = _Entry(answer, self.clock() + ttl)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.config.cache.max_entries:
+            self._cache.popitem(last=False)  # oldest first
+
+    def flush(self) -> None:
+        self._cache.clear()
+
+    # -- lookups -------------------------------------------------------------------------
+    async def lookup(self, name: str, rdtype: str) -> Answer:
+        key = (_norm(name), rdtype)
+        hit = self.cached(*key)
+        if hit is not None:
+            self.stats.hits += 1
+            self._count("hit")
+            return hit
+        task = self._inflight.get(key)
+        if task is not None:
+            self.stats.shared += 1
+            self._count("shared")
+        else:
+            self.stats.misses += 1
+            self._count("miss")
+            task = self._tasks.spawn(self._resolve(key), name=f"dns {key[0]} {key[1]}")
+            self._inflight[key] = task
+        # Shielded: one session giving up must not cancel the query others wait for.
+        return await asyncio.shield(task)
+
+    async def _resolve(self, key: tuple[str, str]) -> Answer:
+        try:
+            started = self.clock()
+            answer = await self._query(*key)
+            if self.metrics is not None:
+                self.metrics.dns_latency.labels(key[1]).observe(self.clock() - started)
+                self.metrics.dns_answers.labels(key[1], answer.status.value).inc()
+            self._store(key, answer)
+            return answer
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _query(self, name: str, rdtype: str) -> Answer:
+        last = failed(name, rdtype, "ERROR", "no resolver configured")
+        for server in self.config.resolvers:
+            trusted = server.host.is_loopback or server in self.config.trusted
+            response = await self._ask(server, name, rdtype, cd=False)
+            if isinstance(response, Answer):
+                last = response  # transport trouble: try the next resolver
+                continue
+            cd = None
+            if (response.rcode() == dns.rcode.SERVFAIL
+                    and not {e.code for e in response.extended_errors()} & _EDE_DNSSEC):
+                asked = await self._ask(server, name, rdtype, cd=True)
+                cd = asked if isinstance(asked, dns.message.QueryMessage) else None
+            assert isinstance(response, dns.message.QueryMessage)
+            return classify(response, name, rdtype, trusted, cd)
+        return last
+
+    async def _ask(self, server: Endpoint, name: str, rdtype: str,
+                   cd: bool) -> dns.message.QueryMessage | Answer:
+        query = dns.message.make_query(name, rdtype, want_dnssec=True, payload=1232)
+        query.flags |= dns.flags.AD  # RFC 6840 5.7: ask for the AD bit explicitly
+        if cd:
+            query.flags |= dns.flags.CD
+        self.stats.queries += 1
+        self.stats.by_key[(name, rdtype)] = self.stats.by_key.get((name, rdtype), 0) + 1
+        try:
+            async with self._sem:
+                response, _ = await dns.asyncquery.udp_with_fallback(
+                    query, str(server.host), timeout=self.config.timeout, port=server.port)
+        except (dns.exception.Timeout, TimeoutError):
+            return failed(name, rdtype, "TIMEOUT", f"no answer from {server}")
+        except (OSError, dns.exception.DNSException, ValueError) as exc:
+            return failed(name, rdtype, "ERROR", f"{server}: {type(exc).__name__}: {exc}")
+        if not isinstance(response, dns.message.QueryMessage):
+            return failed(name, rdtype, "ERROR", f"{server}: not a query response")
+        return response
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dns_cache.labels(result).inc()
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all()
+
+
+def _norm(name: str) -> str:
+    name = name.lower()
+    return name if name.endswith(".") else name + "."

@@ -1,0 +1,139 @@
+"""What to do with one destination: a pure function of (destination, discovery, config).
+
+The levels are Postfix's smtp_tls_security_level, applied per destination:
+
+=============  ==========================================================================
+none           pass the bytes through, never TLS
+may            TLS when the peer offers it, unauthenticated; plaintext when it does not
+encrypt        TLS required, unauthenticated; defer (4xx) when it cannot be had
+dane           (default) DANE when a secure usable TLSA exists, else as ``may``;
+               a secure TLSA RRset with no usable record: TLS required, unauthenticated
+               (RFC 7672 2.2); doubt in a lookup DANE depends on: defer (A3)
+dane-only      DANE required: without a secure usable TLSA, defer
+fingerprint    TLS required, the peer's certificate or key must match a pinned SHA-256
+=============  ==========================================================================
+
+Config entries match by CIDR on the destination address, or by host name / ``.suffix`` on
+the forward-confirmed name from discovery.  A name is only as trustworthy as its DNS: an
+entry that *weakens* protection (none, may) matches a name only when the PTR and forward
+lookups were both secure, so a forged reverse zone cannot switch TLS off.  First match wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .config import IPAddress, Level, PolicyConfig, PolicyEntry
+from .dane import TLSARecord
+from .discovery import Discovery
+
+WEAKENING = (Level.NONE, Level.MAY)
+
+
+class Action(StrEnum):
+    PASSTHROUGH = "passthrough"  # no TLS by the gateway; bytes unchanged
+    TRY_TLS = "try-tls"  # STARTTLS when offered; plaintext otherwise
+    REQUIRE_TLS = "require-tls"  # TLS or a 4xx to the MTA
+    DEFER = "defer"  # 4xx to the MTA without contacting the peer's SMTP
+
+
+class Auth(StrEnum):
+    NONE = "none"
+    DANE = "dane"
+    FINGERPRINT = "fingerprint"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    action: Action
+    auth: Auth
+    level: Level
+    reason: str
+    entry: PolicyEntry | None = None
+    sni: str | None = None
+    tlsa: tuple[TLSARecord, ...] = ()
+    fingerprints: tuple[bytes, ...] = ()
+
+    @property
+    def fails_closed(self) -> bool:
+        """A failed upgrade is a 4xx for the MTA, never plaintext."""
+        return self.action in (Action.REQUIRE_TLS, Action.DEFER)
+
+    def describe(self) -> str:
+        what = {
+            Action.PASSTHROUGH: "pass through without TLS",
+            Action.TRY_TLS: "TLS if offered, else plaintext",
+            Action.REQUIRE_TLS: "TLS required",
+            Action.DEFER: "defer with 4xx, peer not contacted",
+        }[self.action]
+        parts = [what]
+        if self.auth is Auth.DANE:
+            parts.append(f"authenticate by DANE ({len(self.tlsa)} usable TLSA)")
+        elif self.auth is Auth.FINGERPRINT:
+            parts.append(f"authenticate by fingerprint ({len(self.fingerprints)} pinned)")
+        elif self.action is not Action.PASSTHROUGH and self.action is not Action.DEFER:
+            parts.append("unauthenticated")
+        if self.sni:
+            parts.append(f"SNI {self.sni}")
+        if self.action is Action.REQUIRE_TLS:
+            parts.append("on failure: defer (4xx)")
+        elif self.action is Action.TRY_TLS:
+            parts.append("on failure: plaintext")
+        return ", ".join(parts) + f" — {self.reason}"
+
+
+def _name_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("."):
+        return host.endswith(pattern)
+    return host == pattern
+
+
+def match_entry(address: IPAddress, discovery: Discovery,
+                entries: tuple[PolicyEntry, ...]) -> PolicyEntry | None:
+    for entry in entries:
+        if entry.network is not None:
+            if address.version == entry.network.version and address in entry.network:
+                return entry
+            continue
+        host = discovery.host
+        if entry.host is None or host is None or not _name_matches(entry.host, host):
+            continue
+        if entry.level in WEAKENING and not discovery.host_secure:
+            continue  # a forgeable name may not switch protection off
+        return entry
+    return None
+
+
+def plan(address: IPAddress, discovery: Discovery, config: PolicyConfig) -> Plan:
+    entry = match_entry(address, discovery, config.entries)
+    level = entry.level if entry is not None else config.default
+    sni = discovery.tlsa_base or (discovery.host.rstrip(".") if discovery.host else None)
+    source = f"policy entry {entry.match}" if entry is not None else "default policy"
+    usable = discovery.usable
+
+    def make(action: Action, auth: Auth, why: str, tlsa: tuple[TLSARecord, ...] = (),
+             fingerprints: tuple[bytes, ...] = ()) -> Plan:
+        return Plan(action, auth, level, f"{source} {level}: {why}", entry, sni, tlsa,
+                    fingerprints)
+
+    if level is Level.NONE:
+        return make(Action.PASSTHROUGH, Auth.NONE, "TLS off")
+    if level is Level.MAY:
+        return make(Action.TRY_TLS, Auth.NONE, "opportunistic")
+    if level is Level.ENCRYPT:
+        return make(Action.REQUIRE_TLS, Auth.NONE, "encryption required")
+    if level is Level.FINGERPRINT:
+        assert entry is not None  # only an entry can carry fingerprints
+        return make(Action.REQUIRE_TLS, Auth.FINGERPRINT, "pinned key",
+                    fingerprints=entry.fingerprints)
+    if discovery.doubt is not None:
+        return make(Action.DEFER, Auth.NONE, f"cannot trust DNS: {discovery.doubt}")
+    if usable:
+        return make(Action.REQUIRE_TLS, Auth.DANE, "secure usable TLSA", tlsa=usable)
+    if level is Level.DANE_ONLY:
+        return make(Action.DEFER, Auth.NONE, "no secure usable TLSA")
+    if discovery.records:
+        return make(Action.REQUIRE_TLS, Auth.NONE,
+                    "secure TLSA without a usable record (RFC 7672 2.2): encrypt only")
+    return make(Action.TRY_TLS, Auth.NONE, "no secure TLSA: opportunistic")
