@@ -99,13 +99,14 @@ async def _discover(resolver: Resolver, p: _Progress) -> None:
     trouble: Answer | None = None
     for name in names:
         answer = await _ask(resolver, p, name, rdtype)
+        if _distrust(answer):
+            trouble = answer
+            continue
         if answer.exists and any(ipaddress.ip_address(r.address) == p.address
                                  for r in answer.records):
             forward = answer
             p.host = name
             break
-        if _distrust(answer):
-            trouble = answer
     if forward is None:
         if trouble is not None and p.secure_so_far:
             p.doubt = f"{trouble.rdtype} lookup of {trouble.name} is {trouble.status}"

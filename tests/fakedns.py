@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import dns.flags
@@ -20,7 +20,8 @@ Handler = Callable[[dns.message.QueryMessage, str], Awaitable[Reply]]
 
 
 def answer(query: dns.message.QueryMessage, *records: str, ad: bool = False,
-           rcode: int = dns.rcode.NOERROR, soa_ttl: int | None = None) -> dns.message.Message:
+           rcode: dns.rcode.Rcode = dns.rcode.NOERROR,
+           soa_ttl: int | None = None) -> dns.message.Message:
     """A response with ``records`` ("name ttl IN type rdata") in the answer section."""
     r = dns.message.make_response(query)
     r.set_rcode(rcode)
@@ -66,9 +67,8 @@ class FakeDns:
         self._tcp = await asyncio.start_server(self._serve_tcp, host, self.port)  # noqa: TID251
         return self
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(  # type: ignore[arg-type]
-            coro, name="fakedns query")
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="fakedns query")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

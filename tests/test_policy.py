@@ -1,0 +1,186 @@
+"""The decision table: DNS answers (with their DNSSEC status) x policy level → plan.
+
+Each row describes what DNS says about destination 203.0.113.2; ``discover`` runs on those
+answers (served from the table, not the network) and ``plan`` decides.  Read it against
+RFC 7672 2.2 and the module docstring of gateway/policy.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+
+from gateway.config import DnsConfig, Level, PolicyConfig, PolicyEntry
+from gateway.dane import TLSARecord
+from gateway.discovery import Discovery, discover
+from gateway.dns import Answer, Resolver, Status
+from gateway.policy import Action, Auth, plan
+
+D = ipaddress.ip_address("203.0.113.2")
+PTR = "2.113.0.203.in-addr.arpa."
+H = "mx.b.test."
+TLSA_H = "_25._tcp.mx.b.test."
+USABLE = "3 1 1 " + "ab" * 32
+UNUSABLE = "1 1 1 " + "ab" * 32  # PKIX-EE: not for SMTP (RFC 7672 3.1)
+S, N, B, F = Status.SECURE, Status.INSECURE, Status.BOGUS, Status.FAILED  # N: not secure
+
+
+def rd(rdtype: str, text: str) -> Any:
+    return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text)
+
+
+def ans(name: str, rdtype: str, status: Status, *data: str, rcode: str = "NOERROR",
+        canonical: str = "", cnames: tuple[str, ...] = ()) -> Answer:
+    if status in (F, B):  # what a validating resolver says: SERVFAIL, no data
+        rcode, data = "SERVFAIL", ()
+    return Answer(name, rdtype, status, rcode, tuple(rd(rdtype, d) for d in data),
+                  canonical or name, cnames, 60)
+
+
+class TableResolver(Resolver):
+    """Answers from a dict; names not in it are a secure NXDOMAIN."""
+
+    def __init__(self, table: dict[tuple[str, str], Answer]) -> None:
+        super().__init__(DnsConfig())
+        self.table = table
+        self.asked: list[tuple[str, str]] = []
+
+    async def lookup(self, name: str, rdtype: str) -> Answer:
+        self.asked.append((name, rdtype))
+        return self.table.get((name, rdtype), ans(name, rdtype, S, rcode="NXDOMAIN"))
+
+
+def world(ptr: Answer | None, fwd: Answer | None = None, *tlsa: Answer) -> Discovery:
+    table = {(a.name, a.rdtype): a for a in (ptr, fwd, *tlsa) if a is not None}
+
+    async def go() -> Discovery:
+        return await discover(TableResolver(table), D, budget=5)
+
+    return asyncio.run(go())
+
+
+def ptr(status: Status, target: str = H) -> Answer:
+    return ans(PTR, "PTR", status, target)
+
+
+def fwd(status: Status, address: str = "203.0.113.2") -> Answer:
+    return ans(H, "A", status, address)
+
+
+def tlsa(status: Status, *records: str, name: str = TLSA_H) -> Answer:
+    return ans(name, "TLSA", status, *records, rcode="NOERROR" if records else "NXDOMAIN")
+
+
+REQ_DANE = (Action.REQUIRE_TLS, Auth.DANE)
+REQ = (Action.REQUIRE_TLS, Auth.NONE)
+TRY = (Action.TRY_TLS, Auth.NONE)
+DEFER = (Action.DEFER, Auth.NONE)
+PASS = (Action.PASSTHROUGH, Auth.NONE)
+
+# (what DNS says, then the plan for levels: dane, dane-only, may, encrypt, none)
+TABLE: list[tuple[str, Discovery, tuple[Any, ...]]] = [
+    ("secure chain, secure usable TLSA",
+     world(ptr(S), fwd(S), tlsa(S, USABLE)), (REQ_DANE, REQ_DANE, TRY, REQ, PASS)),
+    ("secure chain, secure TLSA with only unusable records (RFC 7672 2.2: encrypt)",
+     world(ptr(S), fwd(S), tlsa(S, UNUSABLE)), (REQ, DEFER, TRY, REQ, PASS)),
+    ("secure chain, secure absence of TLSA",
+     world(ptr(S), fwd(S), tlsa(S)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("secure chain, TLSA in an unsigned zone",
+     world(ptr(S), fwd(S), tlsa(N, USABLE)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("secure chain, bogus TLSA (A3: doubt defers)",
+     world(ptr(S), fwd(S), tlsa(B)), (DEFER, DEFER, TRY, REQ, PASS)),
+    ("secure chain, TLSA lookup failed (SERVFAIL/timeout)",
+     world(ptr(S), fwd(S), tlsa(F)), (DEFER, DEFER, TRY, REQ, PASS)),
+    ("secure PTR, insecure forward: no DANE",
+     world(ptr(S), fwd(N), tlsa(S, USABLE)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("insecure PTR, secure forward: no DANE",
+     world(ptr(N), fwd(S), tlsa(S, USABLE)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("PTR not confirmed by the forward lookup",
+     world(ptr(S), fwd(S, "203.0.113.99"), tlsa(S, USABLE)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("secure PTR, bogus forward lookup (doubt)",
+     world(ptr(S), fwd(B)), (DEFER, DEFER, TRY, REQ, PASS)),
+    ("bogus PTR: no evidence the peer asked for DANE",
+     world(ptr(B)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("PTR lookup failed",
+     world(ptr(F)), (TRY, DEFER, TRY, REQ, PASS)),
+    ("no PTR (secure NXDOMAIN)",
+     world(None), (TRY, DEFER, TRY, REQ, PASS)),
+]
+LEVELS = (Level.DANE, Level.DANE_ONLY, Level.MAY, Level.ENCRYPT, Level.NONE)
+
+
+@pytest.mark.parametrize(("row", "found", "expected"), TABLE, ids=[r[0] for r in TABLE])
+def test_decision_table(row: str, found: Discovery, expected: tuple[Any, ...]) -> None:
+    for level, (action, auth) in zip(LEVELS, expected, strict=True):
+        p = plan(D, found, PolicyConfig(default=level))
+        assert (p.action, p.auth) == (action, auth), f"{row} / {level}: {p.describe()}"
+        assert p.fails_closed == (action in (Action.REQUIRE_TLS, Action.DEFER))
+        if auth is Auth.DANE:
+            assert p.tlsa == (TLSARecord(3, 1, 1, bytes.fromhex("ab" * 32)),)
+            assert p.sni == "mx.b.test"
+
+
+def test_tlsa_at_the_cname_target_first_then_at_the_original_name() -> None:
+    via = ans(H, "A", S, "203.0.113.2", canonical="real.c.test.", cnames=(H,))
+    at_target = world(ptr(S), via, tlsa(S, USABLE, name="_25._tcp.real.c.test."))
+    assert at_target.tlsa_base == "real.c.test"
+    assert plan(D, at_target, PolicyConfig()).sni == "real.c.test"
+    at_original = world(ptr(S), via, tlsa(S, name="_25._tcp.real.c.test."), tlsa(S, USABLE))
+    assert at_original.tlsa_base == "mx.b.test"
+    assert [s.name for s in at_original.steps][-2:] == ["_25._tcp.real.c.test.", TLSA_H]
+    assert plan(D, at_original, PolicyConfig()).auth is Auth.DANE
+
+
+def test_forward_confirmation_tries_each_ptr_name() -> None:
+    table = {
+        (PTR, "PTR"): ans(PTR, "PTR", S, "a.b.test.", "mx.b.test."),
+        ("a.b.test.", "A"): ans("a.b.test.", "A", S, "203.0.113.77"),
+        (H, "A"): fwd(S),
+        (TLSA_H, "TLSA"): tlsa(S, USABLE),
+    }
+    found = asyncio.run(discover(TableResolver(table), D, budget=5))
+    assert found.host == H and found.host_secure and len(found.usable) == 1
+
+
+def entry(match: str, level: Level, **kw: Any) -> PolicyEntry:
+    from gateway.config import _hostname
+
+    net = None
+    host = None
+    try:
+        net = ipaddress.ip_network(match)
+    except ValueError:
+        host = _hostname(match)
+    return PolicyEntry(match, level, net, host, **kw)
+
+
+def test_entries_by_network_and_name() -> None:
+    secure = world(ptr(S), fwd(S), tlsa(S))
+    insecure_name = world(ptr(N), fwd(N))
+    pin = bytes(32)
+    cfg = PolicyConfig(entries=(
+        entry("198.51.100.0/24", Level.NONE),
+        entry(".b.test", Level.MAY),
+        entry("203.0.113.0/24", Level.FINGERPRINT, fingerprints=(pin,)),
+    ))
+    # The name entry (may) applies to a securely named host ...
+    p = plan(D, secure, cfg)
+    assert (p.action, p.entry and p.entry.match) == (Action.TRY_TLS, ".b.test")
+    # ... but a weakening entry is not matched through a forgeable name: the next entry wins.
+    p = plan(D, insecure_name, cfg)
+    assert (p.action, p.auth, p.fingerprints) == (Action.REQUIRE_TLS, Auth.FINGERPRINT, (pin,))
+    # CIDR entries match the address, whatever DNS says.
+    other = ipaddress.ip_address("198.51.100.7")
+    assert plan(other, world(None), cfg).action is Action.PASSTHROUGH
+
+
+def test_strengthening_entry_matches_an_insecure_name() -> None:
+    cfg = PolicyConfig(entries=(entry("mx.b.test", Level.ENCRYPT),))
+    p = plan(D, world(ptr(N), fwd(N)), cfg)
+    assert (p.action, p.level) == (Action.REQUIRE_TLS, Level.ENCRYPT)
