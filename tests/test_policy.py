@@ -184,3 +184,37 @@ def test_strengthening_entry_matches_an_insecure_name() -> None:
     cfg = PolicyConfig(entries=(entry("mx.b.test", Level.ENCRYPT),))
     p = plan(D, world(ptr(N), fwd(N)), cfg)
     assert (p.action, p.level) == (Action.REQUIRE_TLS, Level.ENCRYPT)
+
+
+class StallingResolver(TableResolver):
+    def __init__(self, table: dict[tuple[str, str], Answer], stall: tuple[str, str]) -> None:
+        super().__init__(table)
+        self.stall = stall
+
+    async def lookup(self, name: str, rdtype: str) -> Answer:
+        if (name, rdtype) == self.stall:
+            await asyncio.sleep(30)
+        return await super().lookup(name, rdtype)
+
+
+@pytest.mark.parametrize(("stall", "action", "doubt"), [
+    ((PTR, "PTR"), Action.TRY_TLS, None),
+    ((H, "A"), Action.DEFER, "A lookup of mx.b.test. did not finish within the budget"),
+    ((TLSA_H, "TLSA"), Action.DEFER,
+     "TLSA lookup of _25._tcp.mx.b.test. did not finish within the budget"),
+])
+def test_budget_spent_defers_only_after_a_secure_step(
+        stall: tuple[str, str], action: Action, doubt: str | None) -> None:
+    table = {(PTR, "PTR"): ptr(S), (H, "A"): fwd(S), (TLSA_H, "TLSA"): tlsa(S, USABLE)}
+
+    async def go() -> Discovery:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        found = await discover(StallingResolver(table, stall), D, budget=0.2)
+        assert loop.time() - t0 < 1
+        return found
+
+    found = asyncio.run(go())
+    assert found.doubt == doubt
+    assert found.steps[-1].rcode == "TIMEOUT" and found.steps[-1].name == stall[0]
+    assert plan(D, found, PolicyConfig()).action is action
