@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from . import config as config_mod
 from . import logs
 from .config import Config, ConfigError, Endpoint, Listener
+from .dns import Resolver
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import SO_MARK, is_local_address, listening_socket
@@ -28,6 +29,7 @@ class Gateway:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
+        self.resolver = Resolver(config.dns, metrics)
         self.sessions: set[Session] = set()
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).
@@ -127,6 +129,10 @@ class Gateway:
             self.metrics.reloads.labels("rejected").inc()
             event(log, "reload rejected", logging.ERROR, error=str(exc))
             return False
+        if new.dns != self.config.dns:
+            old = self.resolver
+            self.resolver = Resolver(new.dns, self.metrics)
+            self.tasks.spawn(old.close(), name="close old resolver")
         self.config = new  # sessions already running keep the config they started with
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
@@ -150,6 +156,7 @@ class Gateway:
             s.abort()
         if left:
             await self.tasks.cancel_all()
+        await self.resolver.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from . import admission
 from .config import Config, Direction, Endpoint, FailureSignal, Listener
+from .discovery import discover
+from .dns import Resolver
 from .logs import event, session_log
 from .netfilter import (
     InterceptError,
@@ -22,6 +24,7 @@ from .netfilter import (
     socket_mark,
     upstream_socket,
 )
+from .policy import Plan, plan
 from .relay import End, Leg, Pump, reset
 
 if TYPE_CHECKING:
@@ -44,6 +47,8 @@ class Session:
         self.reason = ""
         self._own_addr: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.plan: Plan | None = None
+        self._discovery: asyncio.Task[None] | None = None
 
     # -- accept ------------------------------------------------------------------------
     def _leg_made(self, leg: Leg) -> None:
@@ -87,6 +92,10 @@ class Session:
             return
         gw.sessions.add(self)
         gw.metrics.active.labels(self.direction).inc()
+        if self.direction is Direction.OUTBOUND:
+            # Runs beside the connect and the peer's banner: no latency added.
+            self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
+                                             name=f"discover {self.destination}")
         self._task = gw.tasks.spawn(self._run(),
                                     name=f"session {self.client}->{self.destination}")
 
@@ -105,6 +114,11 @@ class Session:
         assert self.destination is not None
         return (self.destination,)
 
+    async def _discover(self, resolver: Resolver) -> None:
+        assert self.destination is not None
+        found = await discover(resolver, self.destination.host, self.config.dns.budget)
+        self.plan = plan(self.destination.host, found, self.config.policy)
+
     async def _run(self) -> None:
         end: str = End.ABORTED.value
         # A client that resets while we are still connecting ends the session at once.
@@ -121,6 +135,8 @@ class Session:
                 raise
             end = self.pump.done.result().value
         finally:
+            if self._discovery is not None and not self._discovery.done():
+                self._discovery.cancel()
             self._unregister_own()
             self.gw.session_ended(self)
             self.gw.metrics.active.labels(self.direction).dec()
@@ -217,6 +233,10 @@ class Session:
             "bytes_down": down,
             "duration": round(duration, 3),
         }
+        if self.plan is not None:
+            # Not acted on yet (the STARTTLS upgrade is): what the gateway would do.
+            fields["plan"] = self.plan.action.value
+            fields["auth"] = self.plan.auth.value
         if self.reason:
             fields["reason"] = self.reason
         event(session_log, "session", logging.INFO, **fields)
