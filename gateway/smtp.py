@@ -1,0 +1,448 @@
+"""Sans-I/O SMTP for the outbound upgrade: reply framing, EHLO capabilities, and the machine
+that decides, from bytes alone, when the gateway performs STARTTLS for the MTA.
+
+Theory of operation.  The MTA's session runs as usual: the peer's banner and the MTA's
+EHLO/HELO and its reply pass through unchanged.  The first other command the MTA sends is
+the decision point:
+
+* STARTTLS: the MTA encrypts itself; the gateway steps aside (end-to-end TLS).
+* QUIT: nothing to protect; relay.
+* anything else: the MTA goes on without TLS.  The gateway *holds* everything the MTA sends
+  from here (pipelined commands included), asks for the plan, and -- when the plan wants TLS --
+  speaks to the peer itself: EHLO (only when the MTA said HELO, to learn the capabilities),
+  STARTTLS, the handshake (done by the shell), verification (by the shell), the MTA's own
+  greeting again over TLS, and only then releases the held bytes.  The peer's replies to the
+  gateway's own commands never reach the MTA: it sees exactly the replies it would have seen.
+
+Failures: a plan that requires TLS ends in a 421 to the MTA (it keeps the mail) and nothing
+held is ever sent in plaintext.  An opportunistic plan continues in plaintext: on the same
+connection when the peer refuses STARTTLS, on a new connection when the handshake fails
+(as Postfix's ``may`` level does).
+
+Events in: ``client_data``, ``peer_data``, ``plan_ready``, ``tls_done``, ``reconnected``.
+Commands out (the shell carries them out, in order): SendPeer, SendClient, NeedPlan,
+StartTls, Reconnect, Relay, Defer.  The transition table is ``_STATES`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .policy import Action, Plan
+
+MAX_LINE = 4096  # RFC 5321 says 512 for replies and commands; be lenient, but bounded
+MAX_REPLY_LINES = 200
+MAX_HELD = 64 * 1024  # commands held during the upgrade (no message content can be held)
+
+# Extensions whose absence after TLS would make the MTA's commands fail (5xx: a bounce):
+# the MTA decided on them from the capabilities it was shown before TLS.
+MATTERS = ("PIPELINING", "CHUNKING", "BINARYMIME", "8BITMIME", "SMTPUTF8", "DSN", "SIZE",
+           "REQUIRETLS")
+
+
+class ProtocolError(Exception):
+    """The *peer* (or the MTA) broke SMTP framing: their fault, not ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    lines: tuple[bytes, ...]  # text after "ddd-" / "ddd "
+    raw: bytes
+
+    @property
+    def text(self) -> str:
+        return " / ".join(line.decode("ascii", "replace") for line in self.lines)
+
+
+class ReplyReader:
+    """Frames multi-line replies (RFC 5321 4.2.1) from a byte stream."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._raw = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next(self) -> Reply | None:
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    raise ProtocolError("reply line too long")
+                return None
+            line = bytes(self.buffer[:end + 1])
+            del self.buffer[:end + 1]
+            body = line.rstrip(b"\r\n")
+            if len(body) < 3 or not body[:3].isdigit() or body[3:4] not in (b"", b" ", b"-"):
+                raise ProtocolError(f"malformed reply line {body[:40]!r}")
+            if self._lines and int(body[:3]) != int(self._raw[:3]):
+                raise ProtocolError("reply code changed inside a multi-line reply")
+            self._raw += line
+            self._lines.append(body[4:])
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise ProtocolError("reply has too many lines")
+            if body[3:4] != b"-":
+                reply = Reply(int(body[:3]), tuple(self._lines), bytes(self._raw))
+                self._lines, self._raw = [], bytearray()
+                return reply
+
+
+def capabilities(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper case) → their parameters; the first line is the greeting."""
+    caps: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        word, _, params = line.decode("ascii", "replace").strip().partition(" ")
+        if word:
+            caps[word.upper()] = params.strip()
+    return caps
+
+
+def lost_capabilities(shown: dict[str, str], now: dict[str, str]) -> list[str]:
+    """What the MTA was promised before TLS that the peer no longer offers after it."""
+    lost = [k for k in MATTERS if k in shown and k not in now]
+    if "SIZE" in shown and "SIZE" in now:
+        before, after = _size(shown["SIZE"]), _size(now["SIZE"])
+        if after and (before == 0 or after < before):
+            lost.append("SIZE")  # a message the MTA may send would now be refused
+    return lost
+
+
+def _size(value: str) -> int:
+    """SIZE parameter; 0 when no limit is stated (RFC 1870)."""
+    return int(value) if value.isdigit() else 0
+
+
+# -- commands to the shell ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SendPeer:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendClient:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NeedPlan:
+    """Feed ``plan_ready`` when discovery is done (the MTA waits meanwhile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Pause reading the peer, handshake, verify against the plan, then feed ``tls_done``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Opportunistic fallback: drop this peer connection, open a new plaintext one, feed
+    ``reconnected``, then its bytes as ``peer_data``."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Handoff: write ``to_peer`` and ``to_client``, then copy bytes both ways."""
+
+    to_peer: bytes
+    to_client: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Tell the MTA ``reply`` (a 4xx: it keeps the mail), QUIT the peer, close both."""
+
+    reply: bytes
+    reason: str
+
+
+Command = SendPeer | SendClient | NeedPlan | StartTls | Reconnect | Relay | Defer
+
+
+class Result(Enum):
+    """How the upgrade phase ended (a metric label)."""
+
+    PENDING = "pending"
+    DANE = "dane"  # TLS, peer authenticated by DANE
+    FINGERPRINT = "fingerprint"  # TLS, peer authenticated by a pinned key
+    TLS = "tls"  # TLS, unauthenticated
+    END_TO_END = "end_to_end"  # the MTA did STARTTLS itself
+    PLAINTEXT = "plaintext"  # opportunistic plan, no TLS to be had
+    PASSTHROUGH = "passthrough"  # plan none, or nothing to protect
+    DEFERRED = "deferred"  # 4xx to the MTA
+
+
+def defer_reply(code: str, text: str) -> bytes:
+    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:400]
+    return f"421 {code} smtpgate: {clean}\r\n".encode("ascii")
+
+
+class S(Enum):
+    BANNER = "banner"  # waiting for the peer's greeting
+    GREETING = "greeting"  # waiting for the MTA's next command
+    GREET_REPLY = "greet_reply"  # the MTA's EHLO/HELO went to the peer
+    PLAN = "plan"  # holding; discovery still running
+    PROBE = "probe"  # our own EHLO (the MTA said HELO) to learn capabilities
+    STARTTLS = "starttls"  # our STARTTLS sent
+    HANDSHAKE = "handshake"  # the shell does TLS
+    REGREET = "regreet"  # the MTA's greeting again, over TLS
+    FB_BANNER = "fb_banner"  # fallback connection: its banner
+    FB_GREET = "fb_greet"  # fallback connection: the MTA's greeting replayed
+    DONE = "done"
+
+
+# Which input each state accepts (the rest is a protocol error or a shell bug).
+_STATES: dict[S, str] = {
+    S.BANNER: "peer reply",
+    S.GREETING: "client command",
+    S.GREET_REPLY: "peer reply",
+    S.PLAN: "plan_ready",
+    S.PROBE: "peer reply",
+    S.STARTTLS: "peer reply",
+    S.HANDSHAKE: "tls_done",
+    S.REGREET: "peer reply",
+    S.FB_BANNER: "peer reply (after reconnected)",
+    S.FB_GREET: "peer reply",
+    S.DONE: "nothing: bytes are relayed by the shell",
+}
+
+
+@dataclass
+class Upgrade:
+    """The outbound upgrade machine for one session."""
+
+    state: S = S.BANNER
+    plan: Plan | None = None
+    result: Result = Result.PENDING
+    reason: str = ""
+    greeting: bytes | None = None  # the MTA's EHLO/HELO line that the peer accepted
+    greet_verb: str = ""
+    shown: dict[str, str] = field(default_factory=dict)  # capabilities the MTA saw
+    peer_caps: dict[str, str] = field(default_factory=dict)
+    held: bytearray = field(default_factory=bytearray)
+    _client: bytearray = field(default_factory=bytearray)
+    _peer: ReplyReader = field(default_factory=ReplyReader)
+    _pending_greeting: bytes | None = None
+    _fallback: bool = False
+
+    # -- events -------------------------------------------------------------------------
+    def client_data(self, data: bytes) -> list[Command]:
+        if self.state in (S.GREETING,):
+            self._client += data
+            return self._client_commands()
+        # Anything else the MTA sends before the handoff waits (bounded).
+        self.held += data
+        if len(self.held) + len(self._client) > MAX_HELD:
+            return self._defer("4.3.0", "too much held before the TLS upgrade")
+        return []
+
+    def peer_data(self, data: bytes) -> list[Command]:
+        if self.state is S.HANDSHAKE:
+            # The shell stops reading at StartTls: anything still delivered to us came with
+            # or right after the 220, in plaintext (A4).
+            return self._defer("4.7.0", "data injected after STARTTLS reply")
+        self._peer.feed(data)
+        if self.state in (S.DONE, S.PLAN):
+            return []  # unsolicited: kept in order for the next reply or the handoff
+        out: list[Command] = []
+        try:
+            while not self._at(S.DONE, S.HANDSHAKE) and (r := self._peer.next()):
+                out += self._on_reply(r)
+                if self._at(S.HANDSHAKE) and self._peer.buffer:
+                    # A4: bytes after the 220 to STARTTLS, before the handshake: injected.
+                    return [*out[:-1], *self._defer("4.7.0", "data injected after STARTTLS "
+                                                    "reply")]
+        except ProtocolError as exc:
+            return out + self._defer("4.4.2" if self.state is S.BANNER else "4.7.0",
+                                     f"peer protocol error: {exc}")
+        return out
+
+    def _at(self, *states: S) -> bool:
+        # A method, not an inline test: the handlers change self.state behind mypy's back.
+        return self.state in states
+
+    def plan_ready(self, plan: Plan) -> list[Command]:
+        assert self.state is S.PLAN, self.state
+        self.plan = plan
+        if plan.action is Action.PASSTHROUGH:
+            return self._relay(Result.PASSTHROUGH, "policy: no TLS")
+        if plan.action is Action.DEFER:
+            return self._defer("4.7.5", plan.reason)
+        if self.greet_verb != "EHLO":
+            # The MTA said HELO (or nothing): learn the capabilities ourselves.
+            self.state = S.PROBE
+            name = self._greet_name() or "localhost"
+            return [SendPeer(f"EHLO {name}\r\n".encode())]
+        return self._try_starttls()
+
+    def tls_done(self, ok: bool, result: Result, reason: str,
+                 code: str = "4.7.5") -> list[Command]:
+        """The shell's handshake and verification outcome (``code``: RFC 3463 status for a
+        failure, 4.7.5 "cryptographic failure" by default)."""
+        assert self.state is S.HANDSHAKE, self.state
+        assert self.plan is not None
+        if not ok:
+            if self.plan.action is Action.TRY_TLS:
+                return self._reconnect(f"TLS failed: {reason}")
+            return self._defer(code, f"TLS to peer failed: {reason}")
+        self.result, self.reason = result, reason
+        if self.greeting is None:
+            return self._relay(result, reason)
+        self.state = S.REGREET
+        return [SendPeer(self.greeting)]
+
+    def reconnected(self) -> list[Command]:
+        self._peer = ReplyReader()
+        self._fallback = True
+        self.state = S.FB_BANNER
+        return []
+
+    # -- client side --------------------------------------------------------------------
+    def _client_commands(self) -> list[Command]:
+        out: list[Command] = []
+        while self.state is S.GREETING:
+            end = self._client.find(b"\n")
+            if end < 0:
+                if len(self._client) > MAX_LINE:
+                    return out + self._defer("4.3.0", "command line too long")
+                return out
+            line = bytes(self._client[:end + 1])
+            verb = line.split(None, 1)[0].upper() if line.strip() else b""
+            if verb in (b"EHLO", b"HELO"):
+                del self._client[:end + 1]
+                self._pending_greeting = line
+                self.state = S.GREET_REPLY
+                out.append(SendPeer(line))
+                continue
+            # The decision point: this line and everything after it.
+            rest = bytes(self._client)
+            self._client.clear()
+            if verb in (b"STARTTLS", b"QUIT"):
+                why = "the MTA does TLS itself" if verb == b"STARTTLS" else "QUIT"
+                result = Result.END_TO_END if verb == b"STARTTLS" else Result.PASSTHROUGH
+                self.held += rest
+                return out + self._relay(result, why)
+            self.held += rest
+            self.state = S.PLAN
+            return [*out, NeedPlan()]
+        return out
+
+    def _greet_name(self) -> str:
+        if self.greeting is None:
+            return ""
+        parts = self.greeting.split(None, 1)
+        return parts[1].strip().decode("ascii", "replace") if len(parts) > 1 else ""
+
+    # -- peer replies -------------------------------------------------------------------
+    def _on_reply(self, r: Reply) -> list[Command]:
+        st = self.state
+        if st is S.GREETING:
+            return [SendClient(r.raw)]  # unsolicited (an idle 421): the MTA must see it
+        if st is S.BANNER:
+            if r.code != 220:
+                # The peer refuses us (554/421): let the MTA see it; nothing to upgrade.
+                return [SendClient(r.raw), *self._relay(Result.PASSTHROUGH,
+                                                        f"peer greeting {r.code}")]
+            self.state = S.GREETING
+            return [SendClient(r.raw), *self._client_commands()]
+        if st is S.GREET_REPLY:
+            line = self._pending_greeting or b""
+            verb = line.split(None, 1)[0].upper().decode() if line.strip() else ""
+            if r.code == 250:
+                self.greeting, self.greet_verb = line, verb
+                if verb == "EHLO":
+                    self.shown = self.peer_caps = capabilities(r)
+                else:
+                    self.shown = {}
+            self.state = S.GREETING
+            return [SendClient(r.raw), *self._client_commands()]
+        if st is S.PROBE:
+            if r.code != 250:
+                return self._no_tls(f"peer refused EHLO ({r.code})")
+            self.peer_caps = capabilities(r)
+            return self._try_starttls()
+        if st is S.STARTTLS:
+            if r.code != 220:
+                return self._no_tls(f"peer answered STARTTLS with {r.code}")
+            self.state = S.HANDSHAKE
+            return [StartTls()]
+        if st is S.REGREET:
+            if r.code != 250:
+                return self._after_tls_failure(f"peer refused {self.greet_verb} after TLS "
+                                               f"({r.code})")
+            if self.greet_verb == "EHLO":
+                lost = lost_capabilities(self.shown, capabilities(r))
+                if lost:
+                    return self._after_tls_failure(
+                        f"peer dropped {', '.join(lost)} after TLS")
+            return self._relay(self.result, self.reason)
+        if st is S.FB_BANNER:
+            if r.code != 220:
+                return self._defer("4.4.2", f"fallback connection greeted {r.code}")
+            if self.greeting is None:
+                return self._relay(Result.PLAINTEXT, self.reason)
+            self.state = S.FB_GREET
+            return [SendPeer(self.greeting)]
+        if st is S.FB_GREET:
+            if r.code != 250:
+                return self._defer("4.4.2", f"fallback connection refused the greeting "
+                                            f"({r.code})")
+            if self.greet_verb == "EHLO" and lost_capabilities(self.shown, capabilities(r)):
+                return self._defer("4.4.2", "fallback connection offers less than shown")
+            return self._relay(Result.PLAINTEXT, self.reason)
+        raise ProtocolError(f"unexpected reply {r.code} in state {st.value}")
+
+    # -- decisions ----------------------------------------------------------------------
+    def _try_starttls(self) -> list[Command]:
+        if "STARTTLS" not in self.peer_caps:
+            return self._no_tls("peer does not offer STARTTLS")
+        self.state = S.STARTTLS
+        return [SendPeer(b"STARTTLS\r\n")]
+
+    def _no_tls(self, why: str) -> list[Command]:
+        """STARTTLS not to be had on this connection, which is still clean plaintext."""
+        assert self.plan is not None
+        if self.plan.action is Action.TRY_TLS:
+            if self.state is S.PROBE and self.greeting is not None:
+                # Our EHLO replaced the MTA's HELO state at the peer: say HELO again.
+                self.state = S.REGREET
+                self.result, self.reason = Result.PLAINTEXT, why
+                return [SendPeer(self.greeting)]
+            return self._relay(Result.PLAINTEXT, why)
+        return self._defer("4.7.4" if "STARTTLS" in why else "4.7.0",
+                           f"TLS required but {why}")
+
+    def _after_tls_failure(self, why: str) -> list[Command]:
+        assert self.plan is not None
+        if self.plan.action is Action.TRY_TLS:
+            return self._reconnect(why)
+        return self._defer("4.7.0", why)
+
+    def _reconnect(self, why: str) -> list[Command]:
+        if self._fallback:
+            return self._defer("4.4.2", why)
+        self.reason = why
+        self.state = S.FB_BANNER
+        return [Reconnect(why)]
+
+    def _relay(self, result: Result, why: str) -> list[Command]:
+        self.state = S.DONE
+        self.result, self.reason = result, why
+        to_peer = bytes(self.held) + bytes(self._client)
+        self.held.clear()
+        self._client.clear()
+        leftover = bytes(self._peer.buffer)
+        self._peer.buffer.clear()
+        return [Relay(to_peer, leftover)]
+
+    def _defer(self, code: str, why: str) -> list[Command]:
+        self.state = S.DONE
+        self.result, self.reason = Result.DEFERRED, why
+        self.held.clear()  # never sent: nothing of the mail crosses (A3)
+        return [Defer(defer_reply(code, why), why)]
