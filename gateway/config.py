@@ -421,6 +421,9 @@ def _dns(top: _Section) -> DnsConfig:
 def _policy(top: _Section) -> PolicyConfig:
     p = top.section("policy")
     default = p.choice("default", Level, Level.DANE)
+    if default is Level.FINGERPRINT:
+        raise p.error("default", "fingerprint needs pins: use it in an entry with "
+                                 "fingerprints")
     entries = tuple(_policy_entry(p.source, path, item) for path, item in p.items("entries"))
     p.done()
     return PolicyConfig(default, entries)

@@ -24,8 +24,12 @@ log = logging.getLogger("smtpgate")
 # Session outcomes; every value is pre-created so dashboards see zeros, not gaps.
 OUTCOMES = (
     "relayed", "client_reset", "upstream_reset", "timeout_idle", "timeout_session", "aborted",
-    "upstream_failed", "refused_limit", "refused_loop", "refused_intercept",
+    "upstream_failed", "refused_limit", "refused_loop", "refused_intercept", "deferred",
 )
+TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthrough",
+               "deferred")
+TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",
+               "capabilities", "policy", "dns", "protocol", "fallback", "other")
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "error")
 STREAMS = ("client_to_upstream", "upstream_to_client")
 DNS_TYPES = ("PTR", "A", "AAAA", "MX", "TLSA")
@@ -67,6 +71,11 @@ class Metrics:
         self.dns_answers = Counter(
             "smtpgate_dns_answers", "DNS answers by record type and DNSSEC status.",
             ["rdtype", "status"], registry=registry)
+        self.tls = Counter(
+            "smtpgate_upgrades", "Outbound upgrade outcomes: TLS authenticated by DANE or a "
+            "pinned key, unauthenticated TLS, the MTA's own TLS, plaintext, passthrough, or "
+            "deferred (4xx to the MTA); reason says why it was not better.",
+            ["result", "reason"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -81,6 +90,8 @@ class Metrics:
                 self.bytes.labels(d.value, s)
         for result in ("ok", "rejected"):
             self.reloads.labels(result)
+        for tls_result in TLS_RESULTS:
+            self.tls.labels(tls_result, "none")
         for result in ("hit", "miss", "shared"):
             self.dns_cache.labels(result)
         for rdtype in DNS_TYPES:

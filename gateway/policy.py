@@ -15,8 +15,8 @@ fingerprint    TLS required, the peer's certificate or key must match a pinned S
 
 Config entries match by CIDR on the destination address, or by host name / ``.suffix`` on
 the forward-confirmed name from discovery.  A name is only as trustworthy as its DNS: an
-entry that *weakens* protection (none, may) matches a name only when the PTR and forward
-lookups were both secure, so a forged reverse zone cannot switch TLS off.  First match wins.
+entry that is *weaker than the default* matches a name only when the PTR and forward lookups
+were both secure, so a forged reverse zone cannot lower protection.  First match wins.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from enum import StrEnum
 from .config import IPAddress, Level, PolicyConfig, PolicyEntry
 from .dane import TLSARecord
 from .discovery import Discovery
-
-WEAKENING = (Level.NONE, Level.MAY)
 
 
 class Action(StrEnum):
@@ -89,8 +87,8 @@ def _name_matches(pattern: str, host: str) -> bool:
     return host == pattern
 
 
-def match_entry(address: IPAddress, discovery: Discovery,
-                entries: tuple[PolicyEntry, ...]) -> PolicyEntry | None:
+def match_entry(address: IPAddress, discovery: Discovery, entries: tuple[PolicyEntry, ...],
+                default: Level = Level.DANE) -> PolicyEntry | None:
     for entry in entries:
         if entry.network is not None:
             if address.version == entry.network.version and address in entry.network:
@@ -99,14 +97,20 @@ def match_entry(address: IPAddress, discovery: Discovery,
         host = discovery.host
         if entry.host is None or host is None or not _name_matches(entry.host, host):
             continue
-        if entry.level in WEAKENING and not discovery.host_secure:
-            continue  # a forgeable name may not switch protection off
+        if not discovery.host_secure and _RANK[entry.level] < _RANK[default]:
+            continue  # a forgeable name may not weaken what the default would do
         return entry
     return None
 
 
+# How strict a level is *for a host whose name is not DNSSEC-secure*: there DANE finds no
+# TLSA, so dane is no stricter than may.
+_RANK = {Level.NONE: 0, Level.MAY: 1, Level.DANE: 1, Level.ENCRYPT: 2, Level.DANE_ONLY: 3,
+         Level.FINGERPRINT: 3}
+
+
 def plan(address: IPAddress, discovery: Discovery, config: PolicyConfig) -> Plan:
-    entry = match_entry(address, discovery, config.entries)
+    entry = match_entry(address, discovery, config.entries, config.default)
     level = entry.level if entry is not None else config.default
     sni = discovery.tlsa_base or (discovery.host.rstrip(".") if discovery.host else None)
     source = f"policy entry {entry.match}" if entry is not None else "default policy"
@@ -137,3 +141,26 @@ def plan(address: IPAddress, discovery: Discovery, config: PolicyConfig) -> Plan
         return make(Action.REQUIRE_TLS, Auth.NONE,
                     "secure TLSA without a usable record (RFC 7672 2.2): encrypt only")
     return make(Action.TRY_TLS, Auth.NONE, "no secure TLSA: opportunistic")
+
+
+NEEDS_DNS = (Level.DANE, Level.DANE_ONLY)
+
+
+def static_plan(address: IPAddress, config: PolicyConfig) -> Plan | None:
+    """The plan when no DNS answer can change it, else None (discovery needed).
+
+    A network entry reached before any name entry, or the default when there are no name
+    entries, decides alone unless its level is dane/dane-only.  Saves every lookup for
+    destinations the operator has already decided about.
+    """
+    for entry in config.entries:
+        if entry.network is None:
+            return None  # a name entry could match first: only discovery can tell
+        if address.version == entry.network.version and address in entry.network:
+            break
+    else:
+        entry = None
+    level = entry.level if entry is not None else config.default
+    if level in NEEDS_DNS:
+        return None
+    return plan(address, Discovery(address, ()), config)

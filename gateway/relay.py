@@ -44,6 +44,7 @@ class End(StrEnum):
     IDLE = "timeout_idle"
     TOTAL = "timeout_session"
     ABORTED = "aborted"  # the gateway ended it (drain deadline)
+    DEFERRED = "deferred"  # the gateway answered the MTA with a 4xx (upgrade impossible)
 
 
 class Leg(asyncio.Protocol):
@@ -58,6 +59,7 @@ class Leg(asyncio.Protocol):
         self.eof = False  # this leg's peer closed its sending side
         self.lost = False
         self.held: list[bytes] = []  # read before the pump started (at most one read)
+        self.detached = False  # replaced by a new connection: its end is not the session's
         self._paused_by_partner = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -70,6 +72,8 @@ class Leg(asyncio.Protocol):
         self.pump.leg_made(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.detached:
+            return  # a replaced connection: whatever it still says is not the session's
         self.bytes_in += len(data)
         self.pump.touch()
         partner = self.partner
@@ -80,6 +84,9 @@ class Leg(asyncio.Protocol):
             self.held.append(data)
             assert self.transport is not None
             self.transport.pause_reading()
+            return
+        if self.pump.tap is not None:
+            self.pump.tap(self, data)  # the upgrade phase: the session's machine reads it
             return
         # A lost partner means the pump is finishing: nothing more can be delivered.
         if not partner.lost:
@@ -105,7 +112,8 @@ class Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.pump.leg_lost(self, exc)
+        if not self.detached:
+            self.pump.leg_lost(self, exc)
 
     # -- helpers -----------------------------------------------------------------------
     def buffered(self) -> int:
@@ -132,6 +140,21 @@ class Pump:
         self._idle: asyncio.TimerHandle | None = None
         self._total: asyncio.TimerHandle | None = None
         self._want_start = False
+        # While set, bytes read go to this callback instead of across (the upgrade phase).
+        self.tap: Callable[[Leg, bytes], None] | None = None
+
+    def replace_upstream(self) -> Leg:
+        """A new upstream leg (opportunistic fallback to a new connection); the old one is
+        detached, so its closing does not end the session."""
+        old = self.upstream
+        old.detached = True
+        if old.transport is not None and not old.transport.is_closing():
+            old.transport.abort()
+        new = Leg(self, "upstream")
+        new.partner = self.client
+        self.client.partner = new
+        self.upstream = new
+        return new
 
     def leg_made(self, leg: Leg) -> None:
         if self.done.done():
@@ -159,8 +182,12 @@ class Pump:
             return
         for leg in (self.client, self.upstream):
             if leg.held and leg.partner is not None and leg.partner.transport is not None:
-                leg.partner.transport.write(b"".join(leg.held))
+                data = b"".join(leg.held)
                 leg.held.clear()
+                if self.tap is not None:
+                    self.tap(leg, data)
+                else:
+                    leg.partner.transport.write(data)
         now = self._loop.time()
         self._last = now
         self._idle = self._loop.call_at(now + self.idle_timeout, self._check_idle)
@@ -168,6 +195,7 @@ class Pump:
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.transport.is_closing():
                 leg.transport.resume_reading()
+        for leg in (self.client, self.upstream):
             if leg.eof:  # EOF that came before the pump started
                 self.leg_eof(leg)
 
@@ -188,6 +216,11 @@ class Pump:
     def leg_eof(self, leg: Leg) -> None:
         if not self.started:
             return  # start() replays it
+        if self.tap is not None:
+            # Either side leaving during the upgrade ends the session: what the peer said
+            # last was already passed on by the machine.
+            self.finish(End.DONE)
+            return
         partner = leg.partner
         assert partner is not None
         if partner.transport is not None and not partner.transport.is_closing():

@@ -19,6 +19,7 @@ from .dns import Resolver
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import SO_MARK, is_local_address, listening_socket
+from .outbound import client_context
 from .session import Session
 from .tasks import TaskGroup
 
@@ -30,6 +31,7 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.resolver = Resolver(config.dns, metrics)
+        self.tls_client = client_context()  # built once, not per session
         self.sessions: set[Session] = set()
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).
@@ -130,9 +132,8 @@ class Gateway:
             event(log, "reload rejected", logging.ERROR, error=str(exc))
             return False
         if new.dns != self.config.dns:
-            old = self.resolver
+            # The old resolver is left to finish the queries running sessions wait on.
             self.resolver = Resolver(new.dns, self.metrics)
-            self.tasks.spawn(old.close(), name="close old resolver")
         self.config = new  # sessions already running keep the config they started with
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import admission
@@ -24,8 +25,10 @@ from .netfilter import (
     socket_mark,
     upstream_socket,
 )
-from .policy import Plan, plan
+from .outbound import OutboundUpgrade
+from .policy import Action, Plan, plan, static_plan
 from .relay import End, Leg, Pump, reset
+from .smtp import Result, reason_label
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -48,6 +51,7 @@ class Session:
         self._own_addr: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self.plan: Plan | None = None
+        self.upgrade: OutboundUpgrade | None = None
         self._discovery: asyncio.Task[None] | None = None
 
     # -- accept ------------------------------------------------------------------------
@@ -93,9 +97,11 @@ class Session:
         gw.sessions.add(self)
         gw.metrics.active.labels(self.direction).inc()
         if self.direction is Direction.OUTBOUND:
-            # Runs beside the connect and the peer's banner: no latency added.
-            self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
-                                             name=f"discover {self.destination}")
+            self.plan = static_plan(self.destination.host, self.config.policy)
+            if self.plan is None:
+                # Runs beside the connect and the peer's banner: no latency added.
+                self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
+                                                 name=f"discover {self.destination}")
         self._task = gw.tasks.spawn(self._run(),
                                     name=f"session {self.client}->{self.destination}")
 
@@ -125,6 +131,10 @@ class Session:
         self.pump.done.add_done_callback(self._pump_done)
         try:
             if await self._connect():
+                passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
+                if self.direction is Direction.OUTBOUND and not passthrough:
+                    self.upgrade = OutboundUpgrade(self)
+                    self.upgrade.start()
                 self.pump.start()
                 end = (await self.pump.done).value
             else:
@@ -143,37 +153,57 @@ class Session:
             self._summary(end)
 
     async def _connect(self) -> bool:
-        loop = asyncio.get_running_loop()
-        cfg = self.config
         failure = ""
         for target in self._targets():
-            source = cfg.upstream.source_ipv6 if target.host.version == 6 \
-                else cfg.upstream.source_ipv4
-            try:
-                sock = upstream_socket(target, cfg.upstream.mark, source)
-            except OSError as exc:
-                failure = admission.classify_connect_error(exc)
-                self._connect_failed(target, failure, exc)
-                continue
-            try:
-                async with asyncio.timeout(cfg.timeouts.connect):
-                    await connect(sock, target, self._register_own)
-                await loop.create_connection(lambda: self.pump.upstream, sock=sock)
-            except BaseException as exc:
-                sock.close()
-                self._unregister_own()
-                if not isinstance(exc, OSError | TimeoutError):
-                    raise
-                failure = admission.classify_connect_error(exc)
-                self._connect_failed(target, failure, exc)
-                continue
-            self.upstream = target
-            self.reason = ""  # an earlier target's failure is not this session's outcome
-            return True
+            failure = await self._connect_one(target, self.pump.upstream)
+            if not failure:
+                self.upstream = target
+                self.reason = ""  # an earlier target's failure is not this session's outcome
+                return True
         self.reason = self.reason or failure
         return False
 
+    async def connect_leg(self, leg: Leg) -> bool:
+        """A new connection to the same upstream (the opportunistic fallback)."""
+        assert self.upstream is not None
+        return not await self._connect_one(self.upstream, leg)
+
+    async def _connect_one(self, target: Endpoint, leg: Leg) -> str:
+        """Connects ``leg`` to ``target``; returns "" or the failure's metric label."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        source = cfg.upstream.source_ipv6 if target.host.version == 6 \
+            else cfg.upstream.source_ipv4
+        try:
+            sock = upstream_socket(target, cfg.upstream.mark, source)
+        except OSError as exc:
+            failure = admission.classify_connect_error(exc)
+            self._connect_failed(target, failure, exc)
+            return failure
+        try:
+            async with asyncio.timeout(cfg.timeouts.connect):
+                await connect(sock, target, self._register_own)
+            await loop.create_connection(lambda: leg, sock=sock)
+        except BaseException as exc:
+            sock.close()
+            self._unregister_own()
+            if not isinstance(exc, OSError | TimeoutError):
+                raise
+            failure = admission.classify_connect_error(exc)
+            self._connect_failed(target, failure, exc)
+            return failure
+        return ""
+
+    def when_planned(self, callback: Callable[[Plan | None], None]) -> None:
+        """Calls back with the plan once discovery is done (None if it broke)."""
+        task = self._discovery
+        if task is None or task.done():
+            asyncio.get_running_loop().call_soon(callback, self.plan)
+            return
+        task.add_done_callback(lambda _: callback(self.plan))
+
     def _register_own(self, addr: tuple[str, int]) -> None:
+        self._unregister_own()  # a fallback connection replaces the first
         self._own_addr = addr
         self.gw.own_upstreams.add(addr)
 
@@ -234,9 +264,17 @@ class Session:
             "duration": round(duration, 3),
         }
         if self.plan is not None:
-            # Not acted on yet (the STARTTLS upgrade is): what the gateway would do.
             fields["plan"] = self.plan.action.value
             fields["auth"] = self.plan.auth.value
+        if self.upgrade is not None:
+            machine = self.upgrade.machine
+            if machine.result is not Result.PENDING:
+                fields["tls"] = machine.result.value
+                label = reason_label(machine.result, machine.reason)
+                m.tls.labels(machine.result.value, label).inc()
+                if label != "none" and machine.reason:
+                    fields["tls_reason"] = machine.reason
+            fields.update(self.upgrade.tls)
         if self.reason:
             fields["reason"] = self.reason
         event(session_log, "session", logging.INFO, **fields)

@@ -446,3 +446,19 @@ class Upgrade:
         self.result, self.reason = Result.DEFERRED, why
         self.held.clear()  # never sent: nothing of the mail crosses (A3)
         return [Defer(defer_reply(code, why), why)]
+
+
+def reason_label(result: Result, reason: str) -> str:
+    """A closed vocabulary for metrics from the free-text reason (logs keep the text)."""
+    if result in (Result.DANE, Result.FINGERPRINT, Result.TLS, Result.END_TO_END):
+        return "none"
+    text = reason.lower()
+    for needle, label in (("injected", "injection"), ("does not offer", "not_offered"),
+                          ("answered starttls", "starttls_refused"), ("dropped", "capabilities"),
+                          ("handshake", "handshake"), ("match", "verify"), ("name", "verify"),
+                          ("chain", "verify"), ("expired", "verify"), ("dns", "dns"),
+                          ("policy", "policy"), ("protocol", "protocol"),
+                          ("fallback", "fallback")):
+        if needle in text:
+            return label
+    return "other"

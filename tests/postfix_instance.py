@@ -592,3 +592,25 @@ def smtp_source(
         args += ["-M", helo]
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return ns.run([*args, *extra_args, target], check=check, timeout=timeout)
+
+
+def tls_receiver_settings(
+    listen: str,
+    chain_file: str | Path,
+    domain: str = "example.net",
+    myhostname: str = "mx.example.net",
+) -> dict[str, str]:
+    """receiver_settings() plus opportunistic STARTTLS with the key and chain in
+    ``chain_file`` (key first, then leaf and issuers: tests.certs.write_chain_file()).
+    TLS connections are logged (loglevel 1) and noted in the Received: header, so a
+    delivered message shows whether and how it came in over TLS."""
+    settings = receiver_settings(listen, domain=domain, myhostname=myhostname)
+    settings.update(
+        {
+            "smtpd_tls_security_level": "may",
+            "smtpd_tls_chain_files": str(chain_file),
+            "smtpd_tls_loglevel": "1",
+            "smtpd_tls_received_header": "yes",
+        }
+    )
+    return settings

@@ -302,7 +302,7 @@ def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
 
         peers = [Peer(lab, a, banner_after_a_moment) for a in ("203.0.113.2", "203.0.113.3")]
         try:
-            with GatewayProcess(lab.gw, tmp_path, config()) as gw:
+            with GatewayProcess(lab.gw, tmp_path, config(policy="dane")) as gw:
                 for dst in ("203.0.113.2", "203.0.113.3", "203.0.113.2"):
                     with lab.mta.connect(dst, 25) as c:
                         c.settimeout(5)

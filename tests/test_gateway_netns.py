@@ -36,8 +36,10 @@ if (_why := netlab.netns_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 
-def config(extra: str = "", limits: str = "", timeouts: str = "", upstream: str = "",
-           listeners: str = "") -> str:
+def config(extra: str = "", *, limits: str = "", timeouts: str = "", upstream: str = "",
+           listeners: str = "", policy: str = "none") -> str:
+    """A test config.  ``policy: none`` (the default here) makes outbound sessions pure
+    relays, as these tests of the relay need; the upgrade has its own tests."""
     listeners = listeners or """
   - {address: 0.0.0.0, port: 10025}
   - {address: "::", port: 10025}"""
@@ -49,6 +51,7 @@ timeouts: {{connect: 2, idle: 30, session: 120, drain: 5{timeouts}}}
 metrics: {{listen: 127.0.0.1:9125}}
 log: {{format: json, level: debug}}
 dns: {{timeout: 0.3, budget: 1}}  # no resolver in these labs: give up fast
+policy: {{default: {policy}}}
 {extra}"""
 
 

@@ -166,12 +166,12 @@ def test_entries_by_network_and_name() -> None:
     pin = bytes(32)
     cfg = PolicyConfig(entries=(
         entry("198.51.100.0/24", Level.NONE),
-        entry(".b.test", Level.MAY),
+        entry(".b.test", Level.NONE),
         entry("203.0.113.0/24", Level.FINGERPRINT, fingerprints=(pin,)),
     ))
-    # The name entry (may) applies to a securely named host ...
+    # The name entry (none) applies to a securely named host ...
     p = plan(D, secure, cfg)
-    assert (p.action, p.entry and p.entry.match) == (Action.TRY_TLS, ".b.test")
+    assert (p.action, p.entry and p.entry.match) == (Action.PASSTHROUGH, ".b.test")
     # ... but a weakening entry is not matched through a forgeable name: the next entry wins.
     p = plan(D, insecure_name, cfg)
     assert (p.action, p.auth, p.fingerprints) == (Action.REQUIRE_TLS, Auth.FINGERPRINT, (pin,))
@@ -218,3 +218,18 @@ def test_budget_spent_defers_only_after_a_secure_step(
     assert found.doubt == doubt
     assert found.steps[-1].rcode == "TIMEOUT" and found.steps[-1].name == stall[0]
     assert plan(D, found, PolicyConfig()).action is action
+
+
+@pytest.mark.parametrize(("default", "name_level", "applies"), [
+    (Level.DANE, Level.MAY, True),  # no stricter than dane for an insecure name
+    (Level.DANE, Level.NONE, False),
+    (Level.DANE_ONLY, Level.ENCRYPT, False),  # would turn defer into unauthenticated TLS
+    (Level.ENCRYPT, Level.DANE, False),  # would turn required TLS into opportunistic
+    (Level.MAY, Level.DANE_ONLY, True),
+])
+def test_an_insecure_name_cannot_weaken_the_default(default: Level, name_level: Level,
+                                                    applies: bool) -> None:
+    cfg = PolicyConfig(default=default, entries=(entry("mx.b.test", name_level),))
+    p = plan(D, world(ptr(N), fwd(N)), cfg)
+    assert (p.entry is not None) is applies
+    assert p.level is (name_level if applies else default)

@@ -1,0 +1,176 @@
+"""The outbound upgrade, carried out: drives ``gateway.smtp.Upgrade`` with the session's two
+legs, performs the TLS handshake and verification it asks for, and hands over to the byte
+pump.  Every decision is the machine's; this module only does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING
+
+from . import dane
+from .config import Level
+from .policy import Action, Auth, Plan
+from .relay import End, Leg
+from .smtp import (
+    Command,
+    Defer,
+    NeedPlan,
+    Reconnect,
+    Relay,
+    Result,
+    SendClient,
+    SendPeer,
+    StartTls,
+    Upgrade,
+)
+
+if TYPE_CHECKING:
+    from .session import Session
+
+# When discovery itself broke (a bug, not DNS trouble): no evidence either way, and A3 says
+# doubt is a 4xx, never plaintext.
+BROKEN_DISCOVERY = Plan(Action.DEFER, Auth.NONE, Level.DANE, "internal error in discovery")
+
+
+def client_context() -> ssl.SSLContext:
+    """Built once per config: TLS 1.2+, no CA verification (DANE or pins do it, or nothing
+    for opportunistic TLS, RFC 7435)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The peer's certificates as sent, leaf first.
+
+    DANE-EE needs only the leaf, which every Python gives.  DANE-TA needs the rest of the
+    chain: public in Python 3.13 (``get_unverified_chain``); on 3.11 and 3.12 the same
+    OpenSSL call exists only on the C-level object.  Without it, DANE-TA cannot match
+    anything above the leaf (verification fails closed).
+    """
+    leaf = ssl_object.getpeercert(binary_form=True)
+    if not leaf:
+        return []
+    get_chain = getattr(ssl_object, "get_unverified_chain", None)
+    if get_chain is None:
+        get_chain = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if get_chain is None:
+        return [leaf]
+    try:
+        chain = [c if isinstance(c, bytes) else c.public_bytes(_DER)
+                 for c in get_chain() or []]
+    except (ssl.SSLError, ValueError, AttributeError):
+        return [leaf]
+    return chain if chain and chain[0] == leaf else [leaf, *chain]
+
+
+_DER = getattr(ssl, "ENCODING_DER", 2)  # _ssl.ENCODING_DER; public in 3.13 only
+
+
+class OutboundUpgrade:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.pump = session.pump
+        self.machine = Upgrade()
+        self.tls: dict[str, str] = {}  # facts for the session line
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> None:
+        """Before the pump starts: bytes go to the machine until it says Relay."""
+        self.pump.tap = self._tap
+
+    def _tap(self, leg: Leg, data: bytes) -> None:
+        if leg is self.pump.client:
+            self._apply(self.machine.client_data(data))
+        else:
+            self._apply(self.machine.peer_data(data))
+
+    def _apply(self, commands: list[Command]) -> None:
+        for cmd in commands:
+            if self.pump.done.done():
+                return
+            if isinstance(cmd, SendPeer):
+                self._write(self.pump.upstream, cmd.data)
+            elif isinstance(cmd, SendClient):
+                self._write(self.pump.client, cmd.data)
+            elif isinstance(cmd, NeedPlan):
+                self.session.when_planned(self._planned)
+            elif isinstance(cmd, StartTls):
+                # Stop reading plaintext now: nothing after the 220 may be acted on (A4).
+                t = self.pump.upstream.transport
+                assert t is not None
+                t.pause_reading()
+                self.session.gw.tasks.spawn(self._handshake(), name="starttls")
+            elif isinstance(cmd, Reconnect):
+                self.session.gw.tasks.spawn(self._reconnect(), name="tls fallback")
+            elif isinstance(cmd, Relay):
+                self.pump.tap = None
+                self._write(self.pump.upstream, cmd.to_peer)
+                self._write(self.pump.client, cmd.to_client)
+            elif isinstance(cmd, Defer):
+                self._write(self.pump.client, cmd.reply)
+                self._write(self.pump.upstream, b"QUIT\r\n")
+                self.pump.finish(End.DEFERRED)
+
+    @staticmethod
+    def _write(leg: Leg, data: bytes) -> None:
+        if data and leg.transport is not None and not leg.transport.is_closing():
+            leg.transport.write(data)
+
+    def _planned(self, plan: Plan | None) -> None:
+        if self.pump.done.done():
+            return
+        self._apply(self.machine.plan_ready(plan or BROKEN_DISCOVERY))
+
+    async def _handshake(self) -> None:
+        plan = self.machine.plan
+        assert plan is not None
+        leg = self.pump.upstream
+        assert leg.transport is not None
+        cfg = self.session.config
+        try:
+            transport = await self._loop.start_tls(
+                leg.transport, leg, self.session.gw.tls_client, server_side=False,
+                server_hostname=plan.sni, ssl_handshake_timeout=cfg.timeouts.connect)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            why = f"handshake: {type(exc).__name__}: {exc}"[:200]
+            self.tls["verify"] = "handshake failed"
+            self._apply(self.machine.tls_done(False, Result.DEFERRED, why, "4.7.0"))
+            return
+        if self.pump.done.done() or transport is None:
+            if transport is not None:
+                transport.abort()
+            return
+        leg.transport = transport
+        transport.set_write_buffer_limits(high=self.pump.high_water,
+                                          low=self.pump.high_water // 4)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.tls.update(tls_version=str(transport.get_extra_info("ssl_object").version()),
+                        cipher=str((transport.get_extra_info("cipher") or ("-",))[0]),
+                        peer_name=plan.sni or "-")
+        ok, result, reason = self._verify(plan, presented_chain(ssl_object))
+        self.tls["verify"] = reason
+        self._apply(self.machine.tls_done(ok, result, reason))
+
+    @staticmethod
+    def _verify(plan: Plan, chain: list[bytes]) -> tuple[bool, Result, str]:
+        if plan.auth is Auth.DANE:
+            names = [plan.sni] if plan.sni else []
+            v = dane.verify(chain, plan.tlsa, names)
+            return v.ok, Result.DANE if v.ok else Result.DEFERRED, v.reason
+        if plan.auth is Auth.FINGERPRINT:
+            v = dane.fingerprint_matches(chain, plan.fingerprints)
+            return v.ok, Result.FINGERPRINT if v.ok else Result.DEFERRED, v.reason
+        return True, Result.TLS, "unauthenticated"
+
+    async def _reconnect(self) -> None:
+        new = self.pump.replace_upstream()
+        # Before any byte of the new connection can arrive: its banner is the next reply.
+        self._apply(self.machine.reconnected())
+        if not await self.session.connect_leg(new):
+            self._apply([Defer(b"421 4.4.1 smtpgate: fallback connection failed\r\n",
+                               "fallback connection failed")])

@@ -1,0 +1,192 @@
+"""The outbound upgrade end to end: a legacy Postfix (no TLS at all) sends through the
+gateway to real Postfix smtpd peers, with DNSSEC from NSD + Unbound deciding the plan.
+
+    mta: Postfix, smtp_tls_security_level=none; transport by recipient
+    gw:  smtpgate (REDIRECT), Unbound on 127.0.0.1
+    peer: Postfix smtpd with TLS on .2 (TLSA matches), .3 (no TLSA), .4 (TLSA wrong);
+          Postfix smtpd without TLS on .5 (TLSA published: it asked for DANE)
+
+A capture on gw's peer-side interface is the witness that no message crossed in clear.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.dane import tlsa_record
+from tests import certs, dnslab, netlab, postfix_instance
+from tests.capture import Capture
+from tests.dnslab import DnsWorld
+from tests.gatewayproc import GatewayProcess
+from tests.netlab import Lab
+from tests.postfix_instance import (
+    PostfixInstance,
+    null_client_settings,
+    receiver_settings,
+    tls_receiver_settings,
+)
+from tests.test_gateway_netns import config
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
+        or postfix_instance.postfix_usable()) is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+ROUTES = {
+    "dane": "smtp:[203.0.113.2]:25",
+    "nodane": "smtp:[203.0.113.3]:25",
+    "wrong": "smtp:[203.0.113.4]:25",
+    "notls": "smtp:[203.0.113.5]:25",
+    "helo": "heloonly:[203.0.113.2]:25",
+}
+
+
+@dataclass
+class World:
+    lab: Lab
+    gw: GatewayProcess
+    mta: PostfixInstance
+    tls_peer: PostfixInstance
+    plain_peer: PostfixInstance
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    work = tmp_path_factory.mktemp("upgrade")
+    leaf = certs.make_leaf(None, ["mx.b.test"])
+    chain = certs.write_chain_file(work / "peer-chain.pem", leaf)
+    good = tlsa_record(leaf.der).to_zone("").split("TLSA ", 1)[1]
+    wrong = "3 1 1 " + "5a" * 32
+    with Lab() as lab, DnsWorld.on_lab(lab, work / "dns") as dns:
+        for address in ("203.0.113.4/24", "203.0.113.5/24"):
+            lab.peer.ip("addr", "add", address, "dev", netlab.HOST_IF)
+        dns.zone("test.", [
+            "mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
+            "mx.nodane A 203.0.113.3",
+            "mx.wrong A 203.0.113.4", f"_25._tcp.mx.wrong TLSA {wrong}",
+            "mx.notls A 203.0.113.5", f"_25._tcp.mx.notls TLSA {good}",
+        ])
+        dns.zone("113.0.203.in-addr.arpa.", ["2 PTR mx.b.test.", "3 PTR mx.nodane.test.",
+                                             "4 PTR mx.wrong.test.", "5 PTR mx.notls.test."])
+        dns.start()
+        lab.redirect_port25(10025)
+        transport = ", ".join(f"{k}@example.net={v}" for k, v in ROUTES.items())
+        sender = null_client_settings("[203.0.113.99]:25")
+        sender["transport_maps"] = f"inline:{{ {transport} }}"
+        with PostfixInstance(lab.peer, work, tls_receiver_settings(
+                    "203.0.113.2, 203.0.113.3, 203.0.113.4", chain), name="tlspeer") as tls_peer, \
+                PostfixInstance(lab.peer, work, receiver_settings("203.0.113.5"),
+                                name="plainpeer") as plain_peer, \
+                GatewayProcess(lab.gw, work, config(policy="dane")) as gw, \
+                PostfixInstance(lab.mta, work, sender, name="mta", master_cf_overrides=[
+                    "heloonly/unix = heloonly unix - - n - - smtp "
+                    "-o smtp_never_send_ehlo=yes"]) as mta:
+            yield World(lab, gw, mta, tls_peer, plain_peer, work)
+
+
+def send(w: World, user: str) -> bytes:
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    body = b"Subject: upgrade test\r\n\r\n" + marker + b"\r\n"
+    w.mta.sendmail("alice@example.com", f"{user}@example.net", body)
+    return marker
+
+
+def delivered(peer: PostfixInstance, marker: bytes, timeout: float = 20) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in peer.maildir_messages():
+            data = path.read_bytes()
+            if marker in data:
+                return data
+        time.sleep(0.1)
+    raise TimeoutError(f"{marker!r} not delivered:\n{peer.log_tail()}")
+
+
+def session_for(w: World, destination: str, n: int = 1) -> dict[str, object]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = [s for s in w.gw.sessions() if s["destination"] == destination
+                 and s.get("tls")]
+        if len(found) >= n:
+            return found[n - 1]
+        time.sleep(0.1)
+    raise TimeoutError(f"no session to {destination}:\n{w.gw.log_text()[-3000:]}")
+
+
+def test_dane_verified_delivery_never_in_clear(world: World) -> None:
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "dane.pcap") as cap:
+        marker = send(world, "dane")
+        message = delivered(world.tls_peer, marker)
+        s = session_for(world, "203.0.113.2:25")
+    assert cap.packets() > 10 and not cap.contains(marker)
+    assert (s["plan"], s["auth"], s["tls"], s["verify"]) == (
+        "require-tls", "dane", "dane", "dane-ee match")
+    assert s["tls_version"] in ("TLSv1.2", "TLSv1.3") and s["peer_name"] == "mx.b.test"
+    assert s["outcome"] == "relayed"
+    # The peer's own record: the hop arrived over TLS, from the gateway.
+    assert b"(using TLSv1." in message
+    assert world.gw.metric("smtpgate_upgrades_total", result="dane", reason="none") >= 1
+
+
+def test_opportunistic_tls_without_tlsa(world: World) -> None:
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "may.pcap") as cap:
+        marker = send(world, "nodane")
+        delivered(world.tls_peer, marker)
+        s = session_for(world, "203.0.113.3:25")
+    assert not cap.contains(marker)
+    assert (s["plan"], s["auth"], s["tls"], s["verify"]) == (
+        "try-tls", "none", "tls", "unauthenticated")
+
+
+def deferred_with(w: World, user: str, pattern: str) -> None:
+    w.mta.wait_log(rf"to=<{user}@example\.net>.*status=deferred \(host "
+                   rf"203\.0\.113\.\d\[203\.0\.113\.\d\] said: {pattern}", timeout=20)
+
+
+def test_wrong_key_defers_and_nothing_crosses(world: World) -> None:
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "wrong.pcap") as cap:
+        marker = send(world, "wrong")
+        deferred_with(world, "wrong", r"421 4\.7\.5 smtpgate: TLS to peer failed: no matching "
+                                      r"record")
+    assert cap.packets() > 0 and not cap.contains(marker)
+    assert any(e["recipients"][0]["address"] == "wrong@example.net" for e in world.mta.queue())
+    s = session_for(world, "203.0.113.4:25")
+    assert (s["outcome"], s["tls"], s["verify"]) == ("deferred", "deferred",
+                                                     "no matching record")
+    assert world.gw.metric("smtpgate_upgrades_total", result="deferred", reason="verify") >= 1
+
+
+def test_peer_without_starttls_but_with_tlsa_defers(world: World) -> None:
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "notls.pcap") as cap:
+        marker = send(world, "notls")
+        deferred_with(world, "notls", r"421 4\.7\.4 smtpgate: TLS required but peer does not "
+                                      r"offer STARTTLS")
+    assert not cap.contains(marker)
+    assert not any(marker in p.read_bytes() for p in world.plain_peer.maildir_messages())
+    s = session_for(world, "203.0.113.5:25")
+    assert (s["outcome"], s["tls"]) == ("deferred", "deferred")
+    assert world.gw.metric("smtpgate_upgrades_total", result="deferred",
+                           reason="not_offered") >= 1
+
+
+def test_helo_only_client_is_upgraded_too(world: World) -> None:
+    """qmail's client, or Postfix with smtp_never_send_ehlo: the gateway learns the
+    peer's capabilities itself and upgrades all the same."""
+    before = len([s for s in world.gw.sessions() if s["destination"] == "203.0.113.2:25"
+                  and s.get("tls")])
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "helo.pcap") as cap:
+        marker = send(world, "helo")
+        message = delivered(world.tls_peer, marker)
+        s = session_for(world, "203.0.113.2:25", before + 1)
+    assert not cap.contains(marker)
+    assert (s["tls"], s["verify"]) == ("dane", "dane-ee match")
+    received = message.split(b"\n\n", 1)[0].replace(b"\n\t", b" ").decode()
+    assert "(using TLSv1." in received and "from mta.example.com" in received
