@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from . import dane
@@ -34,10 +35,51 @@ if TYPE_CHECKING:
 BROKEN_DISCOVERY = Plan(Action.DEFER, Auth.NONE, Level.DANE, "internal error in discovery")
 
 
-def client_context() -> ssl.SSLContext:
+class ResumingContext(ssl.SSLContext):
+    """An SSLContext that offers a saved session to the next ``wrap_bio``.
+
+    ``loop.start_tls`` (asyncio's and uvloop's) takes no session argument, but it calls
+    ``wrap_bio`` synchronously before its first suspension, so the session to offer is
+    set right before the call and taken here.
+    """
+
+    pending: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        session, self.pending = session or self.pending, None
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+
+
+class SessionCache:
+    """TLS sessions toward peers, keyed by what they were verified against: a session is
+    resumed only while the destination, SNI and the TLSA set (or pins) are unchanged, so a
+    key rollover in DNS forces a full handshake and a fresh verification."""
+
+    def __init__(self, size: int = 10000) -> None:
+        self.size = size
+        self._sessions: OrderedDict[tuple[object, ...], ssl.SSLSession] = OrderedDict()
+
+    @staticmethod
+    def key(destination: str, plan: Plan) -> tuple[object, ...]:
+        return (destination, plan.sni, plan.auth.value,
+                tuple(sorted(str(r) for r in plan.tlsa)), tuple(sorted(plan.fingerprints)))
+
+    def get(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
+        return self._sessions.get(key)
+
+    def put(self, key: tuple[object, ...], session: ssl.SSLSession) -> None:
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.size:
+            self._sessions.popitem(last=False)
+
+
+def client_context() -> ResumingContext:
     """Built once per config: TLS 1.2+, no CA verification (DANE or pins do it, or nothing
     for opportunistic TLS, RFC 7435)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -77,6 +119,8 @@ class OutboundUpgrade:
         self.pump = session.pump
         self.machine = Upgrade()
         self.tls: dict[str, str] = {}  # facts for the session line
+        self._ssl_object: ssl.SSLObject | None = None
+        self._cache_key: tuple[object, ...] = ()
         self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
@@ -132,10 +176,17 @@ class OutboundUpgrade:
         leg = self.pump.upstream
         assert leg.transport is not None
         cfg = self.session.config
+        gw = self.session.gw
+        self._cache_key = SessionCache.key(str(self.session.upstream), plan)
+        # A failed handshake closes the connection under us: that is the machine's event
+        # (tls_done), not the end of the session, so the leg is detached until it succeeds.
+        leg.detached = True
         try:
+            gw.tls_client.pending = gw.tls_sessions.get(self._cache_key)
             transport = await self._loop.start_tls(
-                leg.transport, leg, self.session.gw.tls_client, server_side=False,
+                leg.transport, leg, gw.tls_client, server_side=False,
                 server_hostname=plan.sni, ssl_handshake_timeout=cfg.timeouts.connect)
+            leg.detached = False
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
@@ -149,12 +200,34 @@ class OutboundUpgrade:
         transport.set_write_buffer_limits(high=self.pump.high_water,
                                           low=self.pump.high_water // 4)
         ssl_object = transport.get_extra_info("ssl_object")
-        self.tls.update(tls_version=str(transport.get_extra_info("ssl_object").version()),
+        self._ssl_object = ssl_object
+        resumed = bool(ssl_object.session_reused)
+        self.tls.update(tls_version=str(ssl_object.version()),
                         cipher=str((transport.get_extra_info("cipher") or ("-",))[0]),
-                        peer_name=plan.sni or "-")
-        ok, result, reason = self._verify(plan, presented_chain(ssl_object))
+                        peer_name=plan.sni or "-", tls_resumed="yes" if resumed else "no")
+        if resumed:
+            # Only sessions verified against this very TLSA set (or pins) are offered.
+            ok, result, reason = True, self._authenticated(plan), "resumed verified session"
+        else:
+            ok, result, reason = self._verify(plan, presented_chain(ssl_object))
         self.tls["verify"] = reason
         self._apply(self.machine.tls_done(ok, result, reason))
+
+    def remember(self) -> None:
+        """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3
+        tickets arrive after the handshake, so not earlier)."""
+        ssl_object = self._ssl_object
+        if ssl_object is None or self.machine.result not in (Result.DANE, Result.FINGERPRINT,
+                                                             Result.TLS):
+            return
+        session = ssl_object.session
+        if session is not None and (session.has_ticket or session.id):
+            self.session.gw.tls_sessions.put(self._cache_key, session)
+
+    @staticmethod
+    def _authenticated(plan: Plan) -> Result:
+        return {Auth.DANE: Result.DANE, Auth.FINGERPRINT: Result.FINGERPRINT}.get(
+            plan.auth, Result.TLS)
 
     @staticmethod
     def _verify(plan: Plan, chain: list[bytes]) -> tuple[bool, Result, str]:

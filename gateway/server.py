@@ -19,7 +19,7 @@ from .dns import Resolver
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import SO_MARK, is_local_address, listening_socket
-from .outbound import client_context
+from .outbound import SessionCache, client_context
 from .session import Session
 from .tasks import TaskGroup
 
@@ -32,6 +32,7 @@ class Gateway:
         self.metrics = metrics
         self.resolver = Resolver(config.dns, metrics)
         self.tls_client = client_context()  # built once, not per session
+        self.tls_sessions = SessionCache()
         self.sessions: set[Session] = set()
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).

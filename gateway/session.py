@@ -267,6 +267,7 @@ class Session:
             fields["plan"] = self.plan.action.value
             fields["auth"] = self.plan.auth.value
         if self.upgrade is not None:
+            self.upgrade.remember()
             machine = self.upgrade.machine
             if machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value

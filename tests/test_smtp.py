@@ -267,3 +267,20 @@ def test_capability_parsing_and_comparison() -> None:
     assert lost_capabilities({"SIZE": ""}, {"SIZE": "1000"}) == ["SIZE"]  # limit appeared
     assert lost_capabilities({"SIZE": "1000"}, {"SIZE": "2000"}) == []
     assert lost_capabilities({"AUTH": "X"}, {}) == []  # AUTH is not the MTA's business here
+
+
+def test_tls_sessions_are_keyed_by_what_they_were_verified_against() -> None:
+    from gateway.dane import TLSARecord
+    from gateway.outbound import SessionCache
+
+    a = Plan(Action.REQUIRE_TLS, Auth.DANE, Level.DANE, "x", sni="mx.b.test",
+             tlsa=(TLSARecord(3, 1, 1, b"\1" * 32),))
+    rolled = Plan(Action.REQUIRE_TLS, Auth.DANE, Level.DANE, "x", sni="mx.b.test",
+                  tlsa=(TLSARecord(3, 1, 1, b"\2" * 32),))
+    assert SessionCache.key("203.0.113.2:25", a) == SessionCache.key("203.0.113.2:25", a)
+    assert SessionCache.key("203.0.113.2:25", a) != SessionCache.key("203.0.113.2:25", rolled)
+    assert SessionCache.key("203.0.113.2:25", a) != SessionCache.key("203.0.113.3:25", a)
+    cache = SessionCache(size=2)
+    for i in range(3):
+        cache.put(("k", i), object())  # type: ignore[arg-type]
+    assert cache.get(("k", 0)) is None and cache.get(("k", 2)) is not None

@@ -45,6 +45,7 @@ ROUTES = {
     "wrong": "smtp:[203.0.113.4]:25",
     "notls": "smtp:[203.0.113.5]:25",
     "helo": "heloonly:[203.0.113.2]:25",
+    "old": "smtp:[203.0.113.6]:25",
 }
 
 
@@ -55,6 +56,7 @@ class World:
     mta: PostfixInstance
     tls_peer: PostfixInstance
     plain_peer: PostfixInstance
+    old_peer: PostfixInstance
     workdir: Path
 
 
@@ -66,16 +68,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     good = tlsa_record(leaf.der).to_zone("").split("TLSA ", 1)[1]
     wrong = "3 1 1 " + "5a" * 32
     with Lab() as lab, DnsWorld.on_lab(lab, work / "dns") as dns:
-        for address in ("203.0.113.4/24", "203.0.113.5/24"):
+        for address in ("203.0.113.4/24", "203.0.113.5/24", "203.0.113.6/24"):
             lab.peer.ip("addr", "add", address, "dev", netlab.HOST_IF)
         dns.zone("test.", [
             "mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
             "mx.nodane A 203.0.113.3",
             "mx.wrong A 203.0.113.4", f"_25._tcp.mx.wrong TLSA {wrong}",
             "mx.notls A 203.0.113.5", f"_25._tcp.mx.notls TLSA {good}",
+            "mx.old A 203.0.113.6",
         ])
         dns.zone("113.0.203.in-addr.arpa.", ["2 PTR mx.b.test.", "3 PTR mx.nodane.test.",
-                                             "4 PTR mx.wrong.test.", "5 PTR mx.notls.test."])
+                                             "4 PTR mx.wrong.test.", "5 PTR mx.notls.test.",
+                                             "6 PTR mx.old.test."])
         dns.start()
         lab.redirect_port25(10025)
         transport = ", ".join(f"{k}@example.net={v}" for k, v in ROUTES.items())
@@ -85,11 +89,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "203.0.113.2, 203.0.113.3, 203.0.113.4", chain), name="tlspeer") as tls_peer, \
                 PostfixInstance(lab.peer, work, receiver_settings("203.0.113.5"),
                                 name="plainpeer") as plain_peer, \
+                PostfixInstance(lab.peer, work, {
+                    **tls_receiver_settings("203.0.113.6", chain),
+                    # Offers STARTTLS but speaks only TLS 1.0/1.1, which the gateway
+                    # refuses: every handshake fails, as with a broken peer.
+                    "smtpd_tls_protocols": ">=TLSv1 <=TLSv1.1"}, name="oldpeer") as old_peer, \
                 GatewayProcess(lab.gw, work, config(policy="dane")) as gw, \
                 PostfixInstance(lab.mta, work, sender, name="mta", master_cf_overrides=[
                     "heloonly/unix = heloonly unix - - n - - smtp "
                     "-o smtp_never_send_ehlo=yes"]) as mta:
-            yield World(lab, gw, mta, tls_peer, plain_peer, work)
+            yield World(lab, gw, mta, tls_peer, plain_peer, old_peer, work)
 
 
 def send(w: World, user: str) -> bytes:
@@ -187,6 +196,31 @@ def test_helo_only_client_is_upgraded_too(world: World) -> None:
         message = delivered(world.tls_peer, marker)
         s = session_for(world, "203.0.113.2:25", before + 1)
     assert not cap.contains(marker)
-    assert (s["tls"], s["verify"]) == ("dane", "dane-ee match")
+    assert s["tls"] == "dane"
+    assert s["verify"] in ("dane-ee match", "resumed verified session")
     received = message.split(b"\n\n", 1)[0].replace(b"\n\t", b" ").decode()
     assert "(using TLSv1." in received and "from mta.example.com" in received
+
+
+def test_tls_session_is_resumed_while_the_tlsa_set_is_unchanged(world: World) -> None:
+    """The peer gives session tickets; the second connection to the same peer under the
+    same TLSA set resumes (no full handshake, no second verification)."""
+    seen = len([s for s in world.gw.sessions() if s["destination"] == "203.0.113.2:25"
+                and s.get("tls")])
+    for i in range(2):
+        delivered(world.tls_peer, send(world, "dane"))
+        s = session_for(world, "203.0.113.2:25", seen + i + 1)
+        assert s["tls"] == "dane"
+    assert s["tls_resumed"] == "yes" and s["verify"] == "resumed verified session"
+
+
+def test_opportunistic_handshake_failure_falls_back_to_plaintext(world: World) -> None:
+    """As Postfix's `may` level does: a peer whose TLS cannot be negotiated still gets the
+    mail, in plaintext, over a new connection (no TLSA: the peer asked for nothing)."""
+    marker = send(world, "old")
+    delivered(world.old_peer, marker)
+    s = session_for(world, "203.0.113.6:25")
+    assert (s["plan"], s["tls"], s["outcome"]) == ("try-tls", "plaintext", "relayed")
+    assert str(s["tls_reason"]).startswith("TLS failed: handshake: ")
+    assert world.gw.metric("smtpgate_upgrades_total", result="plaintext",
+                           reason="handshake") >= 1
