@@ -650,3 +650,55 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
     assert [s["destination"] for s in sessions] == [
         f"{MTA_V4}:25", "198.51.100.77:25", f"[{MTA_V6}]:25"]
     assert {s["direction"] for s in sessions} == {"inbound"}
+
+
+def fake_starttls_peer(after_220: bytes, delay: float, seen: list[bytes]) -> Callable[
+        [socket.socket], None]:
+    """A peer that offers STARTTLS and, after its 220, injects ``after_220`` (at once or
+    ``delay`` later): the classic STARTTLS command injection (CVE-2011-0411 family)."""
+    def handle(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        conn.sendall(b"220 fake ESMTP\r\n")
+        reader = conn.makefile("rb")
+        while line := reader.readline():
+            seen.append(line)
+            verb = line.split()[0].upper() if line.strip() else b""
+            if verb == b"EHLO":
+                conn.sendall(b"250-fake\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            elif verb == b"STARTTLS":
+                conn.sendall(b"220 2.0.0 go ahead\r\n" + (b"" if delay else after_220))
+                if delay:
+                    time.sleep(delay)
+                    conn.sendall(after_220)
+            elif verb == b"QUIT":
+                return
+    return handle
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2], ids=["same-segment", "later"])
+def test_injection_after_starttls_reply_is_never_acted_on(
+        lab: Lab, gateway: Callable[..., GatewayProcess], delay: float) -> None:
+    gw = gateway(config(policy="encrypt"))
+    seen: list[bytes] = []
+    peer = Peer(lab, PEER_V4, fake_starttls_peer(b"250-INJECTED\r\n250 OK\r\n", delay, seen))
+    try:
+        with lab.mta.connect(PEER_V4, 25) as c:
+            c.settimeout(10)
+            f = c.makefile("rb")
+            assert f.readline() == b"220 fake ESMTP\r\n"
+            c.sendall(b"EHLO mta.a.test\r\n")
+            assert f.readline() == b"250-fake\r\n"
+            f.readline()
+            f.readline()
+            c.sendall(b"MAIL FROM:<a@a.test>\r\nRCPT TO:<b@b.test>\r\nDATA\r\n")
+            reply = f.readline()
+        peer.join()
+    finally:
+        peer.close()
+    assert reply.startswith(b"421 4.7.0 smtpgate: ")
+    # The held envelope never reached the peer, in plaintext or otherwise.
+    assert not any(line.startswith((b"MAIL", b"RCPT", b"DATA")) for line in seen), seen
+    [s] = gw.wait_sessions(1)
+    assert (s["outcome"], s["tls"]) == ("deferred", "deferred")
+    if not delay:
+        assert s["tls_reason"] == "data injected after STARTTLS reply"
