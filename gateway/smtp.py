@@ -233,11 +233,15 @@ class Upgrade:
 
     # -- events -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> list[Command]:
-        if self.state in (S.GREETING,):
+        if self.state in (S.BANNER, S.GREETING, S.GREET_REPLY):
+            # Commands are read one at a time, after the reply they follow (a client that
+            # speaks early is answered in order, as a server would).
             self._client += data
-            return self._client_commands()
-        # Anything else the MTA sends before the handoff waits (bounded).
-        self.held += data
+            if self.state is S.GREETING:
+                return self._client_commands()
+        else:
+            # Anything else the MTA sends before the handoff waits (bounded).
+            self.held += data
         if len(self.held) + len(self._client) > MAX_HELD:
             return self._defer("4.3.0", "too much held before the TLS upgrade")
         return []

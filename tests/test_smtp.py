@@ -284,3 +284,11 @@ def test_tls_sessions_are_keyed_by_what_they_were_verified_against() -> None:
     for i in range(3):
         cache.put(("k", i), object())  # type: ignore[arg-type]
     assert cache.get(("k", 0)) is None and cache.get(("k", 2)) is not None
+
+
+def test_a_client_that_speaks_before_the_banner_is_answered_in_order() -> None:
+    _, out = same_at_all_sizes([("client", EHLO), ("peer", BANNER), ("peer", CAPS),
+                                ("client", ENVELOPE), ("plan", TRY),
+                                ("peer", b"454 4.7.0 not now\r\n")])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS), NeedPlan(),
+                   SendPeer(b"STARTTLS\r\n"), Relay(ENVELOPE, b"")]
