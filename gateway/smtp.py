@@ -466,3 +466,166 @@ def reason_label(result: Result, reason: str) -> str:
         if needle in text:
             return label
     return "other"
+
+
+# -- inbound: STARTTLS offload for a legacy receiving MTA -------------------------------------
+
+STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
+
+
+def take_line(buffer: bytearray) -> bytes | None:
+    """The next complete line (with its ending) from ``buffer``, or None; bounded."""
+    end = buffer.find(b"\n")
+    if end < 0:
+        if len(buffer) > MAX_LINE:
+            raise ProtocolError("command line too long")
+        return None
+    line = bytes(buffer[:end + 1])
+    del buffer[:end + 1]
+    return line
+
+
+def verb(line: bytes) -> bytes:
+    return line.split(None, 1)[0].upper() if line.strip() else b""
+
+
+def edit_ehlo(reply: Reply, starttls: bool) -> bytes:
+    """The MTA's EHLO reply with STARTTLS offered (before TLS) or withdrawn (after it)."""
+    lines = [line for line in reply.lines if line.strip().upper() != b"STARTTLS"]
+    if starttls:
+        lines.append(b"STARTTLS")
+    code = str(reply.code).encode()
+    return b"".join(code + (b" " if i == len(lines) - 1 else b"-") + line + b"\r\n"
+                    for i, line in enumerate(lines))
+
+
+@dataclass(frozen=True, slots=True)
+class StartTlsServer:
+    """Reply already queued (220); handshake as the server with the site's key, then feed
+    ``tls_done``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Tell the client ``reply``, close both; nothing more reaches the MTA."""
+
+    reply: bytes
+    reason: str
+
+
+InboundCommand = SendPeer | SendClient | StartTlsServer | Relay | Reject
+
+
+class IS(Enum):
+    BANNER = "banner"
+    COMMAND = "command"  # waiting for the client's next command
+    EHLO_REPLY = "ehlo_reply"
+    HANDSHAKE = "handshake"
+    DONE = "done"
+
+
+@dataclass
+class Offload:
+    """Inbound machine: relays banner and EHLO, offers STARTTLS, answers it itself, and hands
+    over to the pump after the client's EHLO over TLS (or as soon as it goes on without TLS).
+
+    A4: bytes the client pipelines after its STARTTLS line, before the handshake, are an
+    injection attempt (CVE-2011-0411): the session is rejected, they never reach the MTA.
+    """
+
+    state: IS = IS.BANNER
+    tls: bool = False
+    result: Result = Result.PENDING
+    reason: str = ""
+    _client: bytearray = field(default_factory=bytearray)
+    _mta: ReplyReader = field(default_factory=ReplyReader)
+    _greet: bytes = b""
+
+    def mta_data(self, data: bytes) -> list[InboundCommand]:
+        self._mta.feed(data)
+        out: list[InboundCommand] = []
+        try:
+            while self._at(IS.BANNER, IS.EHLO_REPLY) and (r := self._mta.next()):
+                out += self._on_reply(r)
+        except ProtocolError as exc:
+            return [*out, *self._reject(f"MTA protocol error: {exc}", b"421 4.3.0")]
+        return out
+
+    def client_data(self, data: bytes) -> list[InboundCommand]:
+        if self.state is IS.HANDSHAKE:
+            return self._reject("data injected after STARTTLS", b"421 4.7.0")
+        self._client += data
+        if len(self._client) > MAX_HELD:
+            return self._reject("too much before the MTA answered", b"421 4.3.0")
+        return self._commands() if self.state is IS.COMMAND else []
+
+    def tls_done(self, ok: bool, reason: str) -> list[InboundCommand]:
+        assert self.state is IS.HANDSHAKE, self.state
+        if not ok:
+            self.state, self.result, self.reason = IS.DONE, Result.DEFERRED, reason
+            return [Reject(b"", reason)]  # nothing can be said: the TLS layer is broken
+        self.tls, self.result, self.reason = True, Result.TLS, reason
+        self.state = IS.COMMAND
+        return self._commands()
+
+    def _at(self, *states: IS) -> bool:
+        return self.state in states
+
+    def _commands(self) -> list[InboundCommand]:
+        out: list[InboundCommand] = []
+        try:
+            while self.state is IS.COMMAND and (line := take_line(self._client)) is not None:
+                v = verb(line)
+                if v in (b"EHLO", b"HELO"):
+                    self.state, self._greet = IS.EHLO_REPLY, v
+                    out.append(SendPeer(line))
+                    continue
+                if v == b"STARTTLS" and not self.tls:
+                    if self._client:
+                        return out + self._reject("data pipelined after STARTTLS",
+                                                  b"421 4.7.0")
+                    self.state = IS.HANDSHAKE
+                    return [*out, SendClient(STARTTLS_READY), StartTlsServer()]
+                # Anything else: the client goes on (in plaintext, or over TLS without a new
+                # EHLO): from here the bytes are the MTA's business.
+                self._client[:0] = line
+                if not self.tls:
+                    self.result, self.reason = Result.PLAINTEXT, "client did not use STARTTLS"
+                return out + self._relay()
+        except ProtocolError as exc:
+            return out + self._reject(str(exc), b"500 5.5.2")
+        return out
+
+    def _on_reply(self, r: Reply) -> list[InboundCommand]:
+        if self.state is IS.BANNER:
+            self.state = IS.COMMAND
+            if r.code != 220:
+                return [SendClient(r.raw), *self._relay()]
+            return [SendClient(r.raw), *self._commands()]
+        # the reply to EHLO or HELO
+        if r.code != 250 or self._greet == b"HELO":
+            # Refused, or HELO (no extensions to offer STARTTLS in): passed on as it is.
+            if r.code == 250 and self.tls:
+                return [SendClient(r.raw), *self._relay()]
+            self.state = IS.COMMAND
+            return [SendClient(r.raw), *self._commands()]
+        edited = edit_ehlo(r, starttls=not self.tls)
+        if self.tls:
+            return [SendClient(edited), *self._relay()]
+        self.state = IS.COMMAND
+        return [SendClient(edited), *self._commands()]
+
+    def _relay(self) -> list[InboundCommand]:
+        self.state = IS.DONE
+        if self.result is Result.PENDING:
+            self.result, self.reason = Result.PLAINTEXT, "client did not use STARTTLS"
+        rest = bytes(self._client)
+        self._client.clear()
+        leftover = bytes(self._mta.buffer)
+        self._mta.buffer.clear()
+        return [Relay(rest, leftover)]
+
+    def _reject(self, why: str, code: bytes) -> list[InboundCommand]:
+        self.state, self.result, self.reason = IS.DONE, Result.DEFERRED, why
+        self._client.clear()  # never reaches the MTA (A4)
+        return [Reject(code + b" smtpgate: " + why.encode() + b"\r\n", why)]

@@ -1,0 +1,113 @@
+"""Transcripts of the inbound machine (STARTTLS offload), at read sizes 4096/128/16/1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.smtp import (
+    STARTTLS_READY,
+    InboundCommand,
+    Offload,
+    Reject,
+    Relay,
+    Result,
+    SendClient,
+    SendPeer,
+    StartTlsServer,
+)
+
+SIZES = (4096, 128, 16, 1)
+BANNER = b"220 mx.b.test ESMTP legacy\r\n"
+EHLO = b"EHLO client.example\r\n"
+MTA_CAPS = b"250-mx.b.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n"
+OFFERED = (b"250-mx.b.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
+           b"250 STARTTLS\r\n")
+
+
+def play(script: list[tuple[Any, ...]], size: int) -> tuple[Offload, list[InboundCommand]]:
+    """After a Relay the shell copies bytes itself: they are collected into a final Relay
+    so that transcripts compare the same at every read size."""
+    m = Offload()
+    out: list[InboundCommand] = []
+    relayed = {"mta": b"", "client": b""}
+    for event, *args in script:
+        if event in ("mta", "client"):
+            data: bytes = args[0]
+            feed = m.mta_data if event == "mta" else m.client_data
+            for i in range(0, len(data), size):
+                if any(isinstance(c, Relay | Reject) for c in out):
+                    relayed[event] += data[i:i + size]
+                else:
+                    out += feed(data[i:i + size])
+        elif event == "tls":
+            out += m.tls_done(*args)
+    if out and isinstance(out[-1], Relay):
+        last = out.pop()
+        out.append(Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"]))
+    return m, out
+
+
+def same(script: list[tuple[Any, ...]]) -> tuple[Offload, list[InboundCommand]]:
+    runs = [play(script, n) for n in SIZES]
+    for n, (_, out) in zip(SIZES, runs, strict=True):
+        assert out == runs[0][1], f"read size {n}"
+    return runs[0]
+
+
+def test_starttls_is_offered_answered_and_handed_over_after_ehlo_over_tls() -> None:
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"STARTTLS\r\n"), ("tls", True, "TLSv1.3"),
+                   ("client", EHLO), ("mta", MTA_CAPS)])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(OFFERED),
+                   SendClient(STARTTLS_READY), StartTlsServer(), SendPeer(EHLO),
+                   SendClient(MTA_CAPS), Relay(b"", b"")]
+    assert (m.tls, m.result) == (True, Result.TLS)
+
+
+def test_mta_offering_starttls_itself_is_not_offered_twice_nor_after_tls() -> None:
+    own = b"250-mx\r\n250-STARTTLS\r\n250 PIPELINING\r\n"
+    _, out = same([("mta", BANNER), ("client", EHLO), ("mta", own),
+                   ("client", b"STARTTLS\r\n"), ("tls", True, "ok"), ("client", EHLO),
+                   ("mta", own)])
+    assert out[2] == SendClient(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+    assert out[-2] == SendClient(b"250-mx\r\n250 PIPELINING\r\n")
+
+
+@pytest.mark.parametrize("after", [b"RSET\r\nMAIL FROM:<x@y>\r\n", b"\r\n", b"R"])
+def test_bytes_after_starttls_are_rejected_never_forwarded(after: bytes) -> None:
+    """STARTTLS\\r\\nRSET\\r\\nMAIL FROM:<x@y>\\r\\n in one segment, split, byte by byte."""
+    for size in SIZES:
+        m, out = play([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                       ("client", b"STARTTLS\r\n" + after)], size)
+        assert isinstance(out[-1], Reject), size
+        assert out[-1].reply.startswith(b"421 4.7.0 smtpgate: data ")
+        forwarded = b"".join(c.data for c in out if isinstance(c, SendPeer))
+        assert forwarded == EHLO, size  # nothing after STARTTLS reached the MTA
+        assert m.result is Result.DEFERRED
+
+
+def test_client_without_starttls_goes_on_in_plaintext() -> None:
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")])
+    assert out[-1] == Relay(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", b"")
+    assert m.result is Result.PLAINTEXT
+
+
+def test_helo_is_passed_as_it_is() -> None:
+    _, out = same([("mta", BANNER), ("client", b"HELO c\r\n"), ("mta", b"250 mx\r\n"),
+                   ("client", b"MAIL FROM:<a@b>\r\n")])
+    assert out == [SendClient(BANNER), SendPeer(b"HELO c\r\n"), SendClient(b"250 mx\r\n"),
+                   Relay(b"MAIL FROM:<a@b>\r\n", b"")]
+
+
+def test_mta_refusing_at_the_banner() -> None:
+    _, out = same([("mta", b"554 no\r\n")])
+    assert out == [SendClient(b"554 no\r\n"), Relay(b"", b"")]
+
+
+def test_failed_handshake_closes_without_a_word() -> None:
+    _, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"STARTTLS\r\n"), ("tls", False, "handshake failed")])
+    assert out[-1] == Reject(b"", "handshake failed")
