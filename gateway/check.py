@@ -1,24 +1,77 @@
 """``smtpgate check IP|HOST``: the discovery chain, the matching policy and the plan, as the
-gateway would decide them now (a dry run: nothing is sent to the peer's SMTP server)."""
+gateway would decide them now; then, unless ``--no-connect``, a dry run of the session's
+upgrade against each address on port 25, step by step as ``posttls-finger`` prints it.
+
+The dry run is the gateway's own upgrade machine (:class:`gateway.smtp.Upgrade`) driven by a
+scripted MTA that says EHLO and then goes on without TLS: every decision (STARTTLS or not,
+defer or fall back to plaintext, a fresh plaintext connection after a failed handshake) is
+the one a real session would make.  Nothing of a mail is sent: where the gateway would
+release the MTA's held commands, the check says QUIT.  Blocking sockets in a worker thread;
+connecting, each reply and the handshake each get at most ``timeout`` seconds.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+import ssl
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
-from .config import Config, IPAddress
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from . import dane
+from .config import Config, Endpoint, IPAddress
 from .discovery import discover
 from .dns import Answer, Resolver
-from .policy import plan
+from .netfilter import upstream_socket
+from .outbound import client_context, presented_chain
+from .policy import Action, Auth, Plan, plan
+from .smtp import (
+    Command,
+    Defer,
+    NeedPlan,
+    ProtocolError,
+    Reconnect,
+    Relay,
+    Reply,
+    ReplyReader,
+    Result,
+    S,
+    SendClient,
+    SendPeer,
+    StartTls,
+    Upgrade,
+    capabilities,
+)
+
+SMTP_PORT = 25
+DEFAULT_TIMEOUT = 10.0
+# The MTA's command after its EHLO, held by the machine and never sent (QUIT goes instead):
+# any command but STARTTLS and QUIT makes the gateway decide about TLS.
+_GO_ON = b"NOOP\r\n"
+_SAN_SHOWN = 4
 
 
 def _line(answer: Answer, note: str = "") -> str:
     return f"  {answer.rdtype:<5} {answer.describe()}{'  ' + note if note else ''}"
 
 
-async def check(config: Config, target: str, out: Callable[[str], None]) -> int:
-    """Prints the report; returns 0, or 1 when the target could not be resolved at all."""
+async def check(config: Config, target: str, out: Callable[[str], None], *,
+                connect: bool = True, helo: str | None = None,
+                step_timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Prints the report; returns 1 when the target could not be resolved at all or when the
+    gateway would defer a session to one of its addresses (without ``connect``: when the
+    plan alone defers), else 0 -- also when the peer itself fails (unreachable, silent):
+    the MTA meets that failure with or without the gateway.  ``step_timeout`` bounds
+    the connect, each reply and the TLS handshake of the dry run."""
     resolver = Resolver(config.dns)
+    code = 0
     try:
         addresses: list[IPAddress] = []
         try:
@@ -45,6 +98,314 @@ async def check(config: Config, target: str, out: Callable[[str], None]) -> int:
                 out(f"  doubt: {found.doubt}")
             p = plan(address, found, config.policy)
             out(f"  plan: {p.describe()}")
-        return 0
+            if not connect:
+                if p.action is Action.DEFER:
+                    code = 1  # decided without the peer: no session can go through
+                continue
+            probe = Probe(config, address, p, helo=helo or socket.gethostname(),
+                          timeout=step_timeout, out=out)
+            outcome = await asyncio.to_thread(probe.run)
+            out(f"  result: {outcome.describe()}")
+            if outcome.deferred:
+                code = 1
+        return code
     finally:
         await resolver.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the dry-run session ended.  ``result`` is the machine's; None when the peer
+    failed before the gateway had anything to decide (the MTA would see that failure with
+    or without the gateway)."""
+
+    result: Result | None
+    reason: str
+
+    @property
+    def deferred(self) -> bool:
+        return self.result is Result.DEFERRED
+
+    def describe(self) -> str:
+        if self.result is None:
+            return self.reason
+        if self.result is Result.DEFERRED:
+            return f"would defer: {self.reason}"
+        if self.result in (Result.DANE, Result.FINGERPRINT):
+            return f"{self.result.value} (verified: {self.reason})"
+        return f"{self.result.value} ({self.reason})"
+
+
+class _PeerFailed(Exception):
+    """No reply, a closed connection: the session ends without a decision of ours."""
+
+
+def _printable(text: str | bytes, limit: int = 200) -> str:
+    """Peer-supplied text made safe for a terminal (no escape sequences), and bounded."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + "..."
+
+
+def describe_certificate(der: bytes) -> str:
+    """``CN=…, SAN a, b, issuer CN=…, SPKI SHA-256 <hex>``: what an operator compares with
+    a TLSA ``3 1 1`` record and the host name."""
+    try:
+        spki = dane.tlsa_data(der, dane.Selector.SPKI, dane.Matching.SHA256).hex()
+    except ValueError:
+        return "not a DER certificate"
+    parts: list[str] = []
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        parts.append(_cn("CN=", cert.subject))
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = san.get_values_for_type(x509.DNSName)
+        except x509.ExtensionNotFound:
+            names = []
+        shown = ", ".join(_printable(n, 80) for n in names[:_SAN_SHOWN])
+        more = f" (+{len(names) - _SAN_SHOWN} more)" if len(names) > _SAN_SHOWN else ""
+        parts.append(f"SAN {shown}{more}" if names else "no SAN dNSName")
+        parts.append(_cn("issuer CN=", cert.issuer))
+    except ValueError as exc:  # unparsable extensions surface on access
+        parts.append(f"unparsable: {_printable(str(exc), 80)}")
+    parts.append(f"SPKI SHA-256 {spki}")
+    return ", ".join(p for p in parts if p)
+
+
+def _cn(prefix: str, name: x509.Name) -> str:
+    values = [a.value for a in name.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if not values:
+        return f"{prefix}(none)"
+    value = values[0]
+    return prefix + _printable(value if isinstance(value, str) else value.decode("latin-1"), 80)
+
+
+def verify(p: Plan, chain: list[bytes]) -> tuple[bool, Result, str, str]:
+    """(ok, result, reason, detail): the session's verification of a presented chain."""
+    if p.auth is Auth.DANE:
+        v = dane.verify(chain, p.tlsa, [p.sni] if p.sni else [])
+        if v.ok:
+            return True, Result.DANE, v.reason, f"TLSA {v.record} at depth {v.depth}"
+        return False, Result.DEFERRED, v.reason, _verdict_detail(v, f"{len(p.tlsa)} usable TLSA")
+    if p.auth is Auth.FINGERPRINT:
+        v = dane.fingerprint_matches(chain, p.fingerprints)
+        if v.ok:
+            return True, Result.FINGERPRINT, v.reason, f"pinned {v.detail}"
+        return (False, Result.DEFERRED, v.reason,
+                _verdict_detail(v, f"{len(p.fingerprints)} pinned"))
+    return True, Result.TLS, "unauthenticated", "the plan asks for no authentication"
+
+
+def _verdict_detail(v: dane.Verdict, against: str) -> str:
+    return f"against {against}" + (f": {_printable(v.detail)}" if v.detail else "")
+
+
+class Probe:
+    """One dry-run session to ``address``:25, printed step by step through ``out``."""
+
+    def __init__(self, config: Config, address: IPAddress, p: Plan, *, helo: str,
+                 timeout: float, out: Callable[[str], None]) -> None:
+        self.config = config
+        self.endpoint = Endpoint(address, SMTP_PORT)
+        self.plan = p
+        self.timeout = timeout
+        self.out = out
+        self.machine = Upgrade()
+        self.context = client_context()
+        self.sock: socket.socket | None = None  # plaintext, or the TLS socket after STARTTLS
+        self.encrypted = False
+        self.reader = ReplyReader()  # our own view of the replies, for printing
+        self.asked: deque[str] = deque()  # what each awaited reply answers, in order
+        self.deadline = 0.0
+        self.script = deque([f"EHLO {helo}\r\n".encode("ascii", "replace"), _GO_ON])
+        self._reader_broken = False
+
+    def run(self) -> Outcome:
+        try:
+            self._connect("banner")
+        except OSError as exc:
+            return Outcome(None, f"unreachable: connect to {self.endpoint}: {_error(exc)}")
+        try:
+            return self._session()
+        except _PeerFailed as exc:
+            return Outcome(None, f"peer failed: {exc}")
+        finally:
+            self._close()
+
+    # -- the session ----------------------------------------------------------------------
+    def _session(self) -> Outcome:
+        queue: deque[Command] = deque()
+        while True:
+            while queue:
+                cmd = queue.popleft()
+                if isinstance(cmd, SendPeer):
+                    self._send(cmd.data)
+                elif isinstance(cmd, SendClient):
+                    pass  # the peer's replies are printed as they are read
+                elif isinstance(cmd, NeedPlan):
+                    queue.extend(self.machine.plan_ready(self.plan))
+                elif isinstance(cmd, StartTls):
+                    queue.extend(self._starttls())
+                elif isinstance(cmd, Reconnect):
+                    self.out(f"  fallback: {_printable(cmd.reason)}; a new plaintext "
+                             "connection, as the gateway would open")
+                    self._close()
+                    try:
+                        self._connect("banner (fallback connection)")
+                    except OSError as exc:
+                        self.out(f"  fallback connection failed: {_error(exc)}")
+                        self.out("  the MTA would get: 421 4.4.1 smtpgate: fallback "
+                                 "connection failed")
+                        return Outcome(Result.DEFERRED, "fallback connection failed")
+                    queue.extend(self.machine.reconnected())
+                elif isinstance(cmd, Relay):
+                    self._quit()
+                    return Outcome(self.machine.result, self.machine.reason)
+                elif isinstance(cmd, Defer):
+                    self.out(f"  the MTA would get: {_printable(cmd.reply.strip())}")
+                    self._quit()
+                    return Outcome(Result.DEFERRED, cmd.reason)
+            if self.machine.state is S.GREETING and self.script:
+                queue.extend(self.machine.client_data(self.script.popleft()))
+            else:
+                queue.extend(self.machine.peer_data(self._recv()))
+
+    def _starttls(self) -> list[Command]:
+        assert self.sock is not None
+        sni = self.plan.sni
+        sock, self.sock = self.sock, None
+        sock.settimeout(self.timeout)  # the whole handshake: CPython keeps one deadline
+        try:
+            tls = self.context.wrap_socket(sock, server_hostname=sni)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            why = f"handshake: {type(exc).__name__}: {exc}"[:200]
+            self.out(f"  TLS handshake failed: {_printable(why)}")
+            return self.machine.tls_done(False, Result.DEFERRED, why, "4.7.0")
+        self.sock, self.encrypted = tls, True
+        cipher = (tls.cipher() or ("-",))[0]
+        self.out(f"  TLS: {tls.version()}, {cipher}, SNI {sni or '(none)'}")
+        # presented_chain() asks for getpeercert() and, on 3.11/3.12, the C object's
+        # get_unverified_chain() behind ``_sslobj``: an SSLSocket has both, as an SSLObject.
+        chain = presented_chain(cast(ssl.SSLObject, tls))
+        if not chain:
+            self.out("  no certificate presented")
+        for depth, der in enumerate(chain):
+            self.out(f"  certificate {depth}: {describe_certificate(der)}")
+        ok, result, reason, detail = verify(self.plan, chain)
+        self.out(f"  verify: {reason} ({detail})" if ok
+                 else f"  verify: FAILED: {reason} ({detail})")
+        return self.machine.tls_done(ok, result, reason)
+
+    # -- I/O --------------------------------------------------------------------------------
+    def _connect(self, first: str) -> None:
+        cfg = self.config.upstream
+        source = cfg.source_ipv6 if self.endpoint.host.version == 6 else cfg.source_ipv4
+        mark = cfg.mark
+        try:
+            sock = upstream_socket(self.endpoint, mark, source)
+        except PermissionError:  # SO_MARK needs CAP_NET_ADMIN
+            sock, mark = upstream_socket(self.endpoint, 0, source), 0
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect((str(self.endpoint.host), self.endpoint.port))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.encrypted = sock, False
+        self.deadline = time.monotonic() + self.timeout
+        self.reader, self.asked, self._reader_broken = ReplyReader(), deque([first]), False
+        local = sock.getsockname()[0]
+        if mark:
+            how = f"mark {mark:#x}"
+        elif cfg.mark:
+            how = f"without the gateway's mark {cfg.mark:#x}: setting it needs CAP_NET_ADMIN"
+        else:
+            how = "unmarked"
+        self.out(f"  connect {self.endpoint}: connected from {local} ({how})")
+
+    def _send(self, data: bytes) -> None:
+        assert self.sock is not None
+        label = _printable(data.strip())
+        self.asked.append(label + (" (over TLS)" if self.encrypted else ""))
+        self.sock.settimeout(self.timeout)
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _PeerFailed(f"sending {label}: {_error(exc)}") from None
+        self.deadline = time.monotonic() + self.timeout
+
+    def _recv(self) -> bytes:
+        assert self.sock is not None
+        waiting = self.asked[0] if self.asked else "more"
+        waiting = f"the {waiting}" if waiting.startswith("banner") else f"the reply to {waiting}"
+        late = f"no complete {waiting.removeprefix('the ')} within {self.timeout:g}s"
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _PeerFailed(late)
+        self.sock.settimeout(left)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            raise _PeerFailed(late) from None
+        except OSError as exc:
+            raise _PeerFailed(f"waiting for {waiting}: {_error(exc)}") from None
+        if not data:
+            raise _PeerFailed(f"connection closed while waiting for {waiting}")
+        self._show(data)
+        return data
+
+    def _show(self, data: bytes) -> None:
+        if self._reader_broken:
+            return
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.next()) is not None:
+                self._print_reply(self.asked.popleft() if self.asked else "unsolicited",
+                                  reply)
+        except ProtocolError as exc:
+            self._reader_broken = True
+            self.out(f"  malformed reply: {exc}")
+
+    def _print_reply(self, label: str, r: Reply) -> None:
+        first = f"{r.code} {_printable(r.lines[0] if r.lines else b'')}".rstrip()
+        if label.startswith("banner"):
+            self.out(f"  {label}: {first}")
+            return
+        if label.startswith(("EHLO", "HELO")) and r.code == 250 and len(r.lines) > 1:
+            caps = capabilities(r)
+            if not self.encrypted:
+                first += "; STARTTLS " + ("offered" if "STARTTLS" in caps else "NOT offered")
+            self.out(f"  {label}: {first}")
+            self.out("    extensions: " + _printable(", ".join(
+                f"{k} {v}".strip() for k, v in caps.items()), 400))
+            return
+        if len(r.lines) > 1:
+            first += f" (+{len(r.lines) - 1} lines)"
+        self.out(f"  {label}: {first}")
+
+    def _quit(self) -> None:
+        """QUIT, and its reply when it comes in time; nothing here changes the outcome."""
+        if self.sock is None:
+            return
+        try:
+            self._send(b"QUIT\r\n")
+            # After a malformed reply no reply can be told apart: say QUIT and go.
+            while not self._reader_broken and any(a.startswith("QUIT") for a in self.asked):
+                self._recv()
+        except _PeerFailed as exc:
+            self.out(f"  QUIT: {exc}")
+
+    def _close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return _printable(text)

@@ -39,7 +39,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(check(config, args.target, print))
+    return asyncio.run(check(config, args.target, _print_now, connect=args.connect,
+                             helo=args.helo, step_timeout=args.timeout))
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # each step as it happens: a slow peer shows where it stalls
+
+
+def _helo_name(text: str) -> str:
+    if (not text or len(text) > 255 or not text.isascii()
+            or any(not c.isprintable() or c.isspace() for c in text)):
+        raise argparse.ArgumentTypeError(f"not a host name or address literal: {text!r}")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"not a number of seconds in (0, 3600]: {text!r}")
+    return value
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
@@ -69,16 +91,33 @@ def parser() -> argparse.ArgumentParser:
                      help="validate the config and exit: 0 when valid, 2 with the error")
     run.set_defaults(func=_cmd_run)
 
-    chk = sub.add_parser("check", help="show discovery and the plan for a destination",
+    chk = sub.add_parser("check", help="show discovery, the plan and a dry-run session",
                          description="Look up a destination as the gateway would (PTR, "
                                      "forward confirmation, TLSA, each with its DNSSEC status "
-                                     "and TTL), match the policy and print the plan. "
-                                     "Nothing is sent to the destination.")
+                                     "and TTL), match the policy and print the plan. Then, "
+                                     "unless --no-connect, connect to each address on port 25 "
+                                     "and do what a session would: banner, EHLO, STARTTLS, "
+                                     "the handshake, the presented chain and its verification "
+                                     "against the plan, then QUIT (no mail is sent). Exit 0 "
+                                     "when the plan allows the result, 1 when the gateway "
+                                     "would defer (or a name has no addresses), 2 for a bad "
+                                     "config.")
     chk.add_argument("target", help="destination IP address or host name")
     chk.add_argument("-c", "--config",
-                     help="config file for dns and policy (default: built-in defaults: "
-                          "resolver 127.0.0.1:53, policy dane)")
+                     help="config file for dns, policy and upstream (default: built-in "
+                          "defaults: resolver 127.0.0.1:53, policy dane)")
+    chk.add_argument("--no-connect", dest="connect", action="store_false",
+                     help="only discovery and the plan: nothing is sent to the destination")
+    chk.add_argument("--helo", type=_helo_name, metavar="NAME",
+                     help="the name to say EHLO with (default: this host's name)")
+    chk.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="limit for the connect, each reply and the TLS handshake "
+                          "(default: 10)")
     chk.set_defaults(func=_cmd_check)
+
+    from .keys import add_commands
+
+    add_commands(sub)  # keygen, tlsa, rollover
 
     ver = sub.add_parser("version", help="print the version",
                          description="Print the version of smtpgate.")

@@ -58,6 +58,21 @@ class Level(StrEnum):
     FINGERPRINT = "fingerprint"  # TLS required, peer key or certificate pinned by SHA-256
 
 
+class StartTls(StrEnum):
+    """Inbound: who gives the client STARTTLS."""
+
+    OFFLOAD = "offload"  # the gateway, with the site's key (the MTA knows no TLS)
+    PASSTHROUGH = "passthrough"  # the MTA itself: bytes pass unchanged
+
+
+class ClientAddress(StrEnum):
+    """Inbound: how the MTA learns the client's real address."""
+
+    NONE = "none"  # it sees the gateway's address
+    TRANSPARENT = "transparent"  # upstream from the client's own address (IP_TRANSPARENT)
+    PROXY_PROTOCOL = "proxy-protocol"  # a PROXY v2 header first (Postfix: haproxy)
+
+
 class LogFormat(StrEnum):
     TEXT = "text"
     JSON = "json"
@@ -83,15 +98,18 @@ class Listener:
     # Inbound only: the MTAs this listener may forward to, tried in order (A6).
     upstreams: tuple[Endpoint, ...] = ()
     name: str = ""
+    starttls: StartTls = StartTls.OFFLOAD  # inbound only
+    client_address: ClientAddress = ClientAddress.NONE  # inbound only
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(self.address, self.port)
 
     @property
-    def key(self) -> tuple[str, int, str, str, tuple[Endpoint, ...]]:
+    def key(self) -> tuple[str, int, str, str, tuple[Endpoint, ...], str, str]:
         """Identity for reload: a listener whose key is unchanged keeps its socket."""
-        return (str(self.address), self.port, self.direction, self.mode, self.upstreams)
+        return (str(self.address), self.port, self.direction, self.mode, self.upstreams,
+                self.starttls, self.client_address)
 
     @property
     def label(self) -> str:
@@ -166,6 +184,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsKeys:
+    """The site's key for inbound STARTTLS, and the next one during a rollover."""
+
+    key: str | None = None
+    cert: str | None = None
+    next_key: str | None = None
+    next_cert: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Logging:
     format: LogFormat = LogFormat.TEXT
     level: str = "INFO"
@@ -181,6 +209,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     dns: DnsConfig = field(default_factory=DnsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    tls: TlsKeys = field(default_factory=TlsKeys)
     source: str = "<config>"
 
 
@@ -320,13 +349,18 @@ def _listener(source: str, path: str, data: object) -> Listener:
     mode = s.choice("mode", InterceptMode, InterceptMode.REDIRECT)
     upstreams = tuple(parse_endpoint(v, source, p) for p, v in s.items("upstreams"))
     name = s.string("name", "")
+    inbound_only = [k for k in ("starttls", "client_address") if s.has(k)]
+    starttls = s.choice("starttls", StartTls, StartTls.OFFLOAD)
+    client_address = s.choice("client_address", ClientAddress, ClientAddress.NONE)
     s.done()
+    if direction is Direction.OUTBOUND and inbound_only:
+        raise s.error(inbound_only[0], "only for inbound listeners")
     if direction is Direction.INBOUND and not upstreams:
         raise s.error("upstreams", "an inbound listener needs at least one MTA (IP:PORT)")
     if direction is Direction.OUTBOUND and upstreams:
         raise s.error("upstreams", "only for inbound listeners: outbound goes to the original "
                                    "destination")
-    return Listener(address, port, direction, mode, upstreams, name)
+    return Listener(address, port, direction, mode, upstreams, name, starttls, client_address)
 
 
 def _hostname(value: str) -> str | None:
@@ -489,6 +523,19 @@ def parse(data: object, source: str = "<config>") -> Config:
 
     dns_config = _dns(top)
     policy = _policy(top)
+    t = top.section("tls")
+    keys = TlsKeys(*(t.string(k, "") or None for k in ("key", "cert", "next_key", "next_cert")))
+    t.done()
+    if bool(keys.key) != bool(keys.cert):
+        raise t.error("cert" if keys.key else "key", "key and cert go together")
+    if bool(keys.next_key) != bool(keys.next_cert):
+        raise t.error("next_cert" if keys.next_key else "next_key",
+                      "next_key and next_cert go together")
+    for i, lst in enumerate(listeners):
+        if (lst.direction is Direction.INBOUND and lst.starttls is StartTls.OFFLOAD
+                and not keys.key):
+            raise ConfigError(source, f"listeners[{i}].starttls",
+                              "offload needs tls.key and tls.cert (see smtpgate keygen)")
     top.done()
     return Config(
         listeners=tuple(listeners),
@@ -499,6 +546,7 @@ def parse(data: object, source: str = "<config>") -> Config:
         logging=logging_,
         dns=dns_config,
         policy=policy,
+        tls=keys,
         source=source,
     )
 

@@ -232,8 +232,7 @@ class OutboundUpgrade:
     @staticmethod
     def _verify(plan: Plan, chain: list[bytes]) -> tuple[bool, Result, str]:
         if plan.auth is Auth.DANE:
-            names = [plan.sni] if plan.sni else []
-            v = dane.verify(chain, plan.tlsa, names)
+            v = dane.verify(chain, plan.tlsa, plan.names)
             return v.ok, Result.DANE if v.ok else Result.DEFERRED, v.reason
         if plan.auth is Auth.FINGERPRINT:
             v = dane.fingerprint_matches(chain, plan.fingerprints)
@@ -245,5 +244,4 @@ class OutboundUpgrade:
         # Before any byte of the new connection can arrive: its banner is the next reply.
         self._apply(self.machine.reconnected())
         if not await self.session.connect_leg(new):
-            self._apply([Defer(b"421 4.4.1 smtpgate: fallback connection failed\r\n",
-                               "fallback connection failed")])
+            self._apply(self.machine.reconnect_failed(self.session.reason or "connect"))

@@ -33,7 +33,7 @@ class Action(StrEnum):
     PASSTHROUGH = "passthrough"  # no TLS by the gateway; bytes unchanged
     TRY_TLS = "try-tls"  # STARTTLS when offered; plaintext otherwise
     REQUIRE_TLS = "require-tls"  # TLS or a 4xx to the MTA
-    DEFER = "defer"  # 4xx to the MTA without contacting the peer's SMTP
+    DEFER = "defer"  # 4xx to the MTA; the peer gets no mail (it may see banner and EHLO)
 
 
 class Auth(StrEnum):
@@ -52,6 +52,9 @@ class Plan:
     sni: str | None = None
     tlsa: tuple[TLSARecord, ...] = ()
     fingerprints: tuple[bytes, ...] = ()
+    # DANE-TA reference identifiers (RFC 7672 3.2.3): the TLSA base domain, and the host
+    # name it was reached from when that went through a CNAME.
+    names: tuple[str, ...] = ()
 
     @property
     def fails_closed(self) -> bool:
@@ -63,7 +66,7 @@ class Plan:
             Action.PASSTHROUGH: "pass through without TLS",
             Action.TRY_TLS: "TLS if offered, else plaintext",
             Action.REQUIRE_TLS: "TLS required",
-            Action.DEFER: "defer with 4xx, peer not contacted",
+            Action.DEFER: "defer with 4xx, no mail sent to the peer",
         }[self.action]
         parts = [what]
         if self.auth is Auth.DANE:
@@ -116,10 +119,13 @@ def plan(address: IPAddress, discovery: Discovery, config: PolicyConfig) -> Plan
     source = f"policy entry {entry.match}" if entry is not None else "default policy"
     usable = discovery.usable
 
+    names = tuple(dict.fromkeys(n for n in (sni, discovery.host and discovery.host.rstrip("."))
+                                if n))
+
     def make(action: Action, auth: Auth, why: str, tlsa: tuple[TLSARecord, ...] = (),
              fingerprints: tuple[bytes, ...] = ()) -> Plan:
         return Plan(action, auth, level, f"{source} {level}: {why}", entry, sni, tlsa,
-                    fingerprints)
+                    fingerprints, names)
 
     if level is Level.NONE:
         return make(Action.PASSTHROUGH, Auth.NONE, "TLS off")

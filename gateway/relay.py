@@ -60,6 +60,7 @@ class Leg(asyncio.Protocol):
         self.lost = False
         self.held: list[bytes] = []  # read before the pump started (at most one read)
         self.detached = False  # replaced by a new connection: its end is not the session's
+        self.closed_by_us = False
         self._paused_by_partner = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -227,6 +228,9 @@ class Pump:
             if partner.transport.can_write_eof():
                 partner.transport.write_eof()
             else:
+                # TLS has no half-close: close (after flushing); its end is then ours, not
+                # the peer's, and no reset.
+                partner.closed_by_us = True
                 partner.transport.close()
         if self.client.eof and self.upstream.eof:
             self.finish(End.DONE)
@@ -234,7 +238,7 @@ class Pump:
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
         # Before finish(), a transport is only lost by the peer's doing: a reset, or a
         # clean close after its EOF.
-        if exc is None and leg.eof:
+        if exc is None and (leg.eof or leg.closed_by_us):
             self.finish(End.DONE)
         else:
             self.finish(End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET)
@@ -255,11 +259,11 @@ class Pump:
             t = leg.transport
             if t is None or t.is_closing():
                 continue
-            if end is End.DONE:
-                t.close()
+            if end in (End.DONE, End.DEFERRED):
+                t.close()  # the 421 of a deferral must reach the MTA: flush, no reset
             else:
                 reset(t)
-        if end is End.DONE:
+        if end in (End.DONE, End.DEFERRED):
             # close() waits for the buffer to drain; a peer that never reads must not keep
             # the socket forever.
             self._loop.call_later(self.idle_timeout, self._abort_lingering)

@@ -16,6 +16,7 @@ from . import config as config_mod
 from . import logs
 from .config import Config, ConfigError, Endpoint, Listener
 from .dns import Resolver
+from .keys import RotatingContext, load_keypair
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import SO_MARK, is_local_address, listening_socket
@@ -23,7 +24,7 @@ from .outbound import SessionCache, client_context
 from .session import Session
 from .tasks import TaskGroup
 
-ListenerKey = tuple[str, int, str, str, tuple[Endpoint, ...]]
+ListenerKey = tuple[object, ...]
 
 
 class Gateway:
@@ -33,6 +34,8 @@ class Gateway:
         self.resolver = Resolver(config.dns, metrics)
         self.tls_client = client_context()  # built once, not per session
         self.tls_sessions = SessionCache()
+        # Inbound STARTTLS with tls.key; rebuilt hourly so session-ticket keys rotate.
+        self.tls_server: RotatingContext | None = None
         self.sessions: set[Session] = set()
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).
@@ -106,6 +109,7 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         check_upstream(self.config)
+        self.tls_server = site_context(self.config)
         await self._apply_listeners(self.config)
         if self.config.metrics.listen is not None:
             self._metrics_server = await serve(self.metrics.registry, self.config.metrics.listen,
@@ -124,6 +128,8 @@ class Gateway:
         try:
             new = config_mod.load(path)
             check_upstream(new)
+            # Keys are read again: a bad key is refused here and the old one keeps serving.
+            tls_server = site_context(new)
             if new.metrics != self.config.metrics:
                 raise ConfigError(str(path), "metrics.listen",
                                   "cannot change on reload; restart the gateway")
@@ -136,6 +142,7 @@ class Gateway:
             # The old resolver is left to finish the queries running sessions wait on.
             self.resolver = Resolver(new.dns, self.metrics)
         self.config = new  # sessions already running keep the config they started with
+        self.tls_server = tls_server
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
         event(log, "reloaded", source=new.source, listeners=len(new.listeners))
@@ -162,6 +169,19 @@ class Gateway:
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))
+
+
+def site_context(config: Config) -> RotatingContext | None:
+    """The inbound TLS server context from tls.key/cert (and the next pair, validated so a
+    rollover cannot fail later); None when no key is configured."""
+    t = config.tls
+    if not (t.key and t.cert):
+        return None
+    pair = load_keypair(t.key, t.cert, config.source, "tls.key", cert_path_name="tls.cert")
+    following = (load_keypair(t.next_key, t.next_cert, config.source, "tls.next_key",
+                              cert_path_name="tls.next_cert")
+                 if t.next_key and t.next_cert else None)
+    return RotatingContext(pair, following)
 
 
 def check_upstream(config: Config) -> None:

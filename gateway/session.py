@@ -13,9 +13,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import admission
-from .config import Config, Direction, Endpoint, FailureSignal, Listener
+from .config import (
+    ClientAddress,
+    Config,
+    Direction,
+    Endpoint,
+    FailureSignal,
+    Listener,
+    StartTls,
+)
 from .discovery import discover
 from .dns import Resolver
+from .inbound import InboundOffload
 from .logs import event, session_log
 from .netfilter import (
     InterceptError,
@@ -27,6 +36,7 @@ from .netfilter import (
 )
 from .outbound import OutboundUpgrade
 from .policy import Action, Plan, plan, static_plan
+from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
 from .smtp import Result, reason_label
 
@@ -51,7 +61,7 @@ class Session:
         self._own_addr: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self.plan: Plan | None = None
-        self.upgrade: OutboundUpgrade | None = None
+        self.upgrade: OutboundUpgrade | InboundOffload | None = None
         self._discovery: asyncio.Task[None] | None = None
 
     # -- accept ------------------------------------------------------------------------
@@ -135,6 +145,11 @@ class Session:
                 if self.direction is Direction.OUTBOUND and not passthrough:
                     self.upgrade = OutboundUpgrade(self)
                     self.upgrade.start()
+                elif (self.direction is Direction.INBOUND
+                      and self.listener.starttls is StartTls.OFFLOAD
+                      and self.gw.tls_server is not None):
+                    self.upgrade = InboundOffload(self, self.gw.tls_server.get())
+                    self.upgrade.start()
                 self.pump.start()
                 end = (await self.pump.done).value
             else:
@@ -174,8 +189,12 @@ class Session:
         cfg = self.config
         source = cfg.upstream.source_ipv6 if target.host.version == 6 \
             else cfg.upstream.source_ipv4
+        transparent = self.listener.client_address is ClientAddress.TRANSPARENT
+        if transparent:
+            assert self.client is not None
+            source = self.client.host  # the MTA sees the client's own address
         try:
-            sock = upstream_socket(target, cfg.upstream.mark, source)
+            sock = upstream_socket(target, cfg.upstream.mark, source, transparent=transparent)
         except OSError as exc:
             failure = admission.classify_connect_error(exc)
             self._connect_failed(target, failure, exc)
@@ -183,6 +202,10 @@ class Session:
         try:
             async with asyncio.timeout(cfg.timeouts.connect):
                 await connect(sock, target, self._register_own)
+            if self.listener.client_address is ClientAddress.PROXY_PROTOCOL:
+                assert self.client is not None and self.destination is not None
+                # First bytes on a fresh socket: a few dozen, the send buffer takes them.
+                sock.send(v2_header(self.client, self.destination))
             await loop.create_connection(lambda: leg, sock=sock)
         except BaseException as exc:
             sock.close()
@@ -267,7 +290,8 @@ class Session:
             fields["plan"] = self.plan.action.value
             fields["auth"] = self.plan.auth.value
         if self.upgrade is not None:
-            self.upgrade.remember()
+            if isinstance(self.upgrade, OutboundUpgrade):
+                self.upgrade.remember()
             machine = self.upgrade.machine
             if machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value

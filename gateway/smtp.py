@@ -253,6 +253,8 @@ class Upgrade:
             return self._defer("4.7.0", "data injected after STARTTLS reply")
         self._peer.feed(data)
         if self.state in (S.DONE, S.PLAN):
+            if len(self._peer.buffer) > MAX_HELD:  # a peer talking while we wait (A5)
+                return self._defer("4.3.0", "peer sent too much unasked")
             return []  # unsolicited: kept in order for the next reply or the handoff
         out: list[Command] = []
         try:
@@ -300,6 +302,10 @@ class Upgrade:
             return self._relay(result, reason)
         self.state = S.REGREET
         return [SendPeer(self.greeting)]
+
+    def reconnect_failed(self, why: str) -> list[Command]:
+        """The fallback connection could not be made."""
+        return self._defer("4.4.1", f"fallback connection failed: {why}")
 
     def reconnected(self) -> list[Command]:
         self._peer = ReplyReader()
@@ -459,10 +465,9 @@ def reason_label(result: Result, reason: str) -> str:
     text = reason.lower()
     for needle, label in (("injected", "injection"), ("does not offer", "not_offered"),
                           ("answered starttls", "starttls_refused"), ("dropped", "capabilities"),
-                          ("handshake", "handshake"), ("match", "verify"), ("name", "verify"),
-                          ("chain", "verify"), ("expired", "verify"), ("dns", "dns"),
-                          ("policy", "policy"), ("protocol", "protocol"),
-                          ("fallback", "fallback")):
+                          ("fallback", "fallback"), ("handshake", "handshake"),
+                          ("tls to peer failed", "verify"), ("dns", "dns"),
+                          ("policy", "policy"), ("protocol", "protocol")):
         if needle in text:
             return label
     return "other"

@@ -24,6 +24,7 @@ class GatewayProcess:
                  host: str = "127.0.0.1", metrics_port: int = 9125) -> None:
         self.ns = ns
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "smtpgate.yaml"
         self.config_path.write_text(config)
         self.log_path = workdir / "smtpgate.log"

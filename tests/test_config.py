@@ -34,6 +34,7 @@ limits: {max_sessions: 10, buffer_bytes: 65536}
 timeouts: {connect: 5, idle: 60, session: 600, drain: 2.5}
 metrics: {listen: "[::1]:9125"}
 log: {format: json, level: debug}
+tls: {key: /etc/smtpgate/key.pem, cert: /etc/smtpgate/cert.pem}
 """
 
 
@@ -125,6 +126,15 @@ BAD = [
     (L + "log: {format: xml}\n", "log.format: must be one of: text, json"),
     (L + "log: {level: loud}\n", "log.level: must be one of: DEBUG, INFO, WARNING, ERROR"),
     (L + "extra: 1\n", "extra: unknown key"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, upstreams: "
+     "['192.0.2.1:25']}]\n",
+     "listeners[0].starttls: offload needs tls.key and tls.cert (see smtpgate keygen)"),
+    ("listeners: [{address: 127.0.0.1, port: 25, client_address: transparent}]\n",
+     "listeners[0].client_address: only for inbound listeners"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, starttls: maybe, "
+     "upstreams: ['192.0.2.1:25']}]\n",
+     "listeners[0].starttls: must be one of: offload, passthrough"),
+    (L + "tls: {key: /k.pem}\n", "tls.cert: key and cert go together"),
     (L + "policy: {default: fingerprint}\n",
      "policy.default: fingerprint needs pins: use it in an entry with fingerprints"),
     (L + "policy: {entries: [{match: 'bad name!', level: none}]}\n",

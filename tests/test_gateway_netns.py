@@ -614,8 +614,10 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
                              "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
                             v6=v6)
         text = config(listeners=f"""
-  - {{address: 0.0.0.0, port: 10026, direction: inbound, upstreams: ["{MTA_V4}:2525"]}}
-  - {{address: "::", port: 10026, direction: inbound, upstreams: ["{MTA_V4}:2525"]}}""")
+  - {{address: 0.0.0.0, port: 10026, direction: inbound, starttls: passthrough,
+      upstreams: ["{MTA_V4}:2525"]}}
+  - {{address: "::", port: 10026, direction: inbound, starttls: passthrough,
+      upstreams: ["{MTA_V4}:2525"]}}""")
         mta = lab.mta.listen(MTA_V4, 2525)
         seen: list[tuple[str, int]] = []
 

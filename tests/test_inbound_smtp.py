@@ -43,9 +43,9 @@ def play(script: list[tuple[Any, ...]], size: int) -> tuple[Offload, list[Inboun
                     out += feed(data[i:i + size])
         elif event == "tls":
             out += m.tls_done(*args)
-    if out and isinstance(out[-1], Relay):
-        last = out.pop()
-        out.append(Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"]))
+    last = out[-1] if out else None
+    if isinstance(last, Relay):
+        out[-1] = Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"])
     return m, out
 
 

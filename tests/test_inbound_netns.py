@@ -1,0 +1,194 @@
+"""Inbound end to end: a DANE-validating Postfix on the internet side sends to a legacy
+Postfix (no TLS) behind the gateway; the gateway offers STARTTLS with the site's key, whose
+TLSA is published in the DNSSEC lab.
+
+    peer (internet): Postfix, smtp_tls_security_level=dane, resolver = Unbound via gw
+    gw:   smtpgate inbound (REDIRECT of port 25 arriving from the internet side)
+    mta:  legacy Postfix on 198.51.100.2:25, no TLS
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.dane import tlsa_record
+from tests import certs, dnslab, netlab, postfix_instance
+from tests.dnslab import DnsWorld
+from tests.gatewayproc import GatewayProcess
+from tests.netlab import GW_PEER_V4, MTA_V4, Lab
+from tests.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
+from tests.test_gateway_netns import config
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
+        or postfix_instance.postfix_usable()) is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Site:
+    lab: Lab
+    dns: DnsWorld
+    key: Path
+    cert: Path
+    record: str  # the TLSA rdata published for mx.b.test
+    work: Path
+
+
+def write_key_pair(work: Path, name: str) -> tuple[Path, Path, str]:
+    leaf = certs.make_leaf(None, ["mx.b.test"])
+    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(leaf.key_pem)
+    cert.write_bytes(leaf.pem)
+    return key, cert, str(tlsa_record(leaf.der)).strip()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    work = tmp_path_factory.mktemp("inbound")
+    key, cert, record = write_key_pair(work, "site")
+    with Lab() as lab, DnsWorld.on_lab(lab, work / "dns", resolver_listen=[GW_PEER_V4]) as dns:
+        dns.zone("test.", ["b MX 10 mx.b", f"mx.b A {MTA_V4}", f"_25._tcp.mx.b TLSA {record}"])
+        dns.start()
+        # The sending Postfix resolves through Unbound on gw (trust-ad: glibc passes AD on).
+        lab.peer.set_resolv_conf(f"nameserver {GW_PEER_V4}\noptions trust-ad\n")
+        for v6 in (False, True):
+            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", netlab.GW_PEER_IF, "-p",
+                             "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
+                            v6=v6)
+        yield Site(lab, dns, key, cert, record, work)
+
+
+def inbound_config(s: Site, client_address: str, key: Path | None = None,
+                   cert: Path | None = None) -> str:
+    return config(
+        listeners=f"""
+  - {{address: 0.0.0.0, port: 10026, direction: inbound, starttls: offload,
+      client_address: {client_address}, upstreams: ["{MTA_V4}:25"]}}""",
+        extra=f"tls: {{key: {key or s.key}, cert: {cert or s.cert}}}\n")
+
+
+def dane_sender(s: Site, name: str) -> PostfixInstance:
+    settings = null_client_settings("", myhostname="sender.example.org")
+    settings.update({
+        "relayhost": "",
+        "smtp_tls_security_level": "dane",
+        "smtp_dns_support_level": "dnssec",
+        "smtp_tls_loglevel": "1",
+        "inet_interfaces": "loopback-only",
+    })
+    return PostfixInstance(s.lab.peer, s.work, settings, name=name)
+
+
+def legacy_mta(s: Site, name: str, proxy: bool) -> PostfixInstance:
+    settings = receiver_settings(MTA_V4, domain="b.test", myhostname="legacy.b.test")
+    if proxy:
+        settings["smtpd_upstream_proxy_protocol"] = "haproxy"
+    return PostfixInstance(s.lab.mta, s.work, settings, name=name)
+
+
+@pytest.mark.parametrize("client_address", ["proxy-protocol", "transparent"])
+def test_dane_sender_verifies_the_gateway_and_the_mta_sees_the_client(
+        site: Site, client_address: str) -> None:
+    if client_address == "transparent":
+        # Replies from the MTA to the client's address must reach the gateway's
+        # transparent socket: the policy routing `smtpgate firewall` will print.
+        site.lab.gw.iptables(["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-m", "socket",
+                              "--transparent", "-j", "MARK", "--set-mark", "0x40000/0x40000"])
+        site.lab.gw.ip("rule", "add", "fwmark", "0x40000/0x40000", "lookup", "100")
+        site.lab.gw.ip("route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    tag = client_address.replace("-", "")
+    with legacy_mta(site, f"legacy{tag}", proxy=client_address == "proxy-protocol") as mta, \
+            GatewayProcess(site.lab.gw, site.work / tag, inbound_config(site, client_address),
+                           metrics_port=9125) as gw, \
+            dane_sender(site, f"sender{tag}") as sender:
+        sender.sendmail("alice@example.org", "bob@b.test",
+                        b"Subject: inbound\r\n\r\n" + marker + b"\r\n")
+        sender.wait_log(r"Verified TLS connection established to mx\.b\.test\[198\.51\.100\.2\]"
+                        r":25: TLSv1\.[23]", timeout=30)
+        sender.wait_log(r"to=<bob@b\.test>.*status=sent", timeout=30)
+        [message] = mta.wait_maildir(1)
+        assert marker in message.read_bytes()
+        # The legacy MTA logged the client's real address, not the gateway's.
+        mta.wait_log(r"connect from \S+\[203\.0\.113\.2\]")
+        assert "203.0.113.1]" not in mta.log_text()
+        [s] = [x for x in gw.wait_sessions(1) if x["direction"] == "inbound"]
+        assert (s["tls"], s["outcome"]) == ("tls", "relayed")
+        assert s["upstream"] == f"{MTA_V4}:25" and s["tls_version"].startswith("TLSv1.")
+
+
+def test_openssl_verifies_the_published_record(site: Site) -> None:
+    with legacy_mta(site, "legacyossl", proxy=False), \
+            GatewayProcess(site.lab.gw, site.work / "ossl", inbound_config(site, "none")):
+        r = site.lab.peer.run(
+            ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{MTA_V4}:25",
+             "-dane_tlsa_domain", "mx.b.test", "-dane_tlsa_rrdata", site.record,
+             "-verify_return_error", "-brief"], input="QUIT\n", check=False, timeout=30)
+    out = r.stdout + r.stderr
+    assert "Verification: OK" in out, out
+    assert "DANE TLSA 3 1 1" in out and "matched EE certificate at depth 0" in out, out
+
+
+def test_never_an_open_proxy(site: Site) -> None:
+    """Whatever destination the client asks for, only the configured MTA is reached;
+    counted on the wire (gw's own outgoing SYNs), not from the gateway's log."""
+    site.lab.gw.iptables(["-N", "SGOUT"])
+    # Leaving gw on a real link (the metrics scrape on lo is not a destination).
+    site.lab.gw.iptables(["-A", "OUTPUT", "!", "-o", "lo", "-p", "tcp", "--syn", "-j", "SGOUT"])
+    site.lab.gw.iptables(["-A", "SGOUT", "-d", MTA_V4, "-p", "tcp", "--dport", "25",
+                          "-j", "RETURN"])
+    site.lab.gw.iptables(["-A", "SGOUT", "-j", "RETURN"])  # counts everything else
+    with legacy_mta(site, "legacyproxy", proxy=False), \
+            GatewayProcess(site.lab.gw, site.work / "proxy", inbound_config(site, "none")) as gw:
+        for dst in ("198.51.100.77", "198.51.100.1", "192.0.2.10"):
+            c = site.lab.peer.connect(dst, 25)
+            c.settimeout(5)
+            with c:
+                assert c.recv(200).startswith(b"220 legacy.b.test")
+        gw.wait_sessions(3)
+    out = site.lab.gw.run(["iptables", "-L", "SGOUT", "-v", "-x", "-n"]).stdout
+    rows = [line.split() for line in out.splitlines()[2:] if line.strip()]
+    to_mta, elsewhere = int(rows[0][0]), int(rows[1][0])
+    assert to_mta == 3 and elsewhere == 0, out
+
+
+def test_key_rotation_by_reload_keeps_sessions(site: Site) -> None:
+    """SIGHUP with a new key: a session in flight is untouched, new sessions get the new
+    key; a key with loose permissions is refused and the old key keeps serving."""
+    key2, cert2, record2 = write_key_pair(site.work, "next")
+    text = inbound_config(site, "none")
+    with legacy_mta(site, "legacyreload", proxy=False), \
+            GatewayProcess(site.lab.gw, site.work / "reload", text) as gw:
+        held = site.lab.peer.connect(MTA_V4, 25)
+        held.settimeout(10)
+        assert held.recv(200).startswith(b"220 ")
+        gw.config_path.write_text(inbound_config(site, "none", key2, cert2))
+        os.chmod(key2, 0o644)
+        gw.signal(signal.SIGHUP)
+        [rej] = gw.wait_event("reload rejected")
+        assert "readable by group or others" in rej["error"], rej
+        os.chmod(key2, 0o600)
+        gw.signal(signal.SIGHUP)
+        gw.wait_event("reloaded")
+        r = site.lab.peer.run(
+            ["openssl", "s_client", "-starttls", "smtp", "-connect", f"{MTA_V4}:25",
+             "-dane_tlsa_domain", "mx.b.test", "-dane_tlsa_rrdata", record2, "-brief"],
+            input="QUIT\n", check=False, timeout=30)
+        assert "Verification: OK" in r.stdout + r.stderr
+        held.sendall(b"EHLO held.example\r\n")
+        reply = held.recv(1000)
+        assert reply.startswith(b"250-legacy.b.test") and b"STARTTLS" in reply
+        held.close()
