@@ -5,15 +5,15 @@ pump.  Every decision is the machine's; this module only does I/O.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from . import dane
 from .config import Level
+from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan
-from .relay import End, Leg
+from .relay import End
 from .smtp import (
     Command,
     Defer,
@@ -113,57 +113,40 @@ def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
 _DER = getattr(ssl, "ENCODING_DER", 2)  # _ssl.ENCODING_DER; public in 3.13 only
 
 
-class OutboundUpgrade:
+class OutboundUpgrade(TlsPhase):
     def __init__(self, session: Session) -> None:
-        self.session = session
-        self.pump = session.pump
+        super().__init__(session)
         self.machine = Upgrade()
-        self.tls: dict[str, str] = {}  # facts for the session line
         self._ssl_object: ssl.SSLObject | None = None
         self._cache_key: tuple[object, ...] = ()
-        self._loop = asyncio.get_running_loop()
 
-    def start(self) -> None:
-        """Before the pump starts: bytes go to the machine until it says Relay."""
-        self.pump.tap = self._tap
+    def from_client(self, data: bytes) -> None:
+        self._apply(self.machine.client_data(data))
 
-    def _tap(self, leg: Leg, data: bytes) -> None:
-        if leg is self.pump.client:
-            self._apply(self.machine.client_data(data))
-        else:
-            self._apply(self.machine.peer_data(data))
+    def from_upstream(self, data: bytes) -> None:
+        self._apply(self.machine.peer_data(data))
 
     def _apply(self, commands: list[Command]) -> None:
         for cmd in commands:
             if self.pump.done.done():
                 return
             if isinstance(cmd, SendPeer):
-                self._write(self.pump.upstream, cmd.data)
+                self.write(self.pump.upstream, cmd.data)
             elif isinstance(cmd, SendClient):
-                self._write(self.pump.client, cmd.data)
+                self.write(self.pump.client, cmd.data)
             elif isinstance(cmd, NeedPlan):
                 self.session.when_planned(self._planned)
             elif isinstance(cmd, StartTls):
-                # Stop reading plaintext now: nothing after the 220 may be acted on (A4).
-                t = self.pump.upstream.transport
-                assert t is not None
-                t.pause_reading()
+                self.pause(self.pump.upstream)
                 self.session.gw.tasks.spawn(self._handshake(), name="starttls")
             elif isinstance(cmd, Reconnect):
                 self.session.gw.tasks.spawn(self._reconnect(), name="tls fallback")
             elif isinstance(cmd, Relay):
-                self.pump.tap = None
-                self._write(self.pump.upstream, cmd.to_peer)
-                self._write(self.pump.client, cmd.to_client)
+                self.hand_over(cmd.to_peer, cmd.to_client)
             elif isinstance(cmd, Defer):
-                self._write(self.pump.client, cmd.reply)
-                self._write(self.pump.upstream, b"QUIT\r\n")
+                self.write(self.pump.client, cmd.reply)
+                self.write(self.pump.upstream, b"QUIT\r\n")
                 self.pump.finish(End.DEFERRED)
-
-    @staticmethod
-    def _write(leg: Leg, data: bytes) -> None:
-        if data and leg.transport is not None and not leg.transport.is_closing():
-            leg.transport.write(data)
 
     def _planned(self, plan: Plan | None) -> None:
         if self.pump.done.done():
@@ -173,39 +156,22 @@ class OutboundUpgrade:
     async def _handshake(self) -> None:
         plan = self.machine.plan
         assert plan is not None
-        leg = self.pump.upstream
-        assert leg.transport is not None
-        cfg = self.session.config
         gw = self.session.gw
         self._cache_key = SessionCache.key(str(self.session.upstream), plan)
-        # A failed handshake closes the connection under us: that is the machine's event
-        # (tls_done), not the end of the session, so the leg is detached until it succeeds.
-        leg.detached = True
+        self.tls["peer_name"] = plan.sni or "-"
         try:
             gw.tls_client.pending = gw.tls_sessions.get(self._cache_key)
-            transport = await self._loop.start_tls(
-                leg.transport, leg, gw.tls_client, server_side=False,
-                server_hostname=plan.sni, ssl_handshake_timeout=cfg.timeouts.connect)
-            leg.detached = False
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            ssl_object = await self.handshake(self.pump.upstream, gw.tls_client, False,
+                                              plan.sni)
+        except HANDSHAKE_ERRORS as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
             self._apply(self.machine.tls_done(False, Result.DEFERRED, why, "4.7.0"))
             return
-        if self.pump.done.done() or transport is None:
-            if transport is not None:
-                transport.abort()
+        if ssl_object is None:
             return
-        leg.transport = transport
-        transport.set_write_buffer_limits(high=self.pump.high_water,
-                                          low=self.pump.high_water // 4)
-        ssl_object = transport.get_extra_info("ssl_object")
         self._ssl_object = ssl_object
-        resumed = bool(ssl_object.session_reused)
-        self.tls.update(tls_version=str(ssl_object.version()),
-                        cipher=str((transport.get_extra_info("cipher") or ("-",))[0]),
-                        peer_name=plan.sni or "-", tls_resumed="yes" if resumed else "no")
-        if resumed:
+        if ssl_object.session_reused:
             # Only sessions verified against this very TLSA set (or pins) are offered.
             ok, result, reason = True, self._authenticated(plan), "resumed verified session"
         else:
