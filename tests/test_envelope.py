@@ -1,0 +1,125 @@
+"""Transcripts of the envelope tracker (gateway/envelope.py) at read sizes 4096/128/16/1:
+pipelined envelopes, several transactions, DATA and BDAT content copied untouched, and the
+gateway's own 450 4.7.5 for a recipient, in the order the MTA sent its commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
+
+SIZES = (4096, 128, 16, 1)
+DENY = "mx.b.test publishes DANE; this session is not DANE-verified"
+
+
+def play(script: list[tuple[Any, ...]], size: int, deny: set[str]) -> tuple[
+        Envelope, bytes, bytes, list[str]]:
+    """Returns what reached the peer, what reached the MTA, and the recipients checked;
+    recipients are decided the moment they are asked (deny: by domain)."""
+    env = Envelope()
+    to_peer, to_client, checked = bytearray(), bytearray(), []
+
+    def run(cmds: list[EnvelopeCommand]) -> None:
+        for c in cmds:
+            if isinstance(c, ToPeer):
+                to_peer.extend(c.data)
+            elif isinstance(c, ToClient):
+                to_client.extend(c.data)
+            elif isinstance(c, CheckRecipient):
+                checked.append(c.address)
+                run(env.recipient(c.ident, c.domain not in deny, c.domain, DENY))
+
+    for side, data in script:
+        feed = env.client_data if side == "client" else env.peer_data
+        for i in range(0, len(data), size):
+            run(feed(data[i:i + size]))
+    return env, bytes(to_peer), bytes(to_client), checked
+
+
+def same(script: list[tuple[Any, ...]], deny: set[str] = frozenset()) -> tuple[  # type: ignore[assignment]
+        Envelope, bytes, bytes, list[str]]:
+    runs = [play(script, n, set(deny)) for n in SIZES]
+    for n, r in zip(SIZES, runs, strict=True):
+        assert r[1:] == runs[0][1:], f"read size {n}"
+    return runs[0]
+
+
+ENVELOPE = (b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nRCPT TO:<y@dane.test>\r\n"
+            b"RCPT TO:<z@ok.test>\r\nDATA\r\n")
+BODY = b"Subject: s\r\n\r\nline\r\n..dot-stuffed\r\n\r\n.\r\n"
+
+
+def test_pipelined_envelope_with_one_recipient_deferred_in_order() -> None:
+    env, to_peer, to_client, checked = same([
+        ("client", ENVELOPE),
+        ("peer", b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n"),
+        ("client", BODY), ("peer", b"250 2.0.0 queued\r\n"),
+        ("client", b"QUIT\r\n"), ("peer", b"221 bye\r\n")], deny={"dane.test"})
+    assert to_peer == (b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nRCPT TO:<z@ok.test>\r\n"
+                       b"DATA\r\n" + BODY + b"QUIT\r\n")
+    assert to_client == (b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
+                         b"450 4.7.5 smtpgate: " + DENY.encode() + b"\r\n"
+                         b"250 2.1.5 Ok\r\n354 go\r\n250 2.0.0 queued\r\n221 bye\r\n")
+    assert checked == ["x@ok.test", "y@dane.test", "z@ok.test"]
+    assert env.deferred == [("dane.test", DENY)] and env.allowed == 2
+
+
+def test_every_recipient_deferred_no_content_reaches_the_peer() -> None:
+    env, to_peer, to_client, _ = same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<y@dane.test>\r\nDATA\r\n"),
+        ("peer", b"250 Ok\r\n554 5.5.1 Error: no valid recipients\r\n"),
+        ("client", b"RSET\r\n"), ("peer", b"250 Ok\r\n")], deny={"dane.test"})
+    assert b"RCPT" not in to_peer and b"Subject" not in to_peer
+    assert to_client.splitlines()[1].startswith(b"450 4.7.5 ")
+    assert to_client.splitlines()[2].startswith(b"554 ")
+
+
+@pytest.mark.parametrize("trick", [b"\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r\n", b"\x00.\r\n"])
+def test_smuggling_variants_are_content_not_end_of_data(trick: bytes) -> None:
+    """Only CRLF "." CRLF ends DATA: bare LF/CR variants are copied as content, and a
+    command hidden behind them is never parsed, checked or answered by the gateway."""
+    body = b"x" + trick + b"RCPT TO:<evil@dane.test>\r\nmore\r\n.\r\n"
+    env, to_peer, _, checked = same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nDATA\r\n"),
+        ("peer", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("client", body),
+        ("peer", b"250 queued\r\n")], deny={"dane.test"})
+    assert to_peer.endswith(body) and checked == ["x@ok.test"]
+
+
+def test_several_transactions_and_rset() -> None:
+    script = []
+    for i in range(3):
+        script += [("client", ENVELOPE),
+                   ("peer", b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"),
+                   ("client", BODY + b"RSET\r\n"), ("peer", b"250 queued\r\n250 Ok\r\n")]
+    env, to_peer, to_client, checked = same(script, deny={"dane.test"})
+    assert to_peer.count(BODY) == 3 and to_peer.count(b"RSET\r\n") == 3
+    assert to_client.count(b"450 4.7.5") == 3 and len(checked) == 9
+
+
+def test_bdat_chunks_are_copied_by_count() -> None:
+    chunk1 = b"Subject: b\r\n\r\n.\r\nRCPT TO:<evil@dane.test>\r\n"  # looks like commands
+    chunk2 = b"last bytes\r\n"
+    script = [("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\n"
+                         b"BDAT %d\r\n" % len(chunk1) + chunk1
+                         + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2),
+              ("peer", b"250 Ok\r\n250 Ok\r\n250 chunk\r\n250 queued\r\n")]
+    env, to_peer, to_client, checked = same(script, deny={"dane.test"})
+    assert to_peer.endswith(chunk1 + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2)
+    assert checked == ["x@ok.test"]
+    assert to_client == b"250 Ok\r\n250 Ok\r\n250 chunk\r\n250 queued\r\n"
+
+
+def test_bdat_behind_a_deferred_recipient_keeps_order() -> None:
+    chunk = b"data\r\n"
+    env = Envelope()
+    out = env.client_data(b"MAIL FROM:<a@a.test>\r\nRCPT TO:<y@dane.test>\r\n"
+                          b"BDAT 6 LAST\r\n" + chunk)
+    check = [c for c in out if isinstance(c, CheckRecipient)][0]
+    sent = b"".join(c.data for c in out if isinstance(c, ToPeer))
+    assert sent == b"MAIL FROM:<a@a.test>\r\n"  # the rest waits for the verdict
+    out = env.recipient(check.ident, False, "dane.test", "no")
+    sent = b"".join(c.data for c in out if isinstance(c, ToPeer))
+    assert sent == b"BDAT 6 LAST\r\n" + chunk
