@@ -67,7 +67,7 @@ def test_pipelined_envelope_with_one_recipient_deferred_in_order() -> None:
 
 
 def test_every_recipient_deferred_no_content_reaches_the_peer() -> None:
-    env, to_peer, to_client, _ = same([
+    _env, to_peer, to_client, _ = same([
         ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<y@dane.test>\r\nDATA\r\n"),
         ("peer", b"250 Ok\r\n554 5.5.1 Error: no valid recipients\r\n"),
         ("client", b"RSET\r\n"), ("peer", b"250 Ok\r\n")], deny={"dane.test"})
@@ -81,7 +81,7 @@ def test_smuggling_variants_are_content_not_end_of_data(trick: bytes) -> None:
     """Only CRLF "." CRLF ends DATA: bare LF/CR variants are copied as content, and a
     command hidden behind them is never parsed, checked or answered by the gateway."""
     body = b"x" + trick + b"RCPT TO:<evil@dane.test>\r\nmore\r\n.\r\n"
-    env, to_peer, _, checked = same([
+    _env, to_peer, _, checked = same([
         ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nDATA\r\n"),
         ("peer", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("client", body),
         ("peer", b"250 queued\r\n")], deny={"dane.test"})
@@ -90,11 +90,11 @@ def test_smuggling_variants_are_content_not_end_of_data(trick: bytes) -> None:
 
 def test_several_transactions_and_rset() -> None:
     script = []
-    for i in range(3):
+    for _i in range(3):
         script += [("client", ENVELOPE),
                    ("peer", b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"),
                    ("client", BODY + b"RSET\r\n"), ("peer", b"250 queued\r\n250 Ok\r\n")]
-    env, to_peer, to_client, checked = same(script, deny={"dane.test"})
+    _env, to_peer, to_client, checked = same(script, deny={"dane.test"})
     assert to_peer.count(BODY) == 3 and to_peer.count(b"RSET\r\n") == 3
     assert to_client.count(b"450 4.7.5") == 3 and len(checked) == 9
 
@@ -106,7 +106,7 @@ def test_bdat_chunks_are_copied_by_count() -> None:
                          b"BDAT %d\r\n" % len(chunk1) + chunk1
                          + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2),
               ("peer", b"250 Ok\r\n250 Ok\r\n250 chunk\r\n250 queued\r\n")]
-    env, to_peer, to_client, checked = same(script, deny={"dane.test"})
+    _env, to_peer, to_client, checked = same(script, deny={"dane.test"})
     assert to_peer.endswith(chunk1 + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2)
     assert checked == ["x@ok.test"]
     assert to_client == b"250 Ok\r\n250 Ok\r\n250 chunk\r\n250 queued\r\n"
@@ -117,7 +117,7 @@ def test_bdat_behind_a_deferred_recipient_keeps_order() -> None:
     env = Envelope()
     out = env.client_data(b"MAIL FROM:<a@a.test>\r\nRCPT TO:<y@dane.test>\r\n"
                           b"BDAT 6 LAST\r\n" + chunk)
-    check = [c for c in out if isinstance(c, CheckRecipient)][0]
+    check = next(c for c in out if isinstance(c, CheckRecipient))
     sent = b"".join(c.data for c in out if isinstance(c, ToPeer))
     assert sent == b"MAIL FROM:<a@a.test>\r\n"  # the rest waits for the verdict
     out = env.recipient(check.ident, False, "dane.test", "no")
