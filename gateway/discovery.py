@@ -130,3 +130,56 @@ async def _discover(resolver: Resolver, p: _Progress) -> None:
                               for r in tlsa.records)
             return
         # secure absence at the expanded name: try the original name (RFC 7672 2.2.2)
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRule:
+    """What a recipient domain asks of a session to this destination (RFC 7672 2.2, bound
+    to the recipient: the domain's DNSSEC-validated MX host that *is* this destination).
+
+    ``host`` is None when the domain asks nothing of it; ``records`` are the usable TLSA of
+    that MX host; ``doubt`` says why a lookup that mattered could not be trusted."""
+
+    domain: str
+    host: str | None = None
+    records: tuple[TLSARecord, ...] = ()
+    doubt: str | None = None
+
+
+async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
+                         budget: float) -> RecipientRule:
+    """Never raises for DNS trouble; bounded by ``budget``."""
+    try:
+        async with asyncio.timeout(budget):
+            return await _recipient_rule(resolver, domain, address)
+    except TimeoutError:
+        return RecipientRule(domain, doubt=f"lookups for {domain} did not finish in {budget}s")
+
+
+async def _recipient_rule(resolver: Resolver, domain: str, address: IPAddress) -> RecipientRule:
+    mx = await resolver.lookup(domain, "MX")
+    if _distrust(mx):
+        return RecipientRule(domain, doubt=f"MX lookup of {domain} is {mx.status}")
+    if mx.status is not Status.SECURE or not mx.exists:
+        # Unsigned, or no MX (implicit MX is the domain itself): the domain asks nothing
+        # that DNSSEC could vouch for at this level; the PTR-based plan still applies.
+        hosts = [domain.rstrip(".") + "."] if mx.status is Status.SECURE and mx.absent else []
+    else:
+        hosts = sorted({r.exchange.to_text().lower() for r in mx.records})
+    rdtype = "AAAA" if address.version == 6 else "A"
+    for host in hosts[:10]:
+        addresses = await resolver.lookup(host, rdtype)
+        if _distrust(addresses):
+            return RecipientRule(domain, doubt=f"{rdtype} lookup of MX {host} is "
+                                               f"{addresses.status}")
+        if addresses.status is not Status.SECURE or not any(
+                ipaddress.ip_address(r.address) == address for r in addresses.records):
+            continue
+        tlsa = await resolver.lookup(f"_25._tcp.{host}", "TLSA")
+        if _distrust(tlsa):
+            return RecipientRule(domain, host, doubt=f"TLSA lookup of {host} is {tlsa.status}")
+        if tlsa.status is Status.SECURE and tlsa.exists:
+            records = tuple(TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert))
+                            for r in tlsa.records)
+            return RecipientRule(domain, host.rstrip("."), tuple(r for r in records if r.usable))
+    return RecipientRule(domain)

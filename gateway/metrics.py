@@ -26,6 +26,9 @@ OUTCOMES = (
     "relayed", "client_reset", "upstream_reset", "timeout_idle", "timeout_session", "aborted",
     "upstream_failed", "refused_limit", "refused_loop", "refused_intercept", "deferred",
 )
+RECIPIENT_LABELS = (("allowed", "none"), ("allowed", "tls"), ("allowed", "dane"),
+                    ("deferred", "dns"), ("deferred", "not_encrypted"),
+                    ("deferred", "key_mismatch"))
 TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthrough",
                "deferred")
 TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",
@@ -76,6 +79,10 @@ class Metrics:
             "pinned key, unauthenticated TLS, the MTA's own TLS, plaintext, passthrough, or "
             "deferred (4xx to the MTA); reason says why it was not better.",
             ["result", "reason"], registry=registry)
+        self.recipients = Counter(
+            "smtpgate_recipients", "Recipients checked against their domain's DANE MX for "
+            "the destination: allowed, or deferred with 450 4.7.5 (reason).",
+            ["result", "reason"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -90,6 +97,8 @@ class Metrics:
                 self.bytes.labels(d.value, s)
         for result in ("ok", "rejected"):
             self.reloads.labels(result)
+        for rcpt_result, rcpt_reason in RECIPIENT_LABELS:
+            self.recipients.labels(rcpt_result, rcpt_reason)
         for tls_result in TLS_RESULTS:
             self.tls.labels(tls_result, "none")
         for result in ("hit", "miss", "shared"):

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 from . import dane
 from .config import Level
+from .discovery import RecipientRule, recipient_rule
+from .envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan
-from .relay import End
+from .relay import End, Leg
 from .smtp import (
     Command,
     Defer,
@@ -119,6 +121,7 @@ class OutboundUpgrade(TlsPhase):
         self.machine = Upgrade()
         self._ssl_object: ssl.SSLObject | None = None
         self._cache_key: tuple[object, ...] = ()
+        self.envelope: Envelope | None = None
 
     def from_client(self, data: bytes) -> None:
         self._apply(self.machine.client_data(data))
@@ -142,7 +145,10 @@ class OutboundUpgrade(TlsPhase):
             elif isinstance(cmd, Reconnect):
                 self.session.gw.tasks.spawn(self._reconnect(), name="tls fallback")
             elif isinstance(cmd, Relay):
-                self.hand_over(cmd.to_peer, cmd.to_client)
+                if self.machine.result is Result.END_TO_END:
+                    self.hand_over(cmd.to_peer, cmd.to_client)  # encrypted: nothing to read
+                else:
+                    self._track_envelope(cmd.to_peer, cmd.to_client)
             elif isinstance(cmd, Defer):
                 self.write(self.pump.client, cmd.reply)
                 self.write(self.pump.upstream, b"QUIT\r\n")
@@ -178,6 +184,66 @@ class OutboundUpgrade(TlsPhase):
             ok, result, reason = self._verify(plan, presented_chain(ssl_object))
         self.tls["verify"] = reason
         self._apply(self.machine.tls_done(ok, result, reason))
+
+    # -- recipient-bound enforcement (after the TLS phase) -------------------------------
+    def _track_envelope(self, to_peer: bytes, to_client: bytes) -> None:
+        """From here every command passes the envelope tracker: a recipient whose domain's
+        MX for this destination publishes TLSA is forwarded only if this session satisfies
+        it (RFC 7672, bound to the recipient rather than to a PTR name)."""
+        self.envelope = Envelope()
+        self.pump.tap = self._envelope_tap
+        self._env_apply(self.envelope.peer_data(to_client))
+        self._env_apply(self.envelope.client_data(to_peer))
+
+    def _envelope_tap(self, leg: Leg, data: bytes) -> None:
+        assert self.envelope is not None
+        if leg is self.pump.client:
+            self._env_apply(self.envelope.client_data(data))
+        else:
+            self._env_apply(self.envelope.peer_data(data))
+
+    def _env_apply(self, commands: list[EnvelopeCommand]) -> None:
+        for cmd in commands:
+            if self.pump.done.done():
+                return
+            if isinstance(cmd, ToPeer):
+                self.write(self.pump.upstream, cmd.data)
+            elif isinstance(cmd, ToClient):
+                self.write(self.pump.client, cmd.data)
+            else:
+                self.session.gw.tasks.spawn(self._check_recipient(cmd),
+                                            name=f"recipient {cmd.domain}")
+
+    async def _check_recipient(self, cmd: CheckRecipient) -> None:
+        session = self.session
+        assert session.destination is not None and self.envelope is not None
+        rule = await recipient_rule(session.gw.resolver, cmd.domain, session.destination.host,
+                                    session.config.dns.budget)
+        allow, reason, label = self._satisfies(rule)
+        session.gw.metrics.recipients.labels("allowed" if allow else "deferred", label).inc()
+        if not allow:
+            self.tls.setdefault("deferred_recipients", "")
+            self.tls["deferred_recipients"] += f"{cmd.domain}: {reason}; "
+        if not self.pump.done.done():
+            self._env_apply(self.envelope.recipient(cmd.ident, allow, cmd.domain, reason))
+
+    def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
+        """(allow, reason, metric label) for this session against a recipient's rule."""
+        if rule.doubt is not None:
+            return False, f"cannot trust DNS: {rule.doubt}", "dns"
+        if rule.host is None:
+            return True, "", "none"
+        encrypted = self.machine.result in (Result.DANE, Result.FINGERPRINT, Result.TLS)
+        if not encrypted or self._ssl_object is None:
+            return False, f"{rule.host} publishes TLSA; this hop is not encrypted", \
+                "not_encrypted"
+        if not rule.records:
+            return True, "", "tls"  # a secure TLSA RRset with no usable record: TLS suffices
+        v = dane.verify(presented_chain(self._ssl_object), rule.records, [rule.host])
+        if v.ok:
+            return True, "", "dane"
+        return False, f"peer key does not match the TLSA of {rule.host} ({v.reason})", \
+            "key_mismatch"
 
     def remember(self) -> None:
         """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3

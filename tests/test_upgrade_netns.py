@@ -76,21 +76,33 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "mx.wrong A 203.0.113.4", f"_25._tcp.mx.wrong TLSA {wrong}",
             "mx.notls A 203.0.113.5", f"_25._tcp.mx.notls TLSA {good}",
             "mx.old A 203.0.113.6",
+            # Recipient domains whose MX host for a destination publishes TLSA:
+            "dane MX 10 mx.b",  # DANE, matching (destination .2)
+            "wrongmx MX 10 mx.wrongkey", "mx.wrongkey A 203.0.113.3",  # .3, key mismatch
+            f"_25._tcp.mx.wrongkey TLSA {wrong}",
+            "needtls MX 10 mx.old2", "mx.old2 A 203.0.113.6",  # .6 ends up in plaintext
+            f"_25._tcp.mx.old2 TLSA {good}",
         ])
         dns.zone("113.0.203.in-addr.arpa.", ["2 PTR mx.b.test.", "3 PTR mx.nodane.test.",
                                              "4 PTR mx.wrong.test.", "5 PTR mx.notls.test.",
                                              "6 PTR mx.old.test."])
         dns.start()
         lab.redirect_port25(10025)
-        transport = ", ".join(f"{k}@example.net={v}" for k, v in ROUTES.items())
+        transport = ", ".join([*(f"{k}@example.net={v}" for k, v in ROUTES.items()),
+                               "u1@wrongmx.test=smtp:[203.0.113.3]:25",
+                               "u2@example.net=smtp:[203.0.113.3]:25",
+                               "u3@needtls.test=smtp:[203.0.113.6]:25",
+                               "u4@dane.test=smtp:[203.0.113.2]:25"])
         sender = null_client_settings("[203.0.113.99]:25")
         sender["transport_maps"] = f"inline:{{ {transport} }}"
+        domains = "example.net, dane.test, wrongmx.test, needtls.test"
         with PostfixInstance(lab.peer, work, tls_receiver_settings(
-                    "203.0.113.2, 203.0.113.3, 203.0.113.4", chain), name="tlspeer") as tls_peer, \
+                    "203.0.113.2, 203.0.113.3, 203.0.113.4", chain, domain=domains),
+                    name="tlspeer") as tls_peer, \
                 PostfixInstance(lab.peer, work, receiver_settings("203.0.113.5"),
                                 name="plainpeer") as plain_peer, \
                 PostfixInstance(lab.peer, work, {
-                    **tls_receiver_settings("203.0.113.6", chain),
+                    **tls_receiver_settings("203.0.113.6", chain, domain=domains),
                     # Offers STARTTLS but speaks only TLS 1.0/1.1, which the gateway
                     # refuses: every handshake fails, as with a broken peer.
                     "smtpd_tls_protocols": ">=TLSv1 <=TLSv1.1"}, name="oldpeer") as old_peer, \
@@ -224,3 +236,48 @@ def test_opportunistic_handshake_failure_falls_back_to_plaintext(world: World) -
     assert str(s["tls_reason"]).startswith("TLS failed: handshake: ")
     assert world.gw.metric("smtpgate_upgrades_total", result="plaintext",
                            reason="handshake") >= 1
+
+
+def test_recipient_bound_dane_defers_only_the_recipient_that_asks(world: World) -> None:
+    """One message to two recipients over one unauthenticated TLS session to .3: the
+    recipient whose domain's MX for .3 publishes a TLSA the peer's key does not match gets
+    450 4.7.5 from the gateway and stays queued; the other is delivered."""
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    world.mta.sendmail("alice@example.com", ["u1@wrongmx.test", "u2@example.net"],
+                       b"Subject: two\r\n\r\n" + marker + b"\r\n")
+    message = delivered(world.tls_peer, marker)
+    assert b"X-Original-To: u2@example.net" in message
+    world.mta.wait_log(r"to=<u1@wrongmx\.test>.*status=deferred \(host 203\.0\.113\.3"
+                       r"\[203\.0\.113\.3\] said: 450 4\.7\.5 smtpgate: peer key does not "
+                       r"match the TLSA of mx\.wrongkey\.test", timeout=20)
+    assert world.gw.metric("smtpgate_recipients_total", result="deferred",
+                           reason="key_mismatch") >= 1
+    deadline = time.monotonic() + 10
+    while not (noted := [x for x in world.gw.sessions() if "wrongmx.test" in
+                         str(x.get("deferred_recipients", ""))]):
+        assert time.monotonic() < deadline, world.gw.log_text()[-2000:]
+        time.sleep(0.1)
+    s = noted[-1]
+    assert s["destination"] == "203.0.113.3:25" and s["tls"] == "tls"
+    assert "wrongmx.test: peer key does not match" in str(s["deferred_recipients"])
+
+
+def test_recipient_that_asks_for_dane_is_never_sent_in_plaintext(world: World) -> None:
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "needtls.pcap") as cap:
+        marker = f"MARKER-{uuid.uuid4().hex}".encode()
+        world.mta.sendmail("alice@example.com", "u3@needtls.test",
+                           b"Subject: needtls\r\n\r\n" + marker + b"\r\n")
+        world.mta.wait_log(r"to=<u3@needtls\.test>.*status=deferred .*450 4\.7\.5 smtpgate: "
+                           r"mx\.old2\.test publishes TLSA; this hop is not encrypted",
+                           timeout=30)
+    assert cap.packets() > 0 and not cap.contains(marker)
+    assert not any(marker in p.read_bytes() for p in world.old_peer.maildir_messages())
+
+
+def test_recipient_dane_satisfied_by_the_verified_session(world: World) -> None:
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    world.mta.sendmail("alice@example.com", "u4@dane.test",
+                       b"Subject: dane rcpt\r\n\r\n" + marker + b"\r\n")
+    delivered(world.tls_peer, marker)
+    world.mta.wait_log(r"to=<u4@dane\.test>.*status=sent", timeout=20)
+    assert world.gw.metric("smtpgate_recipients_total", result="allowed", reason="dane") >= 1
