@@ -14,7 +14,7 @@ from .config import Level
 from .discovery import RecipientRule, recipient_rule
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
 from .phase import HANDSHAKE_ERRORS, TlsPhase
-from .policy import Action, Auth, Plan
+from .policy import Action, Auth, Plan, recipient_decision
 from .relay import End, Leg
 from .smtp import (
     Command,
@@ -228,22 +228,9 @@ class OutboundUpgrade(TlsPhase):
             self._env_apply(self.envelope.recipient(cmd.ident, allow, cmd.domain, reason))
 
     def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
-        """(allow, reason, metric label) for this session against a recipient's rule."""
-        if rule.doubt is not None:
-            return False, f"cannot trust DNS: {rule.doubt}", "dns"
-        if rule.host is None:
-            return True, "", "none"
         encrypted = self.machine.result in (Result.DANE, Result.FINGERPRINT, Result.TLS)
-        if not encrypted or self._ssl_object is None:
-            return False, f"{rule.host} publishes TLSA; this hop is not encrypted", \
-                "not_encrypted"
-        if not rule.records:
-            return True, "", "tls"  # a secure TLSA RRset with no usable record: TLS suffices
-        v = dane.verify(presented_chain(self._ssl_object), rule.records, [rule.host])
-        if v.ok:
-            return True, "", "dane"
-        return False, f"peer key does not match the TLSA of {rule.host} ({v.reason})", \
-            "key_mismatch"
+        chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
+        return recipient_decision(rule, encrypted, chain)
 
     def remember(self) -> None:
         """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3

@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from . import dane
 from .config import IPAddress, Level, PolicyConfig, PolicyEntry
 from .dane import TLSARecord
-from .discovery import Discovery
+from .discovery import Discovery, RecipientRule
 
 
 class Action(StrEnum):
@@ -170,3 +171,26 @@ def static_plan(address: IPAddress, config: PolicyConfig) -> Plan | None:
     if level in NEEDS_DNS:
         return None
     return plan(address, Discovery(address, ()), config)
+
+
+def recipient_decision(rule: RecipientRule, encrypted: bool,
+                       chain: list[bytes]) -> tuple[bool, str, str]:
+    """Whether a recipient may be forwarded on this session: (allow, reason, metric label).
+
+    ``encrypted``: the gateway made this hop TLS; ``chain``: the peer's certificates as
+    presented in that handshake.  The rule comes from the recipient domain's own DNSSEC
+    (gateway.discovery.recipient_rule), so a forged or unsigned reverse zone cannot lift it.
+    """
+    if rule.doubt is not None:
+        return False, f"cannot trust DNS: {rule.doubt}", "dns"
+    if rule.host is None:
+        return True, "", "none"
+    if not encrypted or not chain:
+        return False, f"{rule.host} publishes TLSA; this hop is not encrypted", "not_encrypted"
+    if not rule.records:
+        return True, "", "tls"  # a secure TLSA RRset with no usable record: TLS suffices
+    v = dane.verify(chain, rule.records, [rule.host])
+    if v.ok:
+        return True, "", "dane"
+    return False, f"peer key does not match the TLSA of {rule.host} ({v.reason})", \
+        "key_mismatch"

@@ -123,3 +123,17 @@ def test_bdat_behind_a_deferred_recipient_keeps_order() -> None:
     out = env.recipient(check.ident, False, "dane.test", "no")
     sent = b"".join(c.data for c in out if isinstance(c, ToPeer))
     assert sent == b"BDAT 6 LAST\r\n" + chunk
+
+
+def test_recipients_of_several_domains_sharing_one_mx_address() -> None:
+    """Each domain is decided on its own, even when all their MX hosts are this address."""
+    env, to_peer, to_client, checked = same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<a@one.test>\r\nRCPT TO:<b@two.test>\r\n"
+                   b"RCPT TO:<c@three.test>\r\nRCPT TO:<d@two.test>\r\nDATA\r\n"),
+        ("peer", b"250 Ok\r\n250 Ok\r\n250 Ok\r\n354 go\r\n"),
+        ("client", BODY), ("peer", b"250 queued\r\n")], deny={"two.test"})
+    assert to_peer.count(b"RCPT") == 2 and b"two.test" not in to_peer
+    replies = to_client.splitlines()
+    assert [r[:3] for r in replies] == [b"250", b"250", b"450", b"250", b"450", b"354", b"250"]
+    assert checked == ["a@one.test", "b@two.test", "c@three.test", "d@two.test"]
+    assert [d for d, _ in env.deferred] == ["two.test", "two.test"]

@@ -233,3 +233,44 @@ def test_an_insecure_name_cannot_weaken_the_default(default: Level, name_level: 
     p = plan(D, world(ptr(N), fwd(N)), cfg)
     assert (p.entry is not None) is applies
     assert p.level is (name_level if applies else default)
+
+
+# -- the recipient dimension (RFC 7672, bound to the recipient domain's MX) -----------------
+
+def _chain_and_records() -> tuple[list[bytes], TLSARecord, TLSARecord]:
+    from gateway.dane import tlsa_record
+    from tests import certs
+
+    leaf = certs.make_leaf(None, ["mx.b.test"])
+    return [leaf.der], tlsa_record(leaf.der), TLSARecord(3, 1, 1, b"\x5a" * 32)
+
+
+def test_recipient_decision_table() -> None:
+    from gateway.discovery import RecipientRule
+    from gateway.policy import recipient_decision
+
+    chain, good, wrong = _chain_and_records()
+    rules = {
+        "asks nothing": RecipientRule("ok.test"),
+        "DANE, key matches": RecipientRule("d.test", "mx.b.test", (good,)),
+        "DANE, other key": RecipientRule("d.test", "mx.b.test", (wrong,)),
+        "TLSA, none usable": RecipientRule("d.test", "mx.b.test", ()),
+        "lookup in doubt": RecipientRule("d.test", doubt="MX lookup of d.test is bogus"),
+    }
+    # session: gateway TLS with the peer's chain / plaintext
+    table = {
+        ("asks nothing", "tls"): (True, "none"),
+        ("asks nothing", "plaintext"): (True, "none"),
+        ("DANE, key matches", "tls"): (True, "dane"),
+        ("DANE, key matches", "plaintext"): (False, "not_encrypted"),
+        ("DANE, other key", "tls"): (False, "key_mismatch"),
+        ("DANE, other key", "plaintext"): (False, "not_encrypted"),
+        ("TLSA, none usable", "tls"): (True, "tls"),
+        ("TLSA, none usable", "plaintext"): (False, "not_encrypted"),
+        ("lookup in doubt", "tls"): (False, "dns"),
+        ("lookup in doubt", "plaintext"): (False, "dns"),
+    }
+    for (rule, session), (allow, label) in table.items():
+        encrypted = session == "tls"
+        got = recipient_decision(rules[rule], encrypted, chain if encrypted else [])
+        assert (got[0], got[2]) == (allow, label), (rule, session, got)

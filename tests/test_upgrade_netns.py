@@ -68,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     good = tlsa_record(leaf.der).to_zone("").split("TLSA ", 1)[1]
     wrong = "3 1 1 " + "5a" * 32
     with Lab() as lab, DnsWorld.on_lab(lab, work / "dns") as dns:
-        for address in ("203.0.113.4/24", "203.0.113.5/24", "203.0.113.6/24"):
+        for address in ("203.0.113.4/24", "203.0.113.5/24", "203.0.113.6/24",
+                        "203.0.113.7/24"):
             lab.peer.ip("addr", "add", address, "dev", netlab.HOST_IF)
         dns.zone("test.", [
             "mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
@@ -82,6 +83,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             f"_25._tcp.mx.wrongkey TLSA {wrong}",
             "needtls MX 10 mx.old2", "mx.old2 A 203.0.113.6",  # .6 ends up in plaintext
             f"_25._tcp.mx.old2 TLSA {good}",
+            # .7 has no PTR at all and no STARTTLS: only the recipient's DNS can ask.
+            "needdane MX 10 mx.needdane", "mx.needdane A 203.0.113.7",
+            f"_25._tcp.mx.needdane TLSA {good}",
         ])
         dns.zone("113.0.203.in-addr.arpa.", ["2 PTR mx.b.test.", "3 PTR mx.nodane.test.",
                                              "4 PTR mx.wrong.test.", "5 PTR mx.notls.test.",
@@ -92,15 +96,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                "u1@wrongmx.test=smtp:[203.0.113.3]:25",
                                "u2@example.net=smtp:[203.0.113.3]:25",
                                "u3@needtls.test=smtp:[203.0.113.6]:25",
-                               "u4@dane.test=smtp:[203.0.113.2]:25"])
+                               "u4@dane.test=smtp:[203.0.113.2]:25",
+                               "u5@needdane.test=smtp:[203.0.113.7]:25",
+                               "u6@example.net=smtp:[203.0.113.7]:25"])
         sender = null_client_settings("[203.0.113.99]:25")
         sender["transport_maps"] = f"inline:{{ {transport} }}"
-        domains = "example.net, dane.test, wrongmx.test, needtls.test"
+        domains = "example.net, dane.test, wrongmx.test, needtls.test, needdane.test"
         with PostfixInstance(lab.peer, work, tls_receiver_settings(
                     "203.0.113.2, 203.0.113.3, 203.0.113.4", chain, domain=domains),
                     name="tlspeer") as tls_peer, \
-                PostfixInstance(lab.peer, work, receiver_settings("203.0.113.5"),
-                                name="plainpeer") as plain_peer, \
+                PostfixInstance(lab.peer, work, receiver_settings(
+                    "203.0.113.5, 203.0.113.7", domain=domains), name="plainpeer") as plain_peer, \
                 PostfixInstance(lab.peer, work, {
                     **tls_receiver_settings("203.0.113.6", chain, domain=domains),
                     # Offers STARTTLS but speaks only TLS 1.0/1.1, which the gateway
@@ -281,3 +287,25 @@ def test_recipient_dane_satisfied_by_the_verified_session(world: World) -> None:
     delivered(world.tls_peer, marker)
     world.mta.wait_log(r"to=<u4@dane\.test>.*status=sent", timeout=20)
     assert world.gw.metric("smtpgate_recipients_total", result="allowed", reason="dane") >= 1
+
+
+def test_recipient_dane_behind_an_address_without_ptr_and_without_starttls(
+        world: World) -> None:
+    """The issue's case: nothing about the address says DANE (no PTR, no STARTTLS), but
+    the recipient's domain does.  Its message is deferred (in Postfix's queue) and its
+    content never crosses; another domain's message to the same address is delivered."""
+    deferred, other = (f"MARKER-{uuid.uuid4().hex}".encode() for _ in range(2))
+    with Capture(world.lab.gw, netlab.GW_PEER_IF, world.workdir / "needdane.pcap") as cap:
+        world.mta.sendmail("alice@example.com", "u5@needdane.test",
+                           b"Subject: needdane\r\n\r\n" + deferred + b"\r\n")
+        world.mta.sendmail("alice@example.com", "u6@example.net",
+                           b"Subject: other\r\n\r\n" + other + b"\r\n")
+        delivered(world.plain_peer, other)
+        world.mta.wait_log(r"to=<u5@needdane\.test>.*status=deferred .*450 4\.7\.5 "
+                           r"smtpgate: mx\.needdane\.test publishes TLSA; this hop is not "
+                           r"encrypted", timeout=30)
+    assert cap.contains(other)  # the witness works: plaintext is seen when it is sent
+    assert not cap.contains(deferred)
+    queued = [e for e in world.mta.queue()
+              if any(r["address"] == "u5@needdane.test" for r in e["recipients"])]
+    assert queued and "450 4.7.5" in queued[0]["recipients"][0]["delay_reason"]
