@@ -178,9 +178,25 @@ class PolicyEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientPolicy:
+    """What a recipient domain requires of the hop, whatever its DNS says."""
+
+    domain: str  # absolute, lower case; a leading "." matches subdomains
+    level: Level  # encrypt or dane-only
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyConfig:
     default: Level = Level.DANE
     entries: tuple[PolicyEntry, ...] = ()
+    recipients: tuple[RecipientPolicy, ...] = ()
+
+    def for_recipient(self, domain: str) -> Level | None:
+        name = domain.lower().rstrip(".") + "."
+        for r in self.recipients:
+            if name == r.domain or (r.domain.startswith(".") and name.endswith(r.domain)):
+                return r.level
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,8 +475,25 @@ def _policy(top: _Section) -> PolicyConfig:
         raise p.error("default", "fingerprint needs pins: use it in an entry with "
                                  "fingerprints")
     entries = tuple(_policy_entry(p.source, path, item) for path, item in p.items("entries"))
+    recipients = tuple(_recipient_policy(p.source, path, item)
+                       for path, item in p.items("recipients"))
     p.done()
-    return PolicyConfig(default, entries)
+    return PolicyConfig(default, entries, recipients)
+
+
+def _recipient_policy(source: str, path: str, data: object) -> RecipientPolicy:
+    s = _Section(source, path, data)
+    if not s.has("domain"):
+        raise s.error("domain", "is required")
+    raw = s.raw("domain")
+    domain = _hostname(raw) if isinstance(raw, str) else None
+    if domain is None:
+        raise s.error("domain", "not a domain name or .suffix")
+    level = s.choice("level", Level, Level.ENCRYPT)
+    s.done()
+    if level not in (Level.ENCRYPT, Level.DANE_ONLY):
+        raise s.error("level", "must be one of: encrypt, dane-only")
+    return RecipientPolicy(domain, level)
 
 
 def parse(data: object, source: str = "<config>") -> Config:

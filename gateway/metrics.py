@@ -28,7 +28,7 @@ OUTCOMES = (
 )
 RECIPIENT_LABELS = (("allowed", "none"), ("allowed", "tls"), ("allowed", "dane"),
                     ("deferred", "dns"), ("deferred", "not_encrypted"),
-                    ("deferred", "key_mismatch"))
+                    ("deferred", "key_mismatch"), ("deferred", "policy"))
 TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthrough",
                "deferred")
 TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",

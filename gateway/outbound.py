@@ -230,7 +230,8 @@ class OutboundUpgrade(TlsPhase):
     def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
         encrypted = self.machine.result in (Result.DANE, Result.FINGERPRINT, Result.TLS)
         chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
-        return recipient_decision(rule, encrypted, chain)
+        required = self.session.config.policy.for_recipient(rule.domain)
+        return recipient_decision(rule, encrypted, chain, required)
 
     def remember(self) -> None:
         """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3

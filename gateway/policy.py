@@ -173,18 +173,24 @@ def static_plan(address: IPAddress, config: PolicyConfig) -> Plan | None:
     return plan(address, Discovery(address, ()), config)
 
 
-def recipient_decision(rule: RecipientRule, encrypted: bool,
-                       chain: list[bytes]) -> tuple[bool, str, str]:
+def recipient_decision(rule: RecipientRule, encrypted: bool, chain: list[bytes],
+                       required: Level | None = None) -> tuple[bool, str, str]:
     """Whether a recipient may be forwarded on this session: (allow, reason, metric label).
 
     ``encrypted``: the gateway made this hop TLS; ``chain``: the peer's certificates as
-    presented in that handshake.  The rule comes from the recipient domain's own DNSSEC
+    presented in that handshake; ``required``: a ``policy.recipients`` level for the
+    domain.  The rule comes from the recipient domain's own DNSSEC
     (gateway.discovery.recipient_rule), so a forged or unsigned reverse zone cannot lift it.
     """
     if rule.doubt is not None:
         return False, f"cannot trust DNS: {rule.doubt}", "dns"
+    if required is not None and not encrypted:
+        return False, f"policy requires TLS for {rule.domain}", "policy"
+    if required is Level.DANE_ONLY and not (rule.host and rule.records):
+        return False, f"policy requires DANE for {rule.domain}; its MX for this address " \
+                      "publishes no usable TLSA", "policy"
     if rule.host is None:
-        return True, "", "none"
+        return True, "", "tls" if required is not None else "none"
     if not encrypted or not chain:
         return False, f"{rule.host} publishes TLSA; this hop is not encrypted", "not_encrypted"
     if not rule.records:

@@ -274,3 +274,29 @@ def test_recipient_decision_table() -> None:
         encrypted = session == "tls"
         got = recipient_decision(rules[rule], encrypted, chain if encrypted else [])
         assert (got[0], got[2]) == (allow, label), (rule, session, got)
+
+
+
+def test_recipient_policy_from_the_config() -> None:
+    from gateway.discovery import RecipientRule
+    from gateway.policy import recipient_decision
+
+    chain, good, _ = _chain_and_records()
+    nothing = RecipientRule("bank.example")
+    dane_rule = RecipientRule("bank.example", "mx.b.test", (good,))
+    # encrypt: any TLS by the gateway will do; plaintext is deferred
+    assert recipient_decision(nothing, True, chain, Level.ENCRYPT)[::2] == (True, "tls")
+    assert recipient_decision(nothing, False, [], Level.ENCRYPT)[::2] == (False, "policy")
+    # dane-only: the domain's DNS must publish a usable TLSA for this address, and match
+    assert recipient_decision(nothing, True, chain, Level.DANE_ONLY)[::2] == (False, "policy")
+    assert recipient_decision(dane_rule, True, chain, Level.DANE_ONLY)[::2] == (True, "dane")
+
+
+def test_recipient_policy_matching() -> None:
+    from gateway.config import PolicyConfig, RecipientPolicy
+
+    cfg = PolicyConfig(recipients=(RecipientPolicy(".bank.example.", Level.DANE_ONLY),
+                                   RecipientPolicy("partner.example.", Level.ENCRYPT)))
+    assert cfg.for_recipient("mail.bank.example") is Level.DANE_ONLY
+    assert cfg.for_recipient("PARTNER.example.") is Level.ENCRYPT
+    assert cfg.for_recipient("sub.partner.example") is None
