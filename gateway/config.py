@@ -565,6 +565,11 @@ def parse(data: object, source: str = "<config>") -> Config:
         raise t.error("next_cert" if keys.next_key else "next_key",
                       "next_key and next_cert go together")
     for i, lst in enumerate(listeners):
+        if lst.client_address is ClientAddress.TRANSPARENT and any(
+                u.host.version != lst.address.version for u in lst.upstreams):
+            raise ConfigError(source, f"listeners[{i}].upstreams",
+                              "transparent mode connects from the client's address: every "
+                              "MTA must be of the listener's address family")
         if (lst.direction is Direction.INBOUND and lst.starttls is StartTls.OFFLOAD
                 and not keys.key):
             raise ConfigError(source, f"listeners[{i}].starttls",

@@ -49,7 +49,8 @@ class InboundOffload(TlsPhase):
             ssl_object = await self.handshake(self.pump.client, self.context, True, None)
         except HANDSHAKE_ERRORS as exc:
             self.tls["verify"] = "handshake failed"
-            self._apply(self.machine.tls_done(False, f"handshake: {type(exc).__name__}"))
+            why = f"handshake: {type(exc).__name__}: {exc}"[:200]
+            self._apply(self.machine.tls_done(False, why))
             self.pump.finish(End.CLIENT_RESET)
             return
         if ssl_object is not None:

@@ -75,10 +75,10 @@ class Metrics:
             "smtpgate_dns_answers", "DNS answers by record type and DNSSEC status.",
             ["rdtype", "status"], registry=registry)
         self.tls = Counter(
-            "smtpgate_upgrades", "Outbound upgrade outcomes: TLS authenticated by DANE or a "
-            "pinned key, unauthenticated TLS, the MTA's own TLS, plaintext, passthrough, or "
-            "deferred (4xx to the MTA); reason says why it was not better.",
-            ["result", "reason"], registry=registry)
+            "smtpgate_upgrades", "TLS outcomes of sessions, by direction: authenticated by "
+            "DANE or a pinned key, unauthenticated TLS, the MTA's own TLS, plaintext, "
+            "passthrough, or deferred (4xx); reason says why it was not better.",
+            ["direction", "result", "reason"], registry=registry)
         self.recipients = Counter(
             "smtpgate_recipients", "Recipients checked against their domain's DANE MX for "
             "the destination: allowed, or deferred with 450 4.7.5 (reason).",
@@ -99,8 +99,9 @@ class Metrics:
             self.reloads.labels(result)
         for rcpt_result, rcpt_reason in RECIPIENT_LABELS:
             self.recipients.labels(rcpt_result, rcpt_reason)
-        for tls_result in TLS_RESULTS:
-            self.tls.labels(tls_result, "none")
+        for d in Direction:
+            for tls_result in TLS_RESULTS:
+                self.tls.labels(d.value, tls_result, "none")
         for result in ("hit", "miss", "shared"):
             self.dns_cache.labels(result)
         for rdtype in DNS_TYPES:

@@ -14,12 +14,18 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import logs
-from .config import Config, ConfigError, Endpoint, Listener
+from .config import ClientAddress, Config, ConfigError, Endpoint, Listener
 from .dns import Resolver
 from .keys import RotatingContext, load_keypair
 from .logs import event, log
 from .metrics import Metrics, serve
-from .netfilter import SO_MARK, is_local_address, listening_socket
+from .netfilter import (
+    IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
+    SO_MARK,
+    is_local_address,
+    listening_socket,
+)
 from .outbound import SessionCache, client_context
 from .session import Session
 from .tasks import TaskGroup
@@ -181,6 +187,8 @@ def site_context(config: Config) -> RotatingContext | None:
     following = (load_keypair(t.next_key, t.next_cert, config.source, "tls.next_key",
                               cert_path_name="tls.next_cert")
                  if t.next_key and t.next_cert else None)
+    for warning in (*pair.warnings, *(following.warnings if following else ())):
+        event(log, "key warning", logging.WARNING, warning=warning)
     return RotatingContext(pair, following)
 
 
@@ -196,6 +204,18 @@ def check_upstream(config: Config) -> None:
             raise ConfigError(config.source, "upstream.mark",
                               f"cannot mark sockets: {exc.strerror} (needs CAP_NET_ADMIN)"
                               ) from None
+    for i, lst in enumerate(config.listeners):
+        if lst.client_address is ClientAddress.TRANSPARENT:
+            level, opt = ((socket.IPPROTO_IPV6, IPV6_TRANSPARENT) if lst.address.version == 6
+                          else (socket.SOL_IP, IP_TRANSPARENT))
+            try:
+                with socket.socket(socket.AF_INET6 if lst.address.version == 6
+                                   else socket.AF_INET) as probe:
+                    probe.setsockopt(level, opt, 1)
+            except OSError as exc:
+                raise ConfigError(config.source, f"listeners[{i}].client_address",
+                                  f"transparent needs IP_TRANSPARENT: {exc.strerror} "
+                                  "(needs CAP_NET_ADMIN)") from None
     for key, address in (("source_ipv4", u.source_ipv4), ("source_ipv6", u.source_ipv6)):
         if address is not None and not is_local_address(address):
             raise ConfigError(config.source, f"upstream.{key}",

@@ -195,7 +195,7 @@ class Session:
             source = self.client.host  # the MTA sees the client's own address
         try:
             sock = upstream_socket(target, cfg.upstream.mark, source, transparent=transparent)
-        except OSError as exc:
+        except (OSError, InterceptError) as exc:
             failure = admission.classify_connect_error(exc)
             self._connect_failed(target, failure, exc)
             return failure
@@ -296,7 +296,7 @@ class Session:
             if machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value
                 label = reason_label(machine.result, machine.reason)
-                m.tls.labels(machine.result.value, label).inc()
+                m.tls.labels(d, machine.result.value, label).inc()
                 if label != "none" and machine.reason:
                     fields["tls_reason"] = machine.reason
             fields.update(self.upgrade.tls)

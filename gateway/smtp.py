@@ -463,7 +463,8 @@ def reason_label(result: Result, reason: str) -> str:
     if result in (Result.DANE, Result.FINGERPRINT, Result.TLS, Result.END_TO_END):
         return "none"
     text = reason.lower()
-    for needle, label in (("injected", "injection"), ("does not offer", "not_offered"),
+    for needle, label in (("injected", "injection"), ("pipelined after starttls", "injection"),
+                          ("does not offer", "not_offered"),
                           ("answered starttls", "starttls_refused"), ("dropped", "capabilities"),
                           ("fallback", "fallback"), ("handshake", "handshake"),
                           ("tls to peer failed", "verify"), ("dns", "dns"),
@@ -548,6 +549,8 @@ class Offload:
 
     def mta_data(self, data: bytes) -> list[InboundCommand]:
         self._mta.feed(data)
+        if len(self._mta.buffer) > MAX_HELD:  # an MTA talking while we wait (A5)
+            return self._reject("MTA sent too much unasked", b"421 4.3.0")
         out: list[InboundCommand] = []
         try:
             while self._at(IS.BANNER, IS.EHLO_REPLY) and (r := self._mta.next()):
