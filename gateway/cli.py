@@ -43,6 +43,59 @@ def _cmd_check(args: argparse.Namespace) -> int:
                              helo=args.helo, step_timeout=args.timeout))
 
 
+def _cmd_firewall(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from . import firewall
+
+    def run(argv: Sequence[str], stdin: str | None) -> firewall.Result:
+        try:
+            cp = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                                timeout=60, check=False)
+        except FileNotFoundError:
+            return firewall.Result(firewall.MISSING, "", f"{argv[0]}: not installed")
+        except subprocess.TimeoutExpired:
+            return firewall.Result(124, "", "timed out after 60 s")
+        return firewall.Result(cp.returncode, cp.stdout, cp.stderr)
+
+    if args.remove:  # needs no config: finds smtpgate's own tables, chains, rules, routes
+        try:
+            removed = firewall.remove(run)
+        except firewall.ApplyError as exc:
+            print(f"smtpgate: firewall: {exc}", file=sys.stderr)
+            return 1
+        for what in removed:
+            print(f"removed: {what}")
+        if not removed:
+            print("nothing to remove: no smtpgate firewall rules are loaded")
+        return 0
+    try:
+        config = load(args.config)
+        options = firewall.Options(
+            format=firewall.Format(args.format),
+            mta_interfaces=tuple(args.mta_interface),
+            mta_networks=firewall.parse_networks(args.mta_network, config.source),
+            local_mta=args.local_mta,
+            internet_interfaces=tuple(args.internet_interface),
+            table=args.table)
+        ruleset = firewall.generate(config, options)
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    if not args.apply:
+        print(ruleset.text(), end="")
+        return 0
+    try:
+        loaded = firewall.apply(ruleset, run)
+    except firewall.ApplyError as exc:
+        print(f"smtpgate: firewall: {exc} (nothing of smtpgate's is left loaded)",
+              file=sys.stderr)
+        return 1
+    for what in loaded:
+        print(f"loaded: {what}")
+    return 0
+
+
 def _print_now(line: str) -> None:
     print(line, flush=True)  # each step as it happens: a slow peer shows where it stalls
 
@@ -118,6 +171,39 @@ def parser() -> argparse.ArgumentParser:
     from .keys import add_commands
 
     add_commands(sub)  # keygen, tlsa, rollover
+
+    fw = sub.add_parser("firewall", help="print, apply or remove the interception rules",
+                        description="Print the nftables or iptables rules (and the ip rule / "
+                                    "ip route lines for TPROXY and transparent upstreams) that "
+                                    "hand port-25 connections to the config's listeners, as a "
+                                    "shell script; or load them (--apply, replacing earlier "
+                                    "smtpgate rules) or remove them (--remove, whatever format "
+                                    "they were loaded in; no error when none are loaded). "
+                                    "Exit 0 when done, 1 when a command failed, 2 for a bad "
+                                    "config or option.")
+    fw.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help=f"config file (default: {DEFAULT_CONFIG}; not read by --remove)")
+    fw.add_argument("--format", choices=("nft", "iptables"), default="nft",
+                    help="nft: table inet smtpgate; iptables: SMTPGATE-* chains for "
+                         "iptables-restore and ip6tables-restore (default: nft)")
+    act = fw.add_mutually_exclusive_group()
+    act.add_argument("--apply", action="store_true", help="load the rules in this host's "
+                                                          "network namespace")
+    act.add_argument("--remove", action="store_true", help="remove every smtpgate rule, "
+                                                           "chain, table, ip rule and route")
+    fw.add_argument("--mta-interface", action="append", default=[], metavar="IF",
+                    help="outbound: the MTAs' connections arrive on IF (repeatable)")
+    fw.add_argument("--mta-network", action="append", default=[], metavar="CIDR",
+                    help="outbound: only from these source networks (repeatable; a family "
+                         "without one is not intercepted from the MTA side)")
+    fw.add_argument("--local-mta", action="store_true",
+                    help="outbound: the MTA runs on this host: take its connections in nat "
+                         "OUTPUT (redirect listeners)")
+    fw.add_argument("--internet-interface", action="append", default=[], metavar="IF",
+                    help="inbound: connections from the internet arrive on IF (repeatable)")
+    fw.add_argument("--table", type=int, default=100, metavar="N",
+                    help="routing table for TPROXY and transparent upstreams (default: 100)")
+    fw.set_defaults(func=_cmd_firewall)
 
     ver = sub.add_parser("version", help="print the version",
                          description="Print the version of smtpgate.")
