@@ -100,8 +100,10 @@ class Metrics:
         for rcpt_result, rcpt_reason in RECIPIENT_LABELS:
             self.recipients.labels(rcpt_result, rcpt_reason)
         for d in Direction:
+            # Every pair exists from the start: increase() cannot see a series' first step.
             for tls_result in TLS_RESULTS:
-                self.tls.labels(d.value, tls_result, "none")
+                for tls_reason in TLS_REASONS:
+                    self.tls.labels(d.value, tls_result, tls_reason)
         for result in ("hit", "miss", "shared"):
             self.dns_cache.labels(result)
         for rdtype in DNS_TYPES:

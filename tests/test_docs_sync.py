@@ -1,0 +1,291 @@
+"""The reference docs against the code they describe: docs/configuration.md against the keys
+the config loader accepts, docs/metrics.md against what the exporter exposes.
+
+A failure here names exactly what is missing from (or extra in) a doc: fix the doc (or the
+code), not the test. Messages start with "DOCS OUT OF SYNC".
+
+Where the key set comes from. The loader (gateway/config.py) reads every mapping through a
+``_Section``; ``done()`` refuses any key the section did not read, so the accepted keys are
+exactly the keys the loader asks a section about. Rather than re-reading the source (key
+names differ from dataclass field names: ``log`` is ``Config.logging``, ``policy.entries[]``
+fields include derived ones), the test parses a small valid config while recording every
+``_Section.has()``/``raw()`` call with its key path, list indexes folded to ``[]``
+(``listeners[].address``, ``policy.entries[].match``, ``dns.cache.min_ttl``). A section
+that is absent from the file is still asked about each of its keys (for the default), so
+the recording does not depend on which keys the sample config sets; lists need one item
+each, which the sample gives (an outbound and an inbound listener, one policy entry).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from gateway import config, metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGURATION_MD = ROOT / "docs" / "configuration.md"
+METRICS_MD = ROOT / "docs" / "metrics.md"
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+
+SAMPLE_CONFIG = """
+listeners:
+  - {address: 127.0.0.1, port: 10025}
+  - {address: 127.0.0.1, port: 10026, direction: inbound, starttls: passthrough,
+     upstreams: ["127.0.0.1:2525"]}
+dns:
+  resolvers: ["127.0.0.1:53", "192.0.2.53:53"]
+  trusted: ["192.0.2.53:53"]
+policy:
+  entries:
+    - {match: 192.0.2.0/24, level: none}
+    - match: mx.example.com
+      level: fingerprint
+      fingerprints: ["0000000000000000000000000000000000000000000000000000000000000000"]
+  recipients:
+    - {domain: example.org, level: encrypt}
+"""
+
+
+def record_loader() -> tuple[set[str], set[str]]:
+    """Parses SAMPLE_CONFIG, recording every key path the loader reads (see the module
+    docstring); also returns the lists it read that had no item in the sample (whose item
+    keys, if any, could not be seen)."""
+    seen: set[str] = set()
+    has, raw, items = config._Section.has, config._Section.raw, config._Section.items
+
+    def path_of(section: config._Section, key: str) -> str:
+        return re.sub(r"\[\d+\]", "[]", section._join(key))
+
+    def has_recorded(self: config._Section, key: str) -> bool:
+        seen.add(path_of(self, key))
+        return has(self, key)
+
+    def raw_recorded(self: config._Section, key: str) -> object:
+        seen.add(path_of(self, key))
+        return raw(self, key)
+
+    def items_recorded(self: config._Section, key: str) -> Iterator[tuple[str, object]]:
+        lists.add(path_of(self, key))
+        for item in items(self, key):
+            filled.add(path_of(self, key))
+            yield item
+
+    lists: set[str] = set()
+    filled: set[str] = set()
+    with mock.patch.object(config._Section, "has", has_recorded), \
+            mock.patch.object(config._Section, "raw", raw_recorded), \
+            mock.patch.object(config._Section, "items", items_recorded):
+        config.parse(yaml.safe_load(SAMPLE_CONFIG), "sample")
+    return seen, lists - filled
+
+
+def loader_keys() -> set[str]:
+    """Every key path the loader reads."""
+    return record_loader()[0]
+
+
+def containers(keys: set[str]) -> set[str]:
+    """Keys that hold other keys (sections, lists of mappings)."""
+    return {k for k in keys for other in keys
+            if other.startswith((k + ".", k + "[]."))}
+
+
+def markdown_section(text: str, heading: str) -> str:
+    """The body under ``heading`` (a whole heading line) up to the next heading of the
+    same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    lines = text.splitlines()
+    start = lines.index(heading) + 1
+    end = next((i for i in range(start, len(lines))
+                if re.match(rf"#{{1,{level}}} ", lines[i])), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def table_rows(text: str) -> Iterator[tuple[list[str], list[str]]]:
+    """(header cells, row cells) of every Markdown table row in ``text``."""
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if header is None:
+            header = cells
+        elif not all(re.fullmatch(r":?-+:?", c) for c in cells):
+            yield header, cells
+
+
+def backticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def documented_keys() -> set[str]:
+    """Keys of docs/configuration.md, "## Keys": each ``### `section` `` heading and the
+    first column of its tables headed ``key`` (``cache.min_ttl`` → ``dns.cache.min_ttl``;
+    under a ``(list`` heading, ``address`` → ``listeners[].address``). A cell may name
+    several keys (`` `next_key`, `next_cert` ``)."""
+    keys = markdown_section(CONFIGURATION_MD.read_text(), "## Keys")
+    out: set[str] = set()
+    for block in re.split(r"(?m)^(?=### )", keys):
+        if not block.startswith("### "):
+            continue
+        heading = block.splitlines()[0]
+        [section, *_] = backticked(heading)
+        out.add(section)
+        join = f"{section}[]." if "(list" in heading else f"{section}."
+        for header, cells in table_rows(block):
+            if header[0] == "key":
+                out.update(join + k for k in backticked(cells[0]))
+    return out
+
+
+def example_keys(doc: object, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            out |= {path} | example_keys(v, path)
+    elif isinstance(doc, list):
+        for item in doc:
+            out |= example_keys(item, prefix + "[]")
+    return out
+
+
+def test_loader_key_recording_sees_every_section() -> None:
+    """The recording itself: it sees nested, list and absent keys, and the sample gives an
+    item to every list the loader reads (else the keys of its items would go unseen: a new
+    list key needs an item in SAMPLE_CONFIG)."""
+    keys, empty_lists = record_loader()
+    assert empty_lists == set(), "lists without an item in SAMPLE_CONFIG"
+    assert {"listeners[].address", "policy.entries[].match", "dns.cache.min_ttl",
+            "upstream.mark", "metrics.listen", "log.level"} <= keys
+    assert not any(re.search(r"\[\d", k) for k in keys)
+
+
+def test_configuration_md_documents_every_key_and_no_other() -> None:
+    accepted = loader_keys()
+    documented = documented_keys()
+    # A container (dns.cache, policy.entries, tls) counts as documented through its keys.
+    missing = sorted(k for k in accepted - documented
+                     if not any(d.startswith((k + ".", k + "[].")) for d in documented))
+    extra = sorted(documented - accepted)
+    assert (missing, extra) == ([], []), (
+        f"DOCS OUT OF SYNC (docs/configuration.md, ## Keys): keys the loader accepts but "
+        f"the doc does not list: {missing}; keys the doc lists that the loader refuses: "
+        f"{extra}")
+
+
+def test_configuration_md_complete_example_is_valid_and_complete() -> None:
+    """ "Complete example with every key": it loads, and it names every key (a line
+    commented out as ``# key: value`` counts as naming it)."""
+    section = markdown_section(CONFIGURATION_MD.read_text(), "## Complete example with every key")
+    [block] = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    config.parse(yaml.safe_load(block), "docs/configuration.md example")
+    uncommented = re.sub(r"(?m)^(\s*)# (\w+: )", r"\1\2", block)
+    shown = example_keys(yaml.safe_load(uncommented))
+    accepted = loader_keys()
+    leaves = accepted - containers(accepted)
+    missing = sorted(leaves - shown)
+    extra = sorted(shown - accepted)
+    assert (missing, extra) == ([], []), (
+        f"DOCS OUT OF SYNC (docs/configuration.md, Complete example with every key): "
+        f"keys not in the example: {missing}; keys in it the loader refuses: {extra}")
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+def exposed_families() -> dict[str, tuple[str, set[str]]]:
+    """Exposed name → (type, label names) for every metric the exporter defines."""
+    registry = CollectorRegistry()
+    metrics.Metrics(registry)
+    out: dict[str, tuple[str, set[str]]] = {}
+    for fam in registry.collect():
+        name = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")
+        labels = {k for s in fam.samples for k in s.labels if k != "le"}
+        if fam.type == "info" and not labels:
+            labels = {k for s in fam.samples for k in s.labels}
+        out[name] = (fam.type, labels)
+    return out
+
+
+def exposed_sample_names() -> set[str]:
+    registry = CollectorRegistry()
+    metrics.Metrics(registry)
+    registry_names = {s.name for fam in registry.collect() for s in fam.samples}
+    # Histogram sample names exist even before the first observation.
+    return registry_names | {n + suffix for n, (t, _) in exposed_families().items()
+                             if t == "histogram" for suffix in ("_bucket", "_sum", "_count")}
+
+
+def documented_series() -> dict[str, tuple[str, set[str]]]:
+    """docs/metrics.md, "## Series": name → (type as written, label names)."""
+    out = {}
+    for header, cells in table_rows(markdown_section(METRICS_MD.read_text(), "## Series")):
+        if header[0].startswith("name"):
+            [name] = backticked(cells[0])
+            out[name] = (cells[1], set(backticked(cells[2])))
+    return out
+
+
+def test_metrics_md_documents_every_metric_and_no_other() -> None:
+    exposed = exposed_families()
+    documented = documented_series()
+    missing = sorted(set(exposed) - set(documented))
+    extra = sorted(set(documented) - set(exposed))
+    assert (missing, extra) == ([], []), (
+        f"DOCS OUT OF SYNC (docs/metrics.md, ## Series): exposed but not documented: "
+        f"{missing}; documented but not exposed: {extra}")
+
+
+def test_metrics_md_types_and_labels_match() -> None:
+    exposed = exposed_families()
+    wrong = []
+    for name, (doc_type, doc_labels) in sorted(documented_series().items()):
+        if name not in exposed:
+            continue  # reported by the test above
+        kind, labels = exposed[name]
+        if not doc_type.startswith(kind) or doc_labels != labels:
+            wrong.append(f"{name}: doc says {doc_type} {sorted(doc_labels)}, exporter has "
+                         f"{kind} {sorted(labels)}")
+    assert wrong == [], f"DOCS OUT OF SYNC (docs/metrics.md, ## Series): {wrong}"
+
+
+def test_metrics_md_lists_the_created_series() -> None:
+    exposed = {n for n in exposed_sample_names() if n.endswith("_created")}
+    documented = set(re.findall(r"`(smtpgate_\w+_created)`", METRICS_MD.read_text()))
+    missing, extra = sorted(exposed - documented), sorted(documented - exposed)
+    assert (missing, extra) == ([], []), (
+        f"DOCS OUT OF SYNC (docs/metrics.md, the _created paragraph): not listed: "
+        f"{missing}; listed but not exposed: {extra}")
+
+
+def test_metrics_md_lists_every_label_value() -> None:
+    """Every label value the exporter creates at start, and every upgrade reason, appears
+    in docs/metrics.md as `value`."""
+    registry = CollectorRegistry()
+    metrics.Metrics(registry)
+    values: set[str] = set(metrics.TLS_REASONS) | set(metrics.TLS_RESULTS)
+    for fam in registry.collect():
+        for s in fam.samples:
+            values |= {v for k, v in s.labels.items() if k not in ("le", "version", "python")}
+    text = METRICS_MD.read_text()
+    missing = sorted(v for v in values if f"`{v}`" not in text)
+    assert missing == [], f"DOCS OUT OF SYNC (docs/metrics.md, Label values): {missing}"
+
+
+def test_no_doc_names_a_metric_that_does_not_exist() -> None:
+    """Every smtpgate_* name in docs/*.md and README.md (tables, example queries, alert
+    examples) is one the exporter exposes."""
+    known = exposed_sample_names() | set(exposed_families())
+    stale: list[tuple[str, str]] = []
+    for path in DOCS:
+        for name in sorted(set(re.findall(r"(?<![\w:])smtpgate_[a-z0-9_]+", path.read_text()))):
+            if name not in known:
+                stale.append((str(path.relative_to(ROOT)), name))
+    assert stale == [], f"DOCS OUT OF SYNC: names no metric: {stale}"
