@@ -51,6 +51,7 @@ import re
 import secrets
 import ssl
 import stat
+import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -174,9 +175,33 @@ def _read_file(path: str, what: str) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
+_ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_OTHER = 0x02, 0x04, 0x08, 0x20
+
+
+def _acl_private(path: str) -> bool:
+    """True when a POSIX ACL is what puts group bits in the mode, and it grants nothing to
+    anyone but this process's own user.  Newer systemd hands LoadCredential= files out this
+    way (root-owned 0400 plus an ACL entry for the service's user): the mode then shows the
+    ACL mask as 0440, though only we can read the key."""
+    try:
+        raw = os.getxattr(path, "system.posix_acl_access")
+    except OSError:
+        return False
+    if len(raw) < 4 or (len(raw) - 4) % 8:
+        return False
+    me = os.geteuid()
+    for i in range(4, len(raw), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, i)
+        if tag in (_ACL_GROUP_OBJ, _ACL_GROUP, _ACL_OTHER) and perm:
+            return False
+        if tag == _ACL_USER and perm and ident != me:
+            return False
+    return True
+
+
 def _check_key_mode(path: str, st: os.stat_result) -> None:
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
+    if mode & 0o077 and not (mode & 0o007 == 0 and _acl_private(path)):
         how = ("readable" if mode & 0o044 else "writable" if mode & 0o022 else "executable")
         raise KeyFileError(f"key file {path} is {how} by group or others "
                            f"(mode {mode:04o}): chmod 600")

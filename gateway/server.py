@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 from pathlib import Path
@@ -222,6 +223,15 @@ def check_upstream(config: Config) -> None:
                               f"{address} is not an address of this host")
 
 
+def raise_open_files_limit() -> None:
+    """Soft limit up to the hard one: every session holds two sockets, and containers
+    often start with a soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def _serve(path: str, config: Config) -> int:
     loop = asyncio.get_running_loop()
     gw = Gateway(config, Metrics(CollectorRegistry()))
@@ -245,5 +255,6 @@ async def _serve(path: str, config: Config) -> int:
 
 def run(path: str, config: Config) -> int:
     logs.setup(config.logging.format, config.logging.level)
+    raise_open_files_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(path, config))
