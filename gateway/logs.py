@@ -61,6 +61,10 @@ def setup(fmt: LogFormat, level: str) -> None:
         handler._smtpgate = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
+        # asyncio's own warnings go through the same formatter: a JSON log stays JSON.
+        aio = logging.getLogger("asyncio")
+        aio.addHandler(handler)
+        aio.propagate = False
     else:
         # Follow the current stderr (tests swap it; setStream would flush a closed one).
         handler.stream = sys.stderr  # type: ignore[attr-defined]

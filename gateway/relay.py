@@ -96,7 +96,9 @@ class Leg(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.pump.leg_eof(self)
-        return True  # keep our own sending side open: half-close
+        # Keep our own sending side open (half-close) where TCP allows it; TLS has no
+        # half-close, and asyncio would only warn about the attempt.
+        return self.transport is not None and self.transport.can_write_eof()
 
     def pause_writing(self) -> None:
         # Our outgoing buffer is full: stop reading whoever fills it.
