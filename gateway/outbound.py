@@ -179,7 +179,8 @@ class OutboundUpgrade(TlsPhase):
         self._ssl_object = ssl_object
         if ssl_object.session_reused:
             # Only sessions verified against this very TLSA set (or pins) are offered.
-            ok, result, reason = True, self._authenticated(plan), "resumed verified session"
+            ok, result = True, self._authenticated(plan)
+            reason = "resumed" if plan.auth is Auth.NONE else "resumed verified session"
         else:
             ok, result, reason = self._verify(plan, presented_chain(ssl_object))
         self.tls["verify"] = reason

@@ -60,8 +60,13 @@ class Gateway:
         loop = asyncio.get_running_loop()
         sock = listening_socket(listener.address, listener.port, listener.mode)
         try:
-            server = await loop.create_server(lambda: Session(self, listener).pump.client,
-                                              sock=sock)
+            # The listener is looked up at accept time: a reload that only renames it keeps
+            # the socket, and sessions must see the current name.
+            key = listener.key
+            server = await loop.create_server(
+                lambda: Session(self, self._servers[key][0] if key in self._servers
+                                else listener).pump.client,
+                sock=sock)
         except BaseException:
             sock.close()
             raise

@@ -419,8 +419,9 @@ class Upgrade:
         """STARTTLS not to be had on this connection, which is still clean plaintext."""
         assert self.plan is not None
         if self.plan.action is Action.TRY_TLS:
-            if self.state is S.PROBE and self.greeting is not None:
-                # Our EHLO replaced the MTA's HELO state at the peer: say HELO again.
+            if self.greet_verb != "EHLO" and self.greeting is not None:
+                # Our probing EHLO replaced the MTA's HELO state at the peer (whether
+                # STARTTLS was then missing or refused): say the MTA's HELO again.
                 self.state = S.REGREET
                 self.result, self.reason = Result.PLAINTEXT, why
                 return [SendPeer(self.greeting)]

@@ -292,3 +292,12 @@ def test_a_client_that_speaks_before_the_banner_is_answered_in_order() -> None:
                                 ("peer", b"454 4.7.0 not now\r\n")])
     assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS), NeedPlan(),
                    SendPeer(b"STARTTLS\r\n"), Relay(ENVELOPE, b"")]
+
+
+def test_helo_client_whose_starttls_is_refused_says_helo_again() -> None:
+    _, out = same_at_all_sizes([
+        ("peer", BANNER), ("client", HELO), ("peer", b"250 mx.b.test\r\n"),
+        ("client", ENVELOPE), ("plan", TRY), ("peer", CAPS),
+        ("peer", b"454 4.7.0 not now\r\n"), ("peer", b"250 mx.b.test\r\n")])
+    assert out[-4:] == [SendPeer(b"EHLO mta.a.test\r\n"), SendPeer(b"STARTTLS\r\n"),
+                        SendPeer(HELO), Relay(ENVELOPE, b"")]
