@@ -25,7 +25,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from .server import run  # uvloop and the server only when we really run
 
-    return run(args.config, config)
+    return run(args.config, config, args.worker_metrics)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -140,6 +140,9 @@ def parser() -> argparse.ArgumentParser:
                                      "config; SIGTERM drains sessions and stops.")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                      help=f"config file (default: {DEFAULT_CONFIG})")
+    # Set by the worker supervisor (config `workers` > 1): serve metrics here, not on
+    # metrics.listen, and run as one worker.
+    run.add_argument("--worker-metrics", help=argparse.SUPPRESS)
     run.add_argument("--check", action="store_true",
                      help="validate the config and exit: 0 when valid, 2 with the error")
     run.set_defaults(func=_cmd_run)

@@ -8,6 +8,7 @@ too: a misspelt ``max_sesions`` silently ignored is a limit that is not there.
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -226,6 +227,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     tls: TlsKeys = field(default_factory=TlsKeys)
+    # Processes sharing the listeners (SO_REUSEPORT); 1 runs everything in this process.
+    workers: int = 1
     source: str = "<config>"
 
 
@@ -556,6 +559,16 @@ def parse(data: object, source: str = "<config>") -> Config:
 
     dns_config = _dns(top)
     policy = _policy(top)
+    workers = 1
+    if top.has("workers"):
+        raw_workers = top.raw("workers")
+        if raw_workers == "auto":
+            workers = os.cpu_count() or 1
+        elif (isinstance(raw_workers, int) and not isinstance(raw_workers, bool)
+              and 1 <= raw_workers <= 256):
+            workers = raw_workers
+        else:
+            raise top.error("workers", "must be auto or an integer from 1 to 256")
     t = top.section("tls")
     keys = TlsKeys(*(t.string(k, "") or None for k in ("key", "cert", "next_key", "next_cert")))
     t.done()
@@ -585,6 +598,7 @@ def parse(data: object, source: str = "<config>") -> Config:
         dns=dns_config,
         policy=policy,
         tls=keys,
+        workers=workers,
         source=source,
     )
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import platform
 from collections.abc import Callable
 from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__
 from .config import Direction, Endpoint
@@ -122,8 +124,8 @@ class _Exporter(asyncio.Protocol):
     MAX_REQUEST = 8192
     TIMEOUT = 10.0
 
-    def __init__(self, registry: CollectorRegistry, health: Callable[[], bool]) -> None:
-        self._registry = registry
+    def __init__(self, render: Callable[[], bytes], health: Callable[[], bool]) -> None:
+        self._render = render
         self._health = health
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -150,8 +152,7 @@ class _Exporter(asyncio.Protocol):
             return
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
-            self._respond(200, generate_latest(self._registry), CONTENT_TYPE_LATEST,
-                          head=parts[0] == b"HEAD")
+            self._respond(200, self._render(), CONTENT_TYPE_LATEST, head=parts[0] == b"HEAD")
         elif path in (b"/healthz", b"/"):
             ok = self._health()
             self._respond(200 if ok else 503, b"ok\n" if ok else b"draining\n")
@@ -169,9 +170,58 @@ class _Exporter(asyncio.Protocol):
         self._transport.close()
 
 
-async def serve(registry: CollectorRegistry, listen: Endpoint,
+async def serve(registry: CollectorRegistry | Callable[[], bytes], listen: Endpoint | str,
                 health: Callable[[], bool]) -> asyncio.Server:
-    """The Prometheus endpoint, on the gateway's own loop (no thread, nothing to fork)."""
+    """The Prometheus endpoint, on the gateway's own loop (no thread, nothing to fork).
+
+    ``registry`` may be a render function instead (the worker supervisor's aggregate);
+    ``listen`` a Unix socket path (a worker answering its supervisor)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Exporter(registry, health), str(listen.host),
+    render = registry if callable(registry) else (lambda: generate_latest(registry))
+    if isinstance(listen, str):
+        return await loop.create_unix_server(lambda: _Exporter(render, health), listen)
+    return await loop.create_server(lambda: _Exporter(render, health), str(listen.host),
                                     listen.port, reuse_address=True)
+
+
+def aggregate(expositions: list[str]) -> bytes:
+    """Several workers' expositions as one: samples with the same name and labels are added
+    (counters, gauges, histogram buckets and sums); ``_created`` takes the earliest; info
+    series are the same everywhere and taken once."""
+    families: dict[str, tuple[str, str]] = {}  # name -> (type, help)
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    order: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, (family.type, family.documentation))
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in values:
+                    order.setdefault(family.name, []).append(key)
+                    values[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    values[key] = min(values[key], sample.value)
+                elif family.type != "info" and not sample.name.endswith("_info"):
+                    values[key] += sample.value
+    lines: list[str] = []
+    for name, (mtype, doc) in families.items():
+        lines.append(f"# HELP {name} {doc}")
+        lines.append(f"# TYPE {name} {mtype}")
+        for sample_name, labels in order.get(name, []):
+            rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{rendered}}} {_number(values[(sample_name, labels)])}"
+                         if rendered else
+                         f"{sample_name} {_number(values[(sample_name, labels)])}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))

@@ -35,8 +35,10 @@ ListenerKey = tuple[object, ...]
 
 
 class Gateway:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics,
+                 metrics_socket: str | None = None) -> None:
         self.config = config
+        self.metrics_socket = metrics_socket  # a worker answers its supervisor here
         self.metrics = metrics
         self.resolver = Resolver(config.dns, metrics)
         self.tls_client = client_context()  # built once, not per session
@@ -123,10 +125,11 @@ class Gateway:
         check_upstream(self.config)
         self.tls_server = site_context(self.config)
         await self._apply_listeners(self.config)
-        if self.config.metrics.listen is not None:
-            self._metrics_server = await serve(self.metrics.registry, self.config.metrics.listen,
+        target = self.metrics_socket or self.config.metrics.listen
+        if target is not None:
+            self._metrics_server = await serve(self.metrics.registry, target,
                                                lambda: not self.draining)
-            event(log, "metrics", address=str(self.config.metrics.listen))
+            event(log, "metrics", address=str(target))
 
     async def reload(self, path: str | Path) -> bool:
         """SIGHUP: a bad new config is refused and the old one stays."""
@@ -237,9 +240,9 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _serve(path: str, config: Config) -> int:
+async def _serve(path: str, config: Config, metrics_socket: str | None = None) -> int:
     loop = asyncio.get_running_loop()
-    gw = Gateway(config, Metrics(CollectorRegistry()))
+    gw = Gateway(config, Metrics(CollectorRegistry()), metrics_socket)
     try:
         await gw.start()
     except (ConfigError, OSError) as exc:
@@ -258,8 +261,12 @@ async def _serve(path: str, config: Config) -> int:
     return 0
 
 
-def run(path: str, config: Config) -> int:
+def run(path: str, config: Config, worker_metrics: str | None = None) -> int:
     logs.setup(config.logging.format, config.logging.level)
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(path, config))
+        if worker_metrics is None and config.workers > 1:
+            from .workers import supervise
+
+            return runner.run(supervise(path, config))
+        return runner.run(_serve(path, config, worker_metrics))

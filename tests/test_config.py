@@ -135,6 +135,8 @@ BAD = [
      "upstreams: ['192.0.2.1:25']}]\n",
      "listeners[0].starttls: must be one of: offload, passthrough"),
     (L + "tls: {key: /k.pem}\n", "tls.cert: key and cert go together"),
+    (L + "workers: 0\n", "workers: must be auto or an integer from 1 to 256"),
+    (L + "workers: many\n", "workers: must be auto or an integer from 1 to 256"),
     (L + "policy: {recipients: [{domain: 'x y', level: encrypt}]}\n",
      "policy.recipients[0].domain: not a domain name or .suffix"),
     (L + "policy: {recipients: [{domain: bank.example, level: may}]}\n",

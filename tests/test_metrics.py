@@ -85,3 +85,26 @@ def test_exporter_serves_metrics_health_and_refuses_the_rest() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         r.run(main())
+
+
+def test_aggregate_sums_workers_and_keeps_the_format() -> None:
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import aggregate
+
+    regs = [CollectorRegistry(), CollectorRegistry()]
+    for n, reg in enumerate(regs, start=1):
+        m = Metrics(reg)
+        m.sessions.labels("outbound", "relayed").inc(n)
+        m.duration.labels("outbound").observe(0.02 * n)
+    merged = aggregate([generate_latest(r).decode() for r in regs]).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(merged) for s in f.samples}
+    assert samples[("smtpgate_sessions_total",
+                    (("direction", "outbound"), ("outcome", "relayed")))] == 3
+    assert samples[("smtpgate_session_duration_seconds_count",
+                    (("direction", "outbound"),))] == 2
+    assert samples[("smtpgate_build_info",
+                    (("python", __import__("platform").python_version()),
+                     ("version", "0.1.0")))] == 1  # info: once, not summed

@@ -1,0 +1,130 @@
+"""Several worker processes on the same listeners (SO_REUSEPORT: the kernel spreads the
+connections), supervised by this process, which also serves their metrics as one.
+
+Each worker is a plain ``smtpgate run`` of the same file with ``--worker-metrics SOCKET``:
+no fork of a running event loop, nothing shared but the ports.  The supervisor forwards
+SIGHUP and SIGTERM, restarts a worker that dies (not while draining), gives up when a worker
+cannot start at all, and answers ``/metrics`` with the sum of the workers' expositions
+(``metrics.aggregate``) — a worker's counters vanish with it when it dies, which a restart
+shows as a counter reset, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .config import Config
+from .logs import event, log
+from .metrics import aggregate, serve
+
+START_GRACE = 5.0  # a worker that exits within this after its start could not start
+SCRAPE_TIMEOUT = 2.0
+
+
+def _scrape(path: str) -> str:
+    """One worker's exposition over its Unix socket ("" when it does not answer)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(SCRAPE_TIMEOUT)
+            s.connect(path)
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+    except OSError:
+        return ""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body.decode() if head.startswith(b"HTTP/1.1 200") else ""
+
+
+class _Worker:
+    def __init__(self, path: str, index: int, socket_path: str) -> None:
+        self.path, self.index, self.socket_path = path, index, socket_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", self.path,
+             "--worker-metrics", self.socket_path])
+        self.started = time.monotonic()
+        event(log, "worker started", worker=self.index, pid=self.proc.pid)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+
+async def supervise(path: str, config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    tmp = tempfile.mkdtemp(prefix="smtpgate-workers-")
+    workers = [_Worker(path, i, os.path.join(tmp, f"{i}.sock"))
+               for i in range(config.workers)]
+    draining = asyncio.Event()
+
+    def render() -> bytes:
+        return aggregate([t for w in workers if (t := _scrape(w.socket_path))])
+
+    exporter = None
+    try:
+        for w in workers:
+            w.start()
+        if config.metrics.listen is not None:
+            exporter = await serve(render, config.metrics.listen, lambda: not draining.is_set())
+
+        def stop() -> None:
+            draining.set()
+            for w in workers:
+                w.signal(signal.SIGTERM)
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGINT, stop)
+        def reload() -> None:
+            for w in workers:
+                w.signal(signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        event(log, "supervising", workers=len(workers), source=path)
+        code = 0
+        while True:
+            alive = 0
+            for w in workers:
+                assert w.proc is not None
+                rc = w.proc.poll()
+                if rc is None:
+                    alive += 1
+                    continue
+                if draining.is_set():
+                    continue
+                if time.monotonic() - w.started < START_GRACE and rc != 0:
+                    event(log, "worker could not start", logging.ERROR, worker=w.index,
+                          code=rc)
+                    stop()
+                    code = 1
+                    continue
+                event(log, "worker exited", logging.WARNING, worker=w.index, code=rc)
+                w.start()
+                alive += 1
+            if draining.is_set() and alive == 0:
+                break
+            await asyncio.sleep(0.2)
+        event(log, "stopped", workers=len(workers))
+        return code
+    finally:
+        if exporter is not None:
+            exporter.close()
+        for w in workers:  # on an error path: none may outlive its supervisor
+            w.signal(signal.SIGTERM)
+        shutil.rmtree(tmp, ignore_errors=True)
