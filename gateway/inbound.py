@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .relay import End
-from .smtp import InboundCommand, Offload, Reject, Relay, SendClient, SendPeer, StartTlsServer
+from .smtp import InboundCommand, Offload, Reject, Relay, StartTlsServer
 
 if TYPE_CHECKING:
     from .session import Session
@@ -31,11 +31,9 @@ class InboundOffload(TlsPhase):
         for cmd in commands:
             if self.pump.done.done():
                 return
-            if isinstance(cmd, SendPeer):
-                self.write(self.pump.upstream, cmd.data)
-            elif isinstance(cmd, SendClient):
-                self.write(self.pump.client, cmd.data)
-            elif isinstance(cmd, StartTlsServer):
+            if self.forward(cmd):
+                continue
+            if isinstance(cmd, StartTlsServer):
                 self.pause(self.pump.client)
                 self.session.gw.tasks.spawn(self._handshake(), name="inbound starttls")
             elif isinstance(cmd, Relay):

@@ -23,8 +23,6 @@ from .smtp import (
     Reconnect,
     Relay,
     Result,
-    SendClient,
-    SendPeer,
     StartTls,
     Upgrade,
 )
@@ -133,11 +131,9 @@ class OutboundUpgrade(TlsPhase):
         for cmd in commands:
             if self.pump.done.done():
                 return
-            if isinstance(cmd, SendPeer):
-                self.write(self.pump.upstream, cmd.data)
-            elif isinstance(cmd, SendClient):
-                self.write(self.pump.client, cmd.data)
-            elif isinstance(cmd, NeedPlan):
+            if self.forward(cmd):
+                continue
+            if isinstance(cmd, NeedPlan):
                 self.session.when_planned(self._planned)
             elif isinstance(cmd, StartTls):
                 self.pause(self.pump.upstream)

@@ -8,6 +8,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from .relay import Leg
+from .smtp import SendClient, SendPeer
 
 if TYPE_CHECKING:
     from .session import Session
@@ -42,6 +43,16 @@ class TlsPhase:
     def write(leg: Leg, data: bytes) -> None:
         if data and leg.transport is not None and not leg.transport.is_closing():
             leg.transport.write(data)
+
+    def forward(self, cmd: object) -> bool:
+        """Carries out the commands both machines share; False for any other."""
+        if isinstance(cmd, SendPeer):
+            self.write(self.pump.upstream, cmd.data)
+        elif isinstance(cmd, SendClient):
+            self.write(self.pump.client, cmd.data)
+        else:
+            return False
+        return True
 
     def hand_over(self, to_upstream: bytes, to_client: bytes) -> None:
         """The machine is done: from here the pump copies bytes."""
