@@ -88,6 +88,7 @@ def defer_recipient(reason: str) -> bytes:
 class Envelope:
     mode: Mode = Mode.COMMANDS
     deferred: list[tuple[str, str]] = field(default_factory=list)  # (domain, reason)
+    quit_answered: bool = False
     allowed: int = 0
     _client: bytearray = field(default_factory=bytearray)
     _peer: ReplyReader = field(default_factory=ReplyReader)
@@ -139,6 +140,8 @@ class Envelope:
                 continue
             pending = self._order.popleft()
             out.append(ToClient(reply.raw))
+            if pending.verb == b"QUIT":
+                self.quit_answered = True  # whatever happens to the sockets now, it ended well
             if pending.verb == b"DATA":
                 self._await_data_reply = False
                 if reply.code == 354:

@@ -12,7 +12,7 @@ import logging
 import math
 import platform
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -43,6 +43,7 @@ DNS_TYPES = ("PTR", "A", "AAAA", "MX", "TLSA")
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.sessions = Counter(
             "smtpgate_sessions", "Sessions ended, by direction and outcome.",
             ["direction", "outcome"], registry=registry)
@@ -112,6 +113,15 @@ class Metrics:
             self.dns_latency.labels(rdtype)
             for status in ("secure", "insecure", "bogus", "failed"):
                 self.dns_answers.labels(rdtype, status)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: label values are few by design, and
+        ``labels()`` takes a lock and builds a key on every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def track_buffered(self, fn: Callable[[], int]) -> None:
         """Computed at scrape time: no bookkeeping on the data path."""

@@ -237,6 +237,8 @@ class OutboundUpgrade(TlsPhase):
         if ssl_object is None or self.machine.result not in (Result.DANE, Result.FINGERPRINT,
                                                              Result.TLS):
             return
+        if ssl_object.session_reused:
+            return  # the stored session is still the one to offer; reading it again costs
         session = ssl_object.session
         if session is not None and (session.has_ticket or session.id):
             self.session.gw.tls_sessions.put(self._cache_key, session)

@@ -105,7 +105,7 @@ class Session:
             self._refuse(verdict, "")
             return
         gw.sessions.add(self)
-        gw.metrics.active.labels(self.direction).inc()
+        gw.metrics.child(gw.metrics.active, self.direction).inc()
         if self.direction is Direction.OUTBOUND:
             self.plan = static_plan(self.destination.host, self.config.policy)
             if self.plan is None:
@@ -164,7 +164,7 @@ class Session:
                 self._discovery.cancel()
             self._unregister_own()
             self.gw.session_ended(self)
-            self.gw.metrics.active.labels(self.direction).dec()
+            self.gw.metrics.child(self.gw.metrics.active, self.direction).dec()
             self._summary(end)
 
     async def _connect(self) -> bool:
@@ -236,7 +236,7 @@ class Session:
             self._own_addr = None
 
     def _connect_failed(self, target: Endpoint, reason: str, exc: BaseException) -> None:
-        self.gw.metrics.connect_failures.labels(self.direction, reason).inc()
+        self.gw.metrics.child(self.gw.metrics.connect_failures, self.direction, reason).inc()
         errno_ = getattr(exc, "errno", None)
         detail = os.strerror(errno_) if errno_ else "timed out" if isinstance(
             exc, TimeoutError) else type(exc).__name__
@@ -266,15 +266,21 @@ class Session:
     # -- the one line per session ------------------------------------------------------
     def _summary(self, outcome: str) -> None:
         duration = time.monotonic() - self.started
+        envelope = getattr(self.upgrade, "envelope", None)
+        if outcome in ("client_reset", "upstream_reset") and envelope is not None \
+                and envelope.quit_answered:
+            # A reset after QUIT was answered (MTAs close without waiting for our close, or
+            # TLS's close_notify): the session was complete.
+            outcome = "relayed"
         m = self.gw.metrics
         d = self.direction.value
         up, down = self.pump.client.bytes_in, self.pump.upstream.bytes_in
-        m.sessions.labels(d, outcome).inc()
-        m.duration.labels(d).observe(duration)
+        m.child(m.sessions, d, outcome).inc()
+        m.child(m.duration, d).observe(duration)
         if up:
-            m.bytes.labels(d, "client_to_upstream").inc(up)
+            m.child(m.bytes, d, "client_to_upstream").inc(up)
         if down:
-            m.bytes.labels(d, "upstream_to_client").inc(down)
+            m.child(m.bytes, d, "upstream_to_client").inc(down)
         fields: dict[str, object] = {
             "direction": d,
             "listener": self.listener.label,
@@ -296,7 +302,7 @@ class Session:
             if machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value
                 label = reason_label(machine.result, machine.reason)
-                m.tls.labels(d, machine.result.value, label).inc()
+                m.child(m.tls, d, machine.result.value, label).inc()
                 if label != "none" and machine.reason:
                     fields["tls_reason"] = machine.reason
             fields.update(self.upgrade.tls)

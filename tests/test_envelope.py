@@ -137,3 +137,11 @@ def test_recipients_of_several_domains_sharing_one_mx_address() -> None:
     assert [r[:3] for r in replies] == [b"250", b"250", b"450", b"250", b"450", b"354", b"250"]
     assert checked == ["a@one.test", "b@two.test", "c@three.test", "d@two.test"]
     assert [d for d, _ in env.deferred] == ["two.test", "two.test"]
+
+
+def test_quit_answered_is_noted() -> None:
+    env = Envelope()
+    env.client_data(b"QUIT\r\n")
+    assert not env.quit_answered
+    env.peer_data(b"221 2.0.0 Bye\r\n")
+    assert env.quit_answered
