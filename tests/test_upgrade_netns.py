@@ -309,3 +309,22 @@ def test_recipient_dane_behind_an_address_without_ptr_and_without_starttls(
     queued = [e for e in world.mta.queue()
               if any(r["address"] == "u5@needdane.test" for r in e["recipients"])]
     assert queued and "450 4.7.5" in queued[0]["recipients"][0]["delay_reason"]
+
+
+def test_a_deferral_closes_the_mtas_connection_at_once(world: World) -> None:
+    """After its 421 the gateway closes the MTA's side right away (the TLS side may still be
+    closing politely): an MTA must not sit waiting on a dead session."""
+    c = world.lab.mta.connect("203.0.113.4", 25)  # mx.wrong.test: TLSA does not match
+    c.settimeout(10)
+    with c:
+        f = c.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        c.sendall(b"EHLO mta.example.com\r\n")
+        while (line := f.readline()).startswith(b"250-"):
+            pass
+        assert line.startswith(b"250 ")
+        c.sendall(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<wrong@example.net>\r\nDATA\r\n")
+        assert f.readline().startswith(b"421 4.7.5 smtpgate: TLS to peer failed")
+        t0 = time.monotonic()
+        assert f.read() == b""  # EOF
+        assert time.monotonic() - t0 < 1.0
