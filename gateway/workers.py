@@ -82,7 +82,10 @@ async def supervise(path: str, config: Config) -> int:
         for w in workers:
             w.start()
         if config.metrics.listen is not None:
-            exporter = await serve(render, config.metrics.listen, lambda: not draining.is_set())
+            # Healthy while not draining and every worker is up (a restart shows as 503).
+            exporter = await serve(render, config.metrics.listen, lambda: not draining.is_set()
+                                   and all(w.proc is not None and w.proc.poll() is None
+                                           for w in workers))
 
         def stop() -> None:
             draining.set()
