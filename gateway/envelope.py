@@ -21,19 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .smtp import ReplyReader, take_line, verb
+from .smtp import ReplyReader, SendClient, SendPeer, take_line, verb
 
 END_OF_DATA = b"\r\n.\r\n"
 
 
-@dataclass(frozen=True, slots=True)
-class ToPeer:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ToClient:
-    data: bytes
+# The upgrade machines' own write commands: the shell carries out all of them alike.
+ToPeer = SendPeer
+ToClient = SendClient
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from . import dane
 from .config import Level
 from .discovery import RecipientRule, recipient_rule
-from .envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
+from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision
 from .relay import End, Leg
@@ -203,13 +203,11 @@ class OutboundUpgrade(TlsPhase):
         for cmd in commands:
             if self.pump.done.done():
                 return
-            if isinstance(cmd, ToPeer):
-                self.write(self.pump.upstream, cmd.data)
-            elif isinstance(cmd, ToClient):
-                self.write(self.pump.client, cmd.data)
-            else:
+            if isinstance(cmd, CheckRecipient):
                 self.session.gw.tasks.spawn(self._check_recipient(cmd),
                                             name=f"recipient {cmd.domain}")
+            else:
+                self.forward(cmd)
 
     async def _check_recipient(self, cmd: CheckRecipient) -> None:
         session = self.session

@@ -403,6 +403,20 @@ def _delete_leftovers() -> None:
         ns.delete()
 
 
+def delete_all(namespaces: list[Netns]) -> None:
+    """Deletes ``namespaces`` in reverse order and empties the list; each delete is
+    independent, so one failure cannot leak the rest (the first is raised at the end)."""
+    errors: list[BaseException] = []
+    for ns in reversed(namespaces):
+        try:
+            ns.delete()
+        except BaseException as exc:
+            errors.append(exc)
+    namespaces.clear()
+    if errors:
+        raise errors[0]
+
+
 class Lab:
     """mta -- gw -- peer, v4 and v6, gw forwarding. Use as a context manager."""
 
@@ -486,16 +500,7 @@ class Lab:
             # fmt: on
 
     def close(self) -> None:
-        # Reverse order; each delete is independent so one failure cannot leak the rest.
-        errors: list[BaseException] = []
-        for ns in reversed(self.namespaces):
-            try:
-                ns.delete()
-            except BaseException as exc:
-                errors.append(exc)
-        self.namespaces.clear()
-        if errors:
-            raise errors[0]
+        delete_all(self.namespaces)
 
     def __enter__(self) -> Lab:
         return self

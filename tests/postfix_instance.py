@@ -378,6 +378,17 @@ class PostfixInstance:
 
     # -- log --------------------------------------------------------------------------
 
+    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
+        """The delivered message (in this instance's Maildir) that carries ``marker``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for path in self.maildir_messages():
+                data = path.read_bytes()
+                if marker in data:
+                    return data
+            time.sleep(0.05)
+        raise TimeoutError(f"{marker!r} not delivered to {self.name}:\n{self.log_tail()}")
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -51,7 +51,7 @@ from tests import certs
 from tests.capture import Capture
 from tests.dnslab import DnsWorld, ptr_name, reverse_zone
 from tests.gatewayproc import GatewayProcess
-from tests.netlab import Netns, _link_ready
+from tests.netlab import Netns, _link_ready, delete_all
 from tests.postfix_instance import (
     PostfixInstance,
     null_client_settings,
@@ -375,15 +375,7 @@ class SiteLab:
 
     @staticmethod
     def delivered(mta: PostfixInstance, marker: bytes, timeout: float = 20) -> bytes:
-        """The delivered message (in ``mta``'s Maildir) that carries ``marker``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for path in mta.maildir_messages():
-                data = path.read_bytes()
-                if marker in data:
-                    return data
-            time.sleep(0.05)
-        raise TimeoutError(f"{marker!r} not delivered to {mta.name}:\n{mta.log_tail()}")
+        return mta.wait_delivered(marker, timeout)
 
     def redelivered(self, dst: PostfixInstance, marker: bytes, timeout: float = 45) -> bytes:
         """After a deferral at A: wait for A's retry to deliver ``marker`` to ``dst``.
@@ -426,19 +418,10 @@ class SiteLab:
             yield cap
 
     def close(self) -> None:
-        errors: list[BaseException] = []
         try:
             self._stack.close()
-        except BaseException as exc:
-            errors.append(exc)
-        for ns in reversed(self.namespaces):
-            try:
-                ns.delete()
-            except BaseException as exc:
-                errors.append(exc)
-        self.namespaces.clear()
-        if errors:
-            raise errors[0]
+        finally:
+            delete_all(self.namespaces)
 
     def __enter__(self) -> SiteLab:
         return self.start(prometheus=self.with_prometheus)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import threading
@@ -711,19 +712,34 @@ def test_workers_share_the_listeners_and_their_metrics_add_up(
     """workers: 2: the kernel spreads connections over two processes (SO_REUSEPORT); the
     supervisor's /metrics is their sum; SIGHUP reaches both; SIGTERM drains both."""
     gw = gateway(config(extra="workers: 2\n"))
-    peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
-    try:
-        for _ in range(40):
-            with lab.mta.connect(PEER_V4, 25) as c:
-                c.settimeout(5)
-                assert c.recv(100) == b"220 peer\r\n"
-        peer.join()
-    finally:
-        peer.close()
-    sessions = gw.wait_sessions(40)
+    release = threading.Event()
+
+    def hold(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(30)
+
+    peer = Peer(lab, PEER_V4, hold)
     pids = {e["pid"] for e in gw.events("worker started")}
     assert len(pids) == 2
-    # Each worker logs its own lines; both served some of the 40 (kernel hashing).
+    held = []
+    try:
+        for _ in range(40):
+            c = lab.mta.connect(PEER_V4, 25)
+            c.settimeout(5)
+            assert c.recv(100) == b"220 peer\r\n"
+            held.append(c)
+        # While all 40 are open: which processes hold the gateway's accepted sockets.
+        ss = lab.gw.run(["ss", "-Htnp", "state", "established", "(", "sport", "=", ":10025",
+                         ")"]).stdout
+        serving = {int(m) for m in re.findall(r"pid=(\d+)", ss)}
+        assert serving == pids, ss  # the kernel spread the connections over both workers
+    finally:
+        release.set()
+        for c in held:
+            c.close()
+        peer.join()
+        peer.close()
+    sessions = gw.wait_sessions(40)
     assert gw.metric("smtpgate_sessions_total", direction="outbound", outcome="relayed") == 40
     assert len(sessions) == 40
     gw.signal(signal.SIGHUP)

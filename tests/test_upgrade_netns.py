@@ -127,14 +127,7 @@ def send(w: World, user: str) -> bytes:
 
 
 def delivered(peer: PostfixInstance, marker: bytes, timeout: float = 20) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in peer.maildir_messages():
-            data = path.read_bytes()
-            if marker in data:
-                return data
-        time.sleep(0.1)
-    raise TimeoutError(f"{marker!r} not delivered:\n{peer.log_tail()}")
+    return peer.wait_delivered(marker, timeout)
 
 
 def session_for(w: World, destination: str, n: int = 1) -> dict[str, object]:
