@@ -9,19 +9,59 @@ status, for the log and for ``smtpgate check``.
 was secure up to it (bogus, SERVFAIL, timeout, budget spent): the policy defers there rather
 than fall back to plaintext (A3).  Trouble before anything secure was seen (the PTR lookup
 itself) is no evidence that the peer asked for DANE, so it is not doubt.
+
+Both walks are written sans-I/O: generators that yield each question ``(name, rdtype)`` and
+receive its ``Answer``.  ``_drive`` answers them from the resolver (awaiting the network);
+``_replay`` answers them from the cache alone and gives up at the first miss, so a session
+to a destination seen recently is planned in the accept callback, without a task, a timer
+or a loop iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .config import IPAddress
 from .dane import TLSARecord
 from .dns import Answer, Resolver, Status, failed
 
 MAX_PTR_NAMES = 3  # a PTR RRset with dozens of names is not worth a query each
+
+T = TypeVar("T")
+Question = tuple[str, str]
+Walk = Generator[Question, Answer, T]
+
+
+async def _drive(resolver: Resolver, walk: Walk[T]) -> T:
+    """Answers a walk's questions from the resolver (cache, then network)."""
+    try:
+        question = next(walk)
+        while True:
+            question = walk.send(await resolver.lookup(*question))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+def _replay(resolver: Resolver, walk: Walk[T]) -> tuple[bool, T | None]:
+    """Answers a walk from the cache alone: (True, result), or (False, None) at the first
+    question the cache cannot answer."""
+    answers = 0
+    try:
+        question = next(walk)
+        while True:
+            answer = resolver.cached(*question)
+            if answer is None:
+                walk.close()
+                return False, None
+            answers += 1
+            question = walk.send(answer)
+    except StopIteration as done:
+        resolver.count_hits(answers)
+        return True, done.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +106,19 @@ def _distrust(answer: Answer) -> bool:
     return answer.status in (Status.BOGUS, Status.FAILED)
 
 
+def discover_cached(resolver: Resolver, address: IPAddress) -> Discovery | None:
+    """The discovery from cached answers only; None when one is missing."""
+    p = _Progress(address)
+    complete, _ = _replay(resolver, _discover(p))
+    return p.result() if complete else None
+
+
 async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Discovery:
     """Never raises for DNS trouble and never takes longer than ``budget`` seconds."""
     p = _Progress(address)
     try:
         async with asyncio.timeout(budget):
-            await _discover(resolver, p)
+            await _drive(resolver, _discover(p))
     except TimeoutError:
         assert p.asking is not None
         name, rdtype = p.asking
@@ -81,15 +128,15 @@ async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Dis
     return p.result()
 
 
-async def _ask(resolver: Resolver, p: _Progress, name: str, rdtype: str) -> Answer:
+def _ask(p: _Progress, name: str, rdtype: str) -> Walk[Answer]:
     p.asking = (name, rdtype)
-    answer = await resolver.lookup(name, rdtype)
+    answer = yield p.asking
     p.steps.append(answer)
     return answer
 
 
-async def _discover(resolver: Resolver, p: _Progress) -> None:
-    ptr = await _ask(resolver, p, reverse_name(p.address), "PTR")
+def _discover(p: _Progress) -> Walk[None]:
+    ptr = yield from _ask(p, reverse_name(p.address), "PTR")
     if not ptr.exists:
         return
     p.secure_so_far = ptr.status is Status.SECURE
@@ -98,7 +145,7 @@ async def _discover(resolver: Resolver, p: _Progress) -> None:
     forward: Answer | None = None
     trouble: Answer | None = None
     for name in names:
-        answer = await _ask(resolver, p, name, rdtype)
+        answer = yield from _ask(p, name, rdtype)
         if _distrust(answer):
             trouble = answer
             continue
@@ -118,7 +165,7 @@ async def _discover(resolver: Resolver, p: _Progress) -> None:
     assert p.host is not None
     bases = [forward.canonical, p.host] if forward.cnames else [p.host]
     for base in bases:
-        tlsa = await _ask(resolver, p, f"_25._tcp.{base}", "TLSA")
+        tlsa = yield from _ask(p, f"_25._tcp.{base}", "TLSA")
         if _distrust(tlsa):
             p.doubt = f"TLSA lookup of {tlsa.name} is {tlsa.status}"
             return
@@ -146,18 +193,24 @@ class RecipientRule:
     doubt: str | None = None
 
 
+def recipient_rule_cached(resolver: Resolver, domain: str,
+                          address: IPAddress) -> RecipientRule | None:
+    """The rule from cached answers only; None when one is missing."""
+    return _replay(resolver, _recipient_rule(domain, address))[1]
+
+
 async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
                          budget: float) -> RecipientRule:
     """Never raises for DNS trouble; bounded by ``budget``."""
     try:
         async with asyncio.timeout(budget):
-            return await _recipient_rule(resolver, domain, address)
+            return await _drive(resolver, _recipient_rule(domain, address))
     except TimeoutError:
         return RecipientRule(domain, doubt=f"lookups for {domain} did not finish in {budget}s")
 
 
-async def _recipient_rule(resolver: Resolver, domain: str, address: IPAddress) -> RecipientRule:
-    mx = await resolver.lookup(domain, "MX")
+def _recipient_rule(domain: str, address: IPAddress) -> Walk[RecipientRule]:
+    mx = yield (domain, "MX")
     if _distrust(mx):
         return RecipientRule(domain, doubt=f"MX lookup of {domain} is {mx.status}")
     if mx.status is not Status.SECURE or not mx.exists:
@@ -168,14 +221,14 @@ async def _recipient_rule(resolver: Resolver, domain: str, address: IPAddress) -
         hosts = sorted({r.exchange.to_text().lower() for r in mx.records})
     rdtype = "AAAA" if address.version == 6 else "A"
     for host in hosts[:10]:
-        addresses = await resolver.lookup(host, rdtype)
+        addresses = yield (host, rdtype)
         if _distrust(addresses):
             return RecipientRule(domain, doubt=f"{rdtype} lookup of MX {host} is "
                                                f"{addresses.status}")
         if addresses.status is not Status.SECURE or not any(
                 ipaddress.ip_address(r.address) == address for r in addresses.records):
             continue
-        tlsa = await resolver.lookup(f"_25._tcp.{host}", "TLSA")
+        tlsa = yield (f"_25._tcp.{host}", "TLSA")
         if _distrust(tlsa):
             return RecipientRule(domain, host, doubt=f"TLSA lookup of {host} is {tlsa.status}")
         if tlsa.status is Status.SECURE and tlsa.exists:

@@ -168,6 +168,12 @@ class Resolver:
             return None
         return entry.answer
 
+    def count_hits(self, n: int) -> None:
+        """Answers taken with ``cached`` (a discovery replayed from the cache)."""
+        self.stats.hits += n
+        if self.metrics is not None and n:
+            self.metrics.dns_cache.labels("hit").inc(n)
+
     def _store(self, key: tuple[str, str], answer: Answer) -> None:
         ttl = self._ttl_for(answer)
         if ttl <= 0:

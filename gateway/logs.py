@@ -15,10 +15,16 @@ session_log = logging.getLogger("smtpgate.session")
 
 
 class _JsonFormatter(logging.Formatter):
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                              time.gmtime(second))
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -54,6 +60,13 @@ def _quote(value: object) -> str:
 
 def setup(fmt: LogFormat, level: str) -> None:
     """Idempotent: a reload may switch format or level."""
+    # Per record, logging would walk the stack for the caller's file and line and look up
+    # thread and process names; neither formatter prints them, and the summary line is
+    # written once per session (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("smtpgate")
     handler = next((h for h in root.handlers if getattr(h, "_smtpgate", False)), None)
     if handler is None:

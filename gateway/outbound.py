@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from . import dane
 from .config import Level
-from .discovery import RecipientRule, recipient_rule
+from .discovery import RecipientRule, recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision
@@ -204,8 +204,15 @@ class OutboundUpgrade(TlsPhase):
             if self.pump.done.done():
                 return
             if isinstance(cmd, CheckRecipient):
-                self.session.gw.tasks.spawn(self._check_recipient(cmd),
-                                            name=f"recipient {cmd.domain}")
+                session = self.session
+                assert session.destination is not None
+                rule = recipient_rule_cached(session.gw.resolver, cmd.domain,
+                                             session.destination.host)
+                if rule is not None:
+                    self._decide_recipient(cmd, rule)  # answered now, in order
+                else:
+                    session.gw.tasks.spawn(self._check_recipient(cmd),
+                                           name=f"recipient {cmd.domain}")
             else:
                 self.forward(cmd)
 
@@ -214,6 +221,11 @@ class OutboundUpgrade(TlsPhase):
         assert session.destination is not None and self.envelope is not None
         rule = await recipient_rule(session.gw.resolver, cmd.domain, session.destination.host,
                                     session.config.dns.budget)
+        self._decide_recipient(cmd, rule)
+
+    def _decide_recipient(self, cmd: CheckRecipient, rule: RecipientRule) -> None:
+        session = self.session
+        assert self.envelope is not None
         allow, reason, label = self._satisfies(rule)
         session.gw.metrics.recipients.labels("allowed" if allow else "deferred", label).inc()
         if not allow:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import logs
-from .config import ClientAddress, Config, ConfigError, Endpoint, Listener
+from .config import ClientAddress, Config, ConfigError, Endpoint, IPAddress, Listener
 from .dns import Resolver
 from .keys import RotatingContext, load_keypair
 from .logs import event, log
@@ -28,10 +29,12 @@ from .netfilter import (
     listening_socket,
 )
 from .outbound import SessionCache, client_context
+from .policy import Plan, static_plan
 from .session import Session
 from .tasks import TaskGroup
 
 ListenerKey = tuple[object, ...]
+STATIC_PLAN_CACHE = 10_000
 
 
 class Gateway:
@@ -50,6 +53,9 @@ class Gateway:
         # reaches a listener is our own traffic intercepted again (A6).
         self.own_upstreams: set[tuple[str, int]] = set()
         self.tasks = TaskGroup()
+        # static_plan per destination address for the current config (cleared on reload):
+        # the same few MX addresses come back all day.
+        self._static_plans: dict[IPAddress, Plan | None] = {}
         self._servers: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
         self._metrics_server: asyncio.Server | None = None
         self.draining = False
@@ -112,6 +118,16 @@ class Gateway:
             and (ep.host == lst.address or is_local_address(ep.host))
             for lst, _ in self._servers.values())
 
+    def static_plan(self, address: IPAddress) -> Plan | None:
+        try:
+            return self._static_plans[address]
+        except KeyError:
+            pass
+        if len(self._static_plans) >= STATIC_PLAN_CACHE:
+            self._static_plans.clear()  # bounded: traffic from many addresses cannot grow it
+        found = self._static_plans[address] = static_plan(address, self.config.policy)
+        return found
+
     def session_ended(self, session: Session) -> None:
         self.sessions.discard(session)
         if not self.sessions:
@@ -157,6 +173,7 @@ class Gateway:
             # The old resolver is left to finish the queries running sessions wait on.
             self.resolver = Resolver(new.dns, self.metrics)
         self.config = new  # sessions already running keep the config they started with
+        self._static_plans = {}
         self.tls_server = tls_server
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
@@ -248,6 +265,10 @@ async def _serve(path: str, config: Config, metrics_socket: str | None = None) -
     except (ConfigError, OSError) as exc:
         event(log, "cannot start", logging.ERROR, error=str(exc))
         return 1
+    # Everything built so far (modules, config, contexts) lives as long as the process:
+    # keep it out of the cyclic collector's scans, which otherwise walk it again and again
+    # while sessions (which hold cycles: legs <-> pump) come and go.
+    gc.freeze()
     stop = asyncio.Event()
     holder = TaskGroup()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

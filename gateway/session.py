@@ -22,7 +22,7 @@ from .config import (
     Listener,
     StartTls,
 )
-from .discovery import discover
+from .discovery import discover, discover_cached
 from .dns import Resolver
 from .inbound import InboundOffload
 from .logs import event, session_log
@@ -35,7 +35,7 @@ from .netfilter import (
     upstream_socket,
 )
 from .outbound import OutboundUpgrade
-from .policy import Action, Plan, plan, static_plan
+from .policy import Action, Plan, plan
 from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
 from .smtp import Result, reason_label
@@ -58,11 +58,16 @@ class Session:
         self.destination: Endpoint | None = None
         self.upstream: Endpoint | None = None
         self.reason = ""
+        # Formatted once: task names and the summary line would otherwise format each
+        # address several times per session (ipaddress's str is slow on the hot path).
+        self.client_text = "-"
+        self.destination_text = "-"
         self._own_addr: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self.plan: Plan | None = None
         self.upgrade: OutboundUpgrade | InboundOffload | None = None
         self._discovery: asyncio.Task[None] | None = None
+        self._planning_started = False
 
     # -- accept ------------------------------------------------------------------------
     def _leg_made(self, leg: Leg) -> None:
@@ -80,6 +85,7 @@ class Session:
             self._summary(End.CLIENT_RESET.value)
             return
         self.client = sock_endpoint(peer)
+        self.client_text = str(self.client)
         gw = self.gw
         try:
             self.destination = original_destination(sock, self.listener.mode)
@@ -90,6 +96,7 @@ class Session:
             # Inbound forwards to its configured MTAs whatever was asked: the original
             # destination is only for the log, and a client sent here without NAT is fine.
             self.destination = sock_endpoint(sock.getsockname())
+        self.destination_text = str(self.destination)
         verdict = admission.admit(
             active=len(gw.sessions),
             max_sessions=self.config.limits.max_sessions,
@@ -106,14 +113,27 @@ class Session:
             return
         gw.sessions.add(self)
         gw.metrics.child(gw.metrics.active, self.direction).inc()
-        if self.direction is Direction.OUTBOUND:
-            self.plan = static_plan(self.destination.host, self.config.policy)
-            if self.plan is None:
-                # Runs beside the connect and the peer's banner: no latency added.
-                self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
-                                                 name=f"discover {self.destination}")
         self._task = gw.tasks.spawn(self._run(),
-                                    name=f"session {self.client}->{self.destination}")
+                                    name=f"session {self.client_text}->{self.destination_text}")
+        if self.direction is Direction.OUTBOUND:
+            # After the session task's first step: the upstream connect goes out before
+            # any planning work is done, and planning runs while the SYN is in flight.
+            asyncio.get_running_loop().call_soon(self._start_planning)
+
+    def _start_planning(self) -> None:
+        """The plan from the config or from cached DNS answers at once; otherwise a
+        discovery task beside the connect and the peer's banner (no latency added)."""
+        if self._planning_started or self.pump.done.done():
+            return
+        self._planning_started = True
+        assert self.destination is not None
+        gw, host = self.gw, self.destination.host
+        self.plan = gw.static_plan(host)
+        if self.plan is None and (found := discover_cached(gw.resolver, host)) is not None:
+            self.plan = plan(host, found, self.config.policy)
+        if self.plan is None:
+            self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
+                                             name=f"discover {self.destination_text}")
 
     def _refuse(self, refusal: admission.Refusal, detail: str) -> None:
         transport = self.pump.client.transport
@@ -141,6 +161,8 @@ class Session:
         self.pump.done.add_done_callback(self._pump_done)
         try:
             if await self._connect():
+                if self.direction is Direction.OUTBOUND:
+                    self._start_planning()  # normally done already, while connecting
                 passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
                 if self.direction is Direction.OUTBOUND and not passthrough:
                     self.upgrade = OutboundUpgrade(self)
@@ -219,6 +241,7 @@ class Session:
 
     def when_planned(self, callback: Callable[[Plan | None], None]) -> None:
         """Calls back with the plan once discovery is done (None if it broke)."""
+        self._start_planning()  # normally done already, right after accept
         task = self._discovery
         if task is None or task.done():
             asyncio.get_running_loop().call_soon(callback, self.plan)
@@ -284,8 +307,8 @@ class Session:
         fields: dict[str, object] = {
             "direction": d,
             "listener": self.listener.label,
-            "client": str(self.client) if self.client else "-",
-            "destination": str(self.destination) if self.destination else "-",
+            "client": self.client_text,
+            "destination": self.destination_text,
             "upstream": str(self.upstream) if self.upstream else "-",
             "outcome": outcome,
             "bytes_up": up,

@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 import pytest
 
 from gateway.config import DnsCache, DnsConfig, Endpoint, PolicyConfig
-from gateway.discovery import Discovery, discover
+from gateway.discovery import (
+    Discovery,
+    RecipientRule,
+    discover,
+    discover_cached,
+    recipient_rule,
+    recipient_rule_cached,
+)
 from gateway.dns import Answer, Resolver, Status
 from gateway.policy import Action, Auth, plan
 from tests import dnslab, netlab
@@ -235,6 +242,43 @@ def test_cache_shares_one_query_among_100_sessions(world: DnsWorld) -> None:
     queries, tlsa_status = in_gw(world, lambda: asyncio.run(go()))
     assert queries == 3  # PTR, A, TLSA: once each for all 100
     assert tlsa_status == {Status.SECURE}
+
+
+def test_cached_replay_equals_the_walk_and_asks_nothing(world: DnsWorld) -> None:
+    """Sessions to a destination seen recently are planned from the cache in the accept
+    callback: the replay must give exactly what the network walk gave, for every kind of
+    destination, and give up (None) while anything is missing."""
+    addresses = [f"203.0.113.{i}" for i in range(2, 10)] + ["2001:db8:2::2", "203.0.113.77"]
+
+    async def go() -> list[tuple[Any, ...]]:
+        r = Resolver(dns_config())
+        out = []
+        try:
+            for text in addresses:
+                a = ipaddress.ip_address(text)
+                cold = discover_cached(r, a)
+                walked = await discover(r, a, 8.0)
+                queries = r.stats.queries
+                replayed = discover_cached(r, a)
+                asked = r.stats.queries - queries
+                rule_cold = recipient_rule_cached(r, "b.test", a)
+                rule = await recipient_rule(r, "b.test", a, 8.0)
+                out.append((text, cold, walked, replayed, asked,
+                            rule_cold, rule, recipient_rule_cached(r, "b.test", a)))
+        finally:
+            await r.close()
+        return out
+
+    for text, cold, walked, replayed, asked, _rule_cold, rule, rule_replayed in in_gw(
+            world, lambda: asyncio.run(go())):
+        assert cold is None, text  # nothing cached yet: the walk must go to the network
+        assert replayed == walked, text
+        assert asked == 0, text  # the replay asked nothing
+        assert isinstance(rule, RecipientRule) and rule_replayed == rule, text
+    first = in_gw(world, lambda: asyncio.run(go()))[0]
+    # The DANE host's replay carries its TLSA; the first rule had no cached MX yet.
+    assert first[3] is not None and [str(x) for x in first[3].usable] == [KEY_B]
+    assert first[5] is None
 
 
 def test_bogus_zone_defers(tmp_path: Path) -> None:

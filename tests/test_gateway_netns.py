@@ -481,6 +481,35 @@ def test_sighup_reload_keeps_sessions_and_refuses_bad_config(
     assert outcomes == ["refused_limit", "relayed"]
 
 
+def test_reload_changes_the_plan_of_a_destination_seen_before(
+        lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
+    """Plans decided by the config alone are remembered per destination; a reload must
+    forget them, or the old policy would go on applying to every address seen before."""
+    gw = gateway(config())
+
+    def one_session() -> None:
+        peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
+        try:
+            with lab.mta.connect(PEER_V4, 25) as c:
+                c.settimeout(5)
+                assert c.recv(100) == b"220 peer\r\n"
+            peer.join()
+        finally:
+            peer.close()
+
+    one_session()
+    one_session()
+    good = gw.config_path.read_text()
+    gw.config_path.write_text(good.replace(
+        "policy: {default: none}",
+        "policy: {default: none, entries: [{match: 203.0.113.0/24, level: encrypt}]}"))
+    gw.signal(signal.SIGHUP)
+    gw.wait_event("reloaded")
+    one_session()
+    plans = [s.get("plan") for s in gw.wait_sessions(3)]
+    assert plans == ["passthrough", "passthrough", "require-tls"], plans
+
+
 def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     gw = gateway(config(timeouts=", drain: 3"))
     release = threading.Event()
