@@ -9,8 +9,8 @@ Half-close: EOF from one leg becomes ``shutdown(SHUT_WR)`` on the other (``write
 issued after the buffered bytes are flushed); the pump is finished when both directions have
 seen EOF, or when either leg is lost.
 
-Timeouts: idle (no byte read in either direction) and total; one timer each, the idle one
-re-armed lazily so the hot path only stores a timestamp.
+Timeouts: idle (no byte read in either direction) and total, on one timer, re-armed lazily
+so the hot path only stores a timestamp.
 """
 
 from __future__ import annotations
@@ -49,6 +49,21 @@ class End(StrEnum):
 
 class Leg(asyncio.Protocol):
     """One TCP connection of the pump; forwards what it reads to its partner leg."""
+
+    # Slots: two legs per session, thousands of sessions held idle.
+    __slots__ = (
+        "_paused_by_partner",
+        "bytes_in",
+        "closed_by_us",
+        "detached",
+        "eof",
+        "held",
+        "lost",
+        "name",
+        "partner",
+        "pump",
+        "transport",
+    )
 
     def __init__(self, pump: Pump, name: str) -> None:
         self.pump = pump
@@ -127,6 +142,22 @@ class Leg(asyncio.Protocol):
 class Pump:
     """Couples two Legs.  ``done`` resolves with an End once the session is over."""
 
+    __slots__ = (
+        "_deadline",
+        "_last",
+        "_loop",
+        "_on_made",
+        "_timer",
+        "_want_start",
+        "client",
+        "done",
+        "high_water",
+        "idle_timeout",
+        "tap",
+        "total_timeout",
+        "upstream",
+    )
+
     def __init__(self, high_water: int, idle_timeout: float, total_timeout: float,
                  on_made: Callable[[Leg], None] | None = None) -> None:
         self.high_water = high_water
@@ -140,8 +171,9 @@ class Pump:
         self.done: asyncio.Future[End] = self._loop.create_future()
         self._on_made = on_made
         self._last = self._loop.time()
-        self._idle: asyncio.TimerHandle | None = None
-        self._total: asyncio.TimerHandle | None = None
+        # One timer for both limits (a timer per session is memory when thousands idle).
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # the session limit, absolute
         self._want_start = False
         # While set, bytes read go to this callback instead of across (the upgrade phase).
         self.tap: Callable[[Leg, bytes], None] | None = None
@@ -193,8 +225,9 @@ class Pump:
                     leg.partner.transport.write(data)
         now = self._loop.time()
         self._last = now
-        self._idle = self._loop.call_at(now + self.idle_timeout, self._check_idle)
-        self._total = self._loop.call_at(now + self.total_timeout, self.finish, End.TOTAL)
+        self._deadline = now + self.total_timeout
+        self._timer = self._loop.call_at(min(now + self.idle_timeout, self._deadline),
+                                         self._check_timeouts)
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.transport.is_closing():
                 leg.transport.resume_reading()
@@ -204,17 +237,21 @@ class Pump:
 
     @property
     def started(self) -> bool:
-        return self._idle is not None
+        return self._timer is not None
 
     def touch(self) -> None:
         self._last = self._loop.time()
 
-    def _check_idle(self) -> None:
+    def _check_timeouts(self) -> None:
+        now = self._loop.time()
+        if now >= self._deadline:
+            self.finish(End.TOTAL)
+            return
         due = self._last + self.idle_timeout
-        if self._loop.time() >= due:
+        if now >= due:
             self.finish(End.IDLE)
         else:
-            self._idle = self._loop.call_at(due, self._check_idle)
+            self._timer = self._loop.call_at(min(due, self._deadline), self._check_timeouts)
 
     def leg_eof(self, leg: Leg) -> None:
         if not self.started:
@@ -254,9 +291,8 @@ class Pump:
         mirrored as a reset, so neither peer takes a cut-off session for a complete one."""
         if self.done.done():
             return
-        for timer in (self._idle, self._total):
-            if timer is not None:
-                timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         for leg in (self.client, self.upstream):
             t = leg.transport
             if t is None or t.is_closing():

@@ -197,6 +197,7 @@ class Gateway:
             s.abort()
         if left:
             await self.tasks.cancel_all()
+            await asyncio.sleep(0)  # the pumps' done callbacks write the summaries
         await self.resolver.close()
         if self._metrics_server is not None:
             self._metrics_server.close()

@@ -45,6 +45,28 @@ if TYPE_CHECKING:
 
 
 class Session:
+    __slots__ = (
+        "_discovery",
+        "_ended",
+        "_own_addr",
+        "_planning_started",
+        "_task",
+        "client",
+        "client_text",
+        "config",
+        "destination",
+        "destination_text",
+        "direction",
+        "gw",
+        "listener",
+        "plan",
+        "pump",
+        "reason",
+        "started",
+        "upgrade",
+        "upstream",
+    )
+
     def __init__(self, gw: Gateway, listener: Listener) -> None:
         self.gw = gw
         self.config: Config = gw.config  # the config at accept time, for the whole session
@@ -68,6 +90,7 @@ class Session:
         self.upgrade: OutboundUpgrade | InboundOffload | None = None
         self._discovery: asyncio.Task[None] | None = None
         self._planning_started = False
+        self._ended = False
 
     # -- accept ------------------------------------------------------------------------
     def _leg_made(self, leg: Leg) -> None:
@@ -156,38 +179,54 @@ class Session:
         self.plan = plan(self.destination.host, found, self.config.policy)
 
     async def _run(self) -> None:
-        end: str = End.ABORTED.value
+        """Connects and starts the pump, then returns: an idle session holds no task and
+        no coroutine frame (measured: a large part of its memory); the pump's ``done``
+        callback ends it."""
         # A client that resets while we are still connecting ends the session at once.
         self.pump.done.add_done_callback(self._pump_done)
         try:
-            if await self._connect():
-                if self.direction is Direction.OUTBOUND:
-                    self._start_planning()  # normally done already, while connecting
-                passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
-                if self.direction is Direction.OUTBOUND and not passthrough:
-                    self.upgrade = OutboundUpgrade(self)
-                    self.upgrade.start()
-                elif (self.direction is Direction.INBOUND
-                      and self.listener.starttls is StartTls.OFFLOAD
-                      and self.gw.tls_server is not None):
-                    self.upgrade = InboundOffload(self, self.gw.tls_server.get())
-                    self.upgrade.start()
-                self.pump.start()
-                end = (await self.pump.done).value
-            else:
-                end = "upstream_failed"
+            connected = await self._connect()
+            if not connected:
                 self._signal_failure()
+                self._end("upstream_failed")
+                return
+            if self.direction is Direction.OUTBOUND:
+                self._start_planning()  # normally done already, while connecting
+            passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
+            if self.direction is Direction.OUTBOUND and not passthrough:
+                self.upgrade = OutboundUpgrade(self)
+                self.upgrade.start()
+            elif (self.direction is Direction.INBOUND
+                  and self.listener.starttls is StartTls.OFFLOAD
+                  and self.gw.tls_server is not None):
+                self.upgrade = InboundOffload(self, self.gw.tls_server.get())
+                self.upgrade.start()
+            self.pump.start()
         except asyncio.CancelledError:
             if not self.pump.done.done():
+                self._end(End.ABORTED.value)
                 raise
-            end = self.pump.done.result().value
-        finally:
-            if self._discovery is not None and not self._discovery.done():
-                self._discovery.cancel()
-            self._unregister_own()
-            self.gw.session_ended(self)
-            self.gw.metrics.child(self.gw.metrics.active, self.direction).dec()
-            self._summary(end)
+            self._end(self.pump.done.result().value)
+            return
+        except BaseException:
+            self.pump.finish(End.ABORTED)
+            self._end(End.ABORTED.value)
+            raise
+        if self.pump.done.done():
+            self._end(self.pump.done.result().value)
+        else:
+            self.pump.done.add_done_callback(lambda done: self._end(done.result().value))
+
+    def _end(self, end: str) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._discovery is not None and not self._discovery.done():
+            self._discovery.cancel()
+        self._unregister_own()
+        self.gw.session_ended(self)
+        self.gw.metrics.child(self.gw.metrics.active, self.direction).dec()
+        self._summary(end)
 
     async def _connect(self) -> bool:
         failure = ""
