@@ -52,6 +52,8 @@ def admit(*, active: int, max_sessions: int, direction: Direction, client: Endpo
 
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
                 errno.EADDRNOTAVAIL}
+# This host ran out (open files, socket buffers): not the upstream's fault.
+_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def classify_connect_error(exc: BaseException) -> str:
@@ -64,14 +66,20 @@ def classify_connect_error(exc: BaseException) -> str:
         return "reset"
     if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
         return "unreachable"
+    if isinstance(exc, OSError) and exc.errno in _RESOURCES:
+        return "resources"
     return "error"
 
 
-def unreachable_reply(reason: str) -> bytes:
+def unreachable_reply(reason: str, failure: str = "") -> bytes:
     """The 421 greeting for an upstream that could not be reached.
 
-    RFC 3463 4.4.1 "no answer from host" for every connect failure; the reason goes into the
-    MTA's log and queue, so the operator sees why without reading ours.
+    RFC 3463 4.4.1 "no answer from host" for every connect failure, except when this host
+    ran out of resources (4.3.2 "system not accepting network messages", as for the session
+    limit): the peer is not to blame.  The reason goes into the MTA's log and queue, so the
+    operator sees why without reading ours.
     """
     text = "".join(c if 32 <= ord(c) < 127 else "?" for c in reason)[:400]
+    if failure == "resources":
+        return f"421 4.3.2 smtpgate: out of local resources: {text}\r\n".encode("ascii")
     return f"421 4.4.1 smtpgate: upstream {text}\r\n".encode("ascii")

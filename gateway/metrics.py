@@ -35,7 +35,7 @@ TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthr
                "deferred")
 TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",
                "capabilities", "policy", "dns", "protocol", "fallback", "other")
-CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "error")
+CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "resources", "error")
 STREAMS = ("client_to_upstream", "upstream_to_client")
 DNS_TYPES = ("PTR", "A", "AAAA", "MX", "TLSA")
 

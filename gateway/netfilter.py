@@ -171,3 +171,58 @@ async def connect(sock: socket.socket, destination: Endpoint,
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
+
+
+# -- sock_diag: is this connection one of ours? -----------------------------------------------
+# linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+INET_DIAG_MARK = 15
+_NOCOOKIE = 0xFFFFFFFF
+_ALL_STATES = 0xFFFFFFFF
+_DIAG_MSG = struct.Struct("=BBBB48sIIIII")  # inet_diag_msg: family .. inode, 72 bytes
+
+
+def _sockid(src: Endpoint, dst: Endpoint) -> bytes:
+    """inet_diag_sockid for an exact lookup (no interface, no cookie)."""
+    return (struct.pack("!HH", src.port, dst.port) + src.host.packed.ljust(16, b"\0")
+            + dst.host.packed.ljust(16, b"\0") + struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE))
+
+
+def local_socket_mark(src: Endpoint, dst: Endpoint, timeout: float = 0.2) -> int | None:
+    """The mark of this host's TCP socket ``src`` → ``dst``, whichever process owns it;
+    None when there is none (or the kernel cannot tell).
+
+    An accepted connection from a local address is looked up the other way round: the
+    connecting socket is ours when it carries ``upstream.mark``.  Unlike the set of
+    upstream addresses a process remembers, this also sees the sockets of the other
+    workers, and needs no ``net.ipv4.tcp_fwmark_accept``.  The kernel reports the mark
+    to a requester with CAP_NET_ADMIN (which SO_MARK needs anyway).
+    """
+    family = socket.AF_INET6 if src.host.version == 6 else socket.AF_INET
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _ALL_STATES) \
+        + _sockid(src, dst)
+    msg = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(timeout)
+            nl.send(msg)
+            reply = nl.recv(8192)
+    except OSError:
+        return None
+    if len(reply) < 16:
+        return None
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind != SOCK_DIAG_BY_FAMILY or length < 16 + _DIAG_MSG.size:
+        return None  # NLMSG_ERROR: no such socket
+    pos = 16 + _DIAG_MSG.size
+    while pos + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", reply, pos)
+        if alen < 4:
+            break
+        if atype == INET_DIAG_MARK and alen >= 8:
+            return int(struct.unpack_from("=I", reply, pos + 4)[0])
+        pos += (alen + 3) & ~3
+    return 0  # found, but no mark reported (no CAP_NET_ADMIN): unknown counts as unmarked

@@ -9,6 +9,7 @@ import logging
 import resource
 import signal
 import socket
+import time
 from pathlib import Path
 
 import uvloop
@@ -35,6 +36,7 @@ from .tasks import TaskGroup
 
 ListenerKey = tuple[object, ...]
 STATIC_PLAN_CACHE = 10_000
+LOCAL_ADDRESS_TTL = 30.0  # seconds: addresses added to or removed from the host
 
 
 class Gateway:
@@ -56,6 +58,8 @@ class Gateway:
         # static_plan per destination address for the current config (cleared on reload):
         # the same few MX addresses come back all day.
         self._static_plans: dict[IPAddress, Plan | None] = {}
+        self._local: dict[IPAddress, bool] = {}
+        self._local_since = time.monotonic()
         self._servers: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
         self._metrics_server: asyncio.Server | None = None
         self.draining = False
@@ -128,6 +132,17 @@ class Gateway:
         found = self._static_plans[address] = static_plan(address, self.config.policy)
         return found
 
+    def is_local(self, address: IPAddress) -> bool:
+        """Whether this host owns ``address``; remembered for a while (a probe costs a
+        socket and a bind, and the same few addresses come back)."""
+        now = time.monotonic()
+        if now - self._local_since > LOCAL_ADDRESS_TTL or len(self._local) > 1024:
+            self._local, self._local_since = {}, now
+        found = self._local.get(address)
+        if found is None:
+            found = self._local[address] = is_local_address(address)
+        return found
+
     def session_ended(self, session: Session) -> None:
         self.sessions.discard(session)
         if not self.sessions:
@@ -139,6 +154,7 @@ class Gateway:
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         check_upstream(self.config)
+        warn_open_files(self.config)
         self.tls_server = site_context(self.config)
         await self._apply_listeners(self.config)
         target = self.metrics_socket or self.config.metrics.listen
@@ -169,6 +185,7 @@ class Gateway:
             self.metrics.reloads.labels("rejected").inc()
             event(log, "reload rejected", logging.ERROR, error=str(exc))
             return False
+        warn_open_files(new)
         if new.dns != self.config.dns:
             # The old resolver is left to finish the queries running sessions wait on.
             self.resolver = Resolver(new.dns, self.metrics)
@@ -247,6 +264,17 @@ def check_upstream(config: Config) -> None:
         if address is not None and not is_local_address(address):
             raise ConfigError(config.source, f"upstream.{key}",
                               f"{address} is not an address of this host")
+
+
+def warn_open_files(config: Config) -> None:
+    """Two sockets per session: a limit below that fails sessions with EMFILE long before
+    limits.max_sessions (and connections the event loop itself must close unanswered)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * config.limits.max_sessions + 64
+    if soft != resource.RLIM_INFINITY and soft < need:
+        event(log, "open-file limit too low", logging.WARNING, limit=soft, needed=need,
+              max_sessions=config.limits.max_sessions,
+              hint="raise LimitNOFILE (systemd) or ulimit -n, or lower limits.max_sessions")
 
 
 def raise_open_files_limit() -> None:

@@ -29,6 +29,7 @@ from .logs import event, session_log
 from .netfilter import (
     InterceptError,
     connect,
+    local_socket_mark,
     original_destination,
     sock_endpoint,
     socket_mark,
@@ -48,6 +49,7 @@ class Session:
     __slots__ = (
         "_discovery",
         "_ended",
+        "_failure",
         "_own_addr",
         "_planning_started",
         "_task",
@@ -91,6 +93,7 @@ class Session:
         self._discovery: asyncio.Task[None] | None = None
         self._planning_started = False
         self._ended = False
+        self._failure = ""  # the last connect failure's label
 
     # -- accept ------------------------------------------------------------------------
     def _leg_made(self, leg: Leg) -> None:
@@ -120,14 +123,20 @@ class Session:
             # destination is only for the log, and a client sent here without NAT is fine.
             self.destination = sock_endpoint(sock.getsockname())
         self.destination_text = str(self.destination)
+        own_mark = self.config.upstream.mark
+        client_mark = socket_mark(sock)  # the SYN's, with net.ipv4.tcp_fwmark_accept=1
+        if own_mark and client_mark != own_mark and gw.is_local(self.client.host):
+            # From this host: ask the kernel for the connecting socket's mark (another
+            # worker's upstream socket is not in our own_upstreams).
+            client_mark = local_socket_mark(self.client, self.destination) or client_mark
         verdict = admission.admit(
             active=len(gw.sessions),
             max_sessions=self.config.limits.max_sessions,
             direction=self.direction,
             client=self.client,
             destination=self.destination,
-            own_mark=self.config.upstream.mark,
-            client_mark=socket_mark(sock),
+            own_mark=own_mark,
+            client_mark=client_mark,
             own_upstreams=gw.own_upstreams,
             is_gateway=gw.is_gateway_endpoint,
         )
@@ -237,6 +246,7 @@ class Session:
                 self.reason = ""  # an earlier target's failure is not this session's outcome
                 return True
         self.reason = self.reason or failure
+        self._failure = failure
         return False
 
     async def connect_leg(self, leg: Leg) -> bool:
@@ -314,7 +324,7 @@ class Session:
         if self.config.upstream.on_failure is FailureSignal.RESET:
             reset(transport)
         else:
-            transport.write(admission.unreachable_reply(self.reason))
+            transport.write(admission.unreachable_reply(self.reason, self._failure))
             transport.close()
 
     def _pump_done(self, _: object) -> None:

@@ -69,6 +69,8 @@ def test_loop_wins_over_limit() -> None:
     (ConnectionResetError(errno.ECONNRESET, "x"), "reset"),
     (OSError(errno.EHOSTUNREACH, "x"), "unreachable"),
     (OSError(errno.ENETUNREACH, "x"), "unreachable"),
+    (OSError(errno.EMFILE, "x"), "resources"),
+    (OSError(errno.ENFILE, "x"), "resources"),
     (OSError(errno.EACCES, "x"), "error"),
 ])
 def test_connect_error_labels(exc: BaseException, label: str) -> None:
@@ -81,3 +83,9 @@ def test_unreachable_reply_is_one_safe_line() -> None:
     assert reply.startswith(b"421 4.4.1 smtpgate: upstream refused: 203.0.113.2:25")
     assert reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1 and b"\x00" not in reply
     assert len(reply) < 512  # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets
+
+
+def test_out_of_files_is_not_blamed_on_the_upstream() -> None:
+    reply = unreachable_reply("resources: 203.0.113.2:25 (Too many open files)", "resources")
+    assert reply == (b"421 4.3.2 smtpgate: out of local resources: resources: "
+                     b"203.0.113.2:25 (Too many open files)\r\n")
