@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
@@ -345,6 +345,9 @@ def _validate_path(leaf: x509.Certificate, intermediates: list[x509.Certificate]
         except VerificationError as exc:
             last = (_path_error(exc), str(exc))
             continue
+        except ValueError as exc:  # a field parsed only now (a name, say) does not parse
+            last = (Reason.BAD_CERTIFICATE, str(exc))
+            continue
         return None, ""
     return last
 
@@ -373,7 +376,7 @@ class _Chain:
         if i not in self._parsed:
             try:
                 self._parsed[i] = x509.load_der_x509_certificate(self.der[i])
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):  # the latter is no ValueError
                 self._parsed[i] = None
         return self._parsed[i]
 
@@ -407,7 +410,7 @@ def _ta_anchors(chain: _Chain, record: TLSARecord) -> Iterator[tuple[int, x509.C
     # "2 1 0" not presented: the key must have signed one of the presented certificates.
     try:
         key = serialization.load_der_public_key(record.data)
-    except (ValueError, TypeError):  # TypeError: an unsupported key type
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # a key (type, curve) we lack
         return
     if not isinstance(key, _ISSUER_KEY_TYPES):
         return
@@ -415,11 +418,11 @@ def _ta_anchors(chain: _Chain, record: TLSARecord) -> Iterator[tuple[int, x509.C
         cert = chain.cert(i)
         if cert is None:
             continue
-        anchor = _synthetic_anchor(cert.issuer, key)
         try:
+            anchor = _synthetic_anchor(cert.issuer, key)  # the issuer is parsed only here
             cert.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):  # not signed by this key
-            continue
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue  # not signed by this key (or not a certificate that could tell)
         yield i + 1, anchor
 
 
@@ -474,7 +477,8 @@ def _check_ta(chain: _Chain, anchor: x509.Certificate, names: Sequence[str],
         return Reason.EXPIRED, f"leaf expired {leaf.not_valid_after_utc:%Y-%m-%d}"
     try:
         matched = _matching_names(leaf, names)
-    except ValueError as exc:  # a malformed extension surfaces on first access
+    # A malformed extension surfaces on first access, not always as a ValueError.
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         return Reason.BAD_CERTIFICATE, str(exc)
     if not matched:
         return Reason.NAME_MISMATCH, f"none of {list(names)} in the leaf's SAN dNSNames"

@@ -187,10 +187,10 @@ class Envelope:
 
     def _bdat(self, line: bytes) -> list[EnvelopeCommand]:
         parts = line.split()
-        try:
-            size = int(parts[1])
-        except (IndexError, ValueError):
+        # RFC 3030 chunk-size is 1*DIGIT; int() would also take "-2", "+2" or "1_0".
+        if len(parts) < 2 or not parts[1].isdigit():
             return []  # malformed: the peer will say so; there is no chunk to copy
+        size = int(parts[1])
         # The BDAT command just released or queued is the one its chunk belongs to.
         self._bdat_target = self._queue[-1] if self._queue else None
         self._bdat_left = size

@@ -13,6 +13,7 @@ from . import dane
 from .config import Level
 from .discovery import RecipientRule, recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
+from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision
 from .relay import End, Leg
@@ -20,6 +21,7 @@ from .smtp import (
     Command,
     Defer,
     NeedPlan,
+    ProtocolError,
     Reconnect,
     Relay,
     Result,
@@ -178,7 +180,12 @@ class OutboundUpgrade(TlsPhase):
             ok, result = True, self._authenticated(plan)
             reason = "resumed" if plan.auth is Auth.NONE else "resumed verified session"
         else:
-            ok, result, reason = self._verify(plan, presented_chain(ssl_object))
+            try:
+                ok, result, reason = self._verify(plan, presented_chain(ssl_object))
+            except Exception as exc:  # a bug in verification is a failed verification
+                ok, result = False, Result.DEFERRED
+                reason = f"verification error: {type(exc).__name__}"
+                log.error("verification raised", exc_info=exc)
         self.tls["verify"] = reason
         self._apply(self.machine.tls_done(ok, result, reason))
 
@@ -194,10 +201,19 @@ class OutboundUpgrade(TlsPhase):
 
     def _envelope_tap(self, leg: Leg, data: bytes) -> None:
         assert self.envelope is not None
-        if leg is self.pump.client:
-            self._env_apply(self.envelope.client_data(data))
-        else:
-            self._env_apply(self.envelope.peer_data(data))
+        try:
+            if leg is self.pump.client:
+                commands = self.envelope.client_data(data)
+            else:
+                commands = self.envelope.peer_data(data)
+        except ProtocolError as exc:
+            # After the handoff the gateway has no reply of its own to give: an abnormal
+            # end is a reset both ways (A1), and the reason goes to the log.
+            side = "MTA" if leg is self.pump.client else "peer"
+            self.session.reason = f"{side} protocol error: {exc}"
+            self.pump.finish(End.ABORTED)
+            return
+        self._env_apply(commands)
 
     def _env_apply(self, commands: list[EnvelopeCommand]) -> None:
         for cmd in commands:

@@ -70,9 +70,10 @@ class ReplyReader:
     def next(self) -> Reply | None:
         while True:
             end = self.buffer.find(b"\n")
+            # The bound holds however the line was cut into reads (with its end or not).
+            if (end if end >= 0 else len(self.buffer)) > MAX_LINE:
+                raise ProtocolError("reply line too long")
             if end < 0:
-                if len(self.buffer) > MAX_LINE:
-                    raise ProtocolError("reply line too long")
                 return None
             line = bytes(self.buffer[:end + 1])
             del self.buffer[:end + 1]
@@ -237,14 +238,16 @@ class Upgrade:
             # Commands are read one at a time, after the reply they follow (a client that
             # speaks early is answered in order, as a server would).
             self._client += data
-            if self.state is S.GREETING:
-                return self._client_commands()
+            out = self._client_commands() if self.state is S.GREETING else []
         else:
             # Anything else the MTA sends before the handoff waits (bounded).
             self.held += data
-        if len(self.held) + len(self._client) > MAX_HELD:
-            return self._defer("4.3.0", "too much held before the TLS upgrade")
-        return []
+            out = []
+        # Checked on what is left once the commands were read: the same outcome however the
+        # bytes were cut into reads.
+        if self.state is not S.DONE and len(self.held) + len(self._client) > MAX_HELD:
+            return out + self._defer("4.3.0", "too much held before the TLS upgrade")
+        return out
 
     def peer_data(self, data: bytes) -> list[Command]:
         if self.state is S.HANDSHAKE:
@@ -258,7 +261,8 @@ class Upgrade:
             return []  # unsolicited: kept in order for the next reply or the handoff
         out: list[Command] = []
         try:
-            while not self._at(S.DONE, S.HANDSHAKE) and (r := self._peer.next()):
+            # In PLAN the peer's replies wait, as they do when they arrive there.
+            while not self._at(S.DONE, S.HANDSHAKE, S.PLAN) and (r := self._peer.next()):
                 out += self._on_reply(r)
                 if self._at(S.HANDSHAKE) and self._peer.buffer:
                     # A4: bytes after the 220 to STARTTLS, before the handshake: injected.
@@ -267,6 +271,8 @@ class Upgrade:
         except ProtocolError as exc:
             return out + self._defer("4.4.2" if self.state is S.BANNER else "4.7.0",
                                      f"peer protocol error: {exc}")
+        if self._at(S.PLAN) and len(self._peer.buffer) > MAX_HELD:
+            return out + self._defer("4.3.0", "peer sent too much unasked")
         return out
 
     def _at(self, *states: S) -> bool:
@@ -318,9 +324,9 @@ class Upgrade:
         out: list[Command] = []
         while self.state is S.GREETING:
             end = self._client.find(b"\n")
+            if (end if end >= 0 else len(self._client)) > MAX_LINE:
+                return out + self._defer("4.3.0", "command line too long")
             if end < 0:
-                if len(self._client) > MAX_LINE:
-                    return out + self._defer("4.3.0", "command line too long")
                 return out
             line = bytes(self._client[:end + 1])
             verb = line.split(None, 1)[0].upper() if line.strip() else b""
@@ -353,7 +359,12 @@ class Upgrade:
     def _on_reply(self, r: Reply) -> list[Command]:
         st = self.state
         if st is S.GREETING:
-            return [SendClient(r.raw)]  # unsolicited (an idle 421): the MTA must see it
+            if r.code != 421:
+                # Only a 421 comes unasked (RFC 5321 3.8).  Anything else the MTA would take
+                # as the reply to its next command, which we may send over TLS: a plaintext
+                # response that crosses STARTTLS in the MTA's own buffer (A4).
+                raise ProtocolError(f"unsolicited reply {r.code}")
+            return [SendClient(r.raw)]  # an idle 421: the MTA must see it
         if st is S.BANNER:
             if r.code != 220:
                 # The peer refuses us (554/421): let the MTA see it; nothing to upgrade.
@@ -438,6 +449,8 @@ class Upgrade:
     def _reconnect(self, why: str) -> list[Command]:
         if self._fallback:
             return self._defer("4.4.2", why)
+        # What the old connection still said is not the new one's banner.
+        self._peer.buffer.clear()
         self.reason = why
         self.state = S.FB_BANNER
         return [Reconnect(why)]
@@ -478,14 +491,15 @@ def reason_label(result: Result, reason: str) -> str:
 # -- inbound: STARTTLS offload for a legacy receiving MTA -------------------------------------
 
 STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
+MTA_UNASKED = "MTA sent a reply nobody asked for"
 
 
 def take_line(buffer: bytearray) -> bytes | None:
     """The next complete line (with its ending) from ``buffer``, or None; bounded."""
     end = buffer.find(b"\n")
+    if (end if end >= 0 else len(buffer)) > MAX_LINE:
+        raise ProtocolError("command line too long")
     if end < 0:
-        if len(buffer) > MAX_LINE:
-            raise ProtocolError("command line too long")
         return None
     line = bytes(buffer[:end + 1])
     del buffer[:end + 1]
@@ -498,7 +512,9 @@ def verb(line: bytes) -> bytes:
 
 def edit_ehlo(reply: Reply, starttls: bool) -> bytes:
     """The MTA's EHLO reply with STARTTLS offered (before TLS) or withdrawn (after it)."""
-    lines = [line for line in reply.lines if line.strip().upper() != b"STARTTLS"]
+    # The first line is the greeting, never a keyword (a host may be called "starttls").
+    lines = [reply.lines[0], *(line for line in reply.lines[1:]
+                               if line.strip().upper() != b"STARTTLS")]
     if starttls:
         lines.append(b"STARTTLS")
     code = str(reply.code).encode()
@@ -550,29 +566,35 @@ class Offload:
 
     def mta_data(self, data: bytes) -> list[InboundCommand]:
         self._mta.feed(data)
-        if len(self._mta.buffer) > MAX_HELD:  # an MTA talking while we wait (A5)
-            return self._reject("MTA sent too much unasked", b"421 4.3.0")
         out: list[InboundCommand] = []
         try:
             while self._at(IS.BANNER, IS.EHLO_REPLY) and (r := self._mta.next()):
                 out += self._on_reply(r)
         except ProtocolError as exc:
             return [*out, *self._reject(f"MTA protocol error: {exc}", b"421 4.3.0")]
+        # What is left unread after the replies: the same however the bytes were cut.
+        if not self._at(IS.DONE) and len(self._mta.buffer) > MAX_HELD:
+            return [*out, *self._reject("MTA sent too much unasked", b"421 4.3.0")]  # A5
         return out
 
     def client_data(self, data: bytes) -> list[InboundCommand]:
         if self.state is IS.HANDSHAKE:
             return self._reject("data injected after STARTTLS", b"421 4.7.0")
         self._client += data
-        if len(self._client) > MAX_HELD:
-            return self._reject("too much before the MTA answered", b"421 4.3.0")
-        return self._commands() if self.state is IS.COMMAND else []
+        out = self._commands() if self.state is IS.COMMAND else []
+        if not self._at(IS.DONE) and len(self._client) > MAX_HELD:
+            return [*out, *self._reject("too much before the MTA answered", b"421 4.3.0")]
+        return out
 
     def tls_done(self, ok: bool, reason: str) -> list[InboundCommand]:
         assert self.state is IS.HANDSHAKE, self.state
         if not ok:
             self.state, self.result, self.reason = IS.DONE, Result.DEFERRED, reason
             return [Reject(b"", reason)]  # nothing can be said: the TLS layer is broken
+        if self._mta.buffer:
+            # The MTA spoke unasked before or during the handshake: read after it, that would
+            # be the reply to the client's first command over TLS (A4, the reply direction).
+            return self._reject(MTA_UNASKED, b"421 4.3.0")
         self.tls, self.result, self.reason = True, Result.TLS, reason
         self.state = IS.COMMAND
         return self._commands()
@@ -586,6 +608,8 @@ class Offload:
             while self.state is IS.COMMAND and (line := take_line(self._client)) is not None:
                 v = verb(line)
                 if v in (b"EHLO", b"HELO"):
+                    if self._mta.buffer:  # see tls_done: it would be read as this reply
+                        return out + self._reject(MTA_UNASKED, b"421 4.3.0")
                     self.state, self._greet = IS.EHLO_REPLY, v
                     out.append(SendPeer(line))
                     continue
@@ -593,6 +617,8 @@ class Offload:
                     if self._client:
                         return out + self._reject("data pipelined after STARTTLS",
                                                   b"421 4.7.0")
+                    if self._mta.buffer:  # see tls_done
+                        return out + self._reject(MTA_UNASKED, b"421 4.3.0")
                     self.state = IS.HANDSHAKE
                     return [*out, SendClient(STARTTLS_READY), StartTlsServer()]
                 # Anything else: the client goes on (in plaintext, or over TLS without a new
