@@ -1,0 +1,1132 @@
+"""STARTTLS injection against the real gateway process (issue #10, item 3): every command
+and response injection vector, in both directions, as one segment, split, and byte by byte.
+The figure (trials, acted on) is printed by ``test_starttls_injection_is_never_acted_on``
+(``pytest -s``) and is part of its assertion message.
+
+    mta (the MTA's side)  --  gw: smtpgate  --  peer (the internet)
+    198.51.100.2             outbound :10025    203.0.113.2 encrypt, .3 fingerprint (pins),
+    fake legacy MTA :25      inbound  :10026    .4 may: fake SMTP peers with TLS
+
+Every fake endpoint is a :class:`Wire`: TLS runs on memory BIOs so the raw bytes around
+STARTTLS stay visible, and every byte read and written is recorded.  Nothing is judged from
+the gateway's own account alone: each trial checks what the far end actually received.
+
+"Acted on" means any of: an injected byte reaching the other side (the MTA gets exactly the
+peer's honest replies or one ``421`` from smtpgate, nothing else); a command the gateway sends
+in plaintext after STARTTLS; a held command reaching the peer when the session was refused;
+the legacy MTA receiving anything of an injected command, or the client being answered after
+the ``220``; a session whose log line says it went on as if nothing happened.
+
+The vectors (literature: CVE-2011-0411; Poddebniak et al., "Why TLS is better without
+STARTTLS", USENIX Security 2021):
+
+outbound, the gateway as STARTTLS client
+  response injection after the peer's ``220`` (extra reply lines, a fake EHLO reply, a fake
+  ``250`` for MAIL, a whole fake transaction, a second ``220``, a ``421``, a bare CRLF, one
+  byte, TLS-looking bytes, 8 KB of reply lines) delivered in the 220's segment, in a segment
+  of its own, 50 ms later, byte by byte (the 220 too), or after the gateway's ClientHello;
+  under ``encrypt``, ``fingerprint`` and ``may``
+  early responses: a fake EHLO reply or fake ``250`` behind the banner, a fake ``220`` / fake
+  ``250`` for MAIL / a whole fake transaction behind the EHLO reply (before the gateway's
+  STARTTLS), in the same segment, split, byte by byte
+  command direction: the MTA's held commands (one segment, split, byte by byte while the
+  handshake runs): the peer must see a ClientHello right after STARTTLS, never plaintext
+  end to end: the MTA's own STARTTLS with commands pipelined behind it, and a peer injecting
+  after its 220: the gateway steps aside, copies bytes both ways, answers nothing
+inbound, the gateway as STARTTLS server (offload)
+  command injection ``STARTTLS\\r\\n`` + MAIL / RSET / EHLO / QUIT / a second STARTTLS / a
+  whole transaction / a bare CRLF / one byte / a bare-LF command: one segment, a segment of
+  its own before and after the 220, byte by byte, after the ClientHello
+  pipelined plaintext before STARTTLS (EHLO+STARTTLS, EHLO+MAIL+STARTTLS, NOOP/RSET/MAIL
+  ahead of STARTTLS, HELO then STARTTLS, two EHLOs), one segment and byte by byte
+  the legacy MTA's unsolicited reply before STARTTLS (response direction)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rcode
+import pytest
+
+from tests import certs, netlab
+from tests.gatewayproc import GatewayProcess
+from tests.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
+
+pytestmark = pytest.mark.netns
+
+if (_why := netlab.netns_usable()) is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+INBOUND_PORT = 10026
+MAY_PEER = "203.0.113.4"
+END_OF_DATA = b"\r\n.\r\n"
+BYTE_GAP = 0.001  # between the sends of a byte-by-byte delivery (TCP_NODELAY: a segment each)
+LATER = 0.05  # "later": long after the gateway took the 220 and started its handshake
+READY = b"220 2.0.0 Ready to start TLS\r\n"
+SMTPGATE_421 = re.compile(rb"421 4\.\d\.\d+ smtpgate: [ -~]*\r\n")
+
+
+# -- a fake endpoint's view of one connection ---------------------------------------------
+
+class Wire:
+    """One TCP connection as a fake endpoint sees it: buffered SMTP reads, TLS on memory
+    BIOs (the raw bytes around STARTTLS stay visible), every byte recorded."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.mark = -1  # a position in raw_in a dialogue notes for its judge
+        self.buf = bytearray()  # application bytes read, not yet consumed
+        self.raw_in = bytearray()  # every byte off the wire
+        self.raw_out = bytearray()  # every byte put on the wire
+        self.plain_in = bytearray()  # application bytes before TLS
+        self.plain_out = bytearray()
+        self.tls_in = bytearray()  # application bytes over TLS (decrypted)
+        self.tls_out = bytearray()
+        self.handshake = ""  # "" (not tried), "ok", or why it failed
+        self.error = ""
+        self.eof = False
+        self._tls: ssl.SSLObject | None = None
+        self._bio_in = ssl.MemoryBIO()
+        self._bio_out = ssl.MemoryBIO()
+
+    @property
+    def secure(self) -> bool:
+        return self.handshake == "ok"
+
+    # -- raw --------------------------------------------------------------------------
+    def recv_raw(self) -> bytes:
+        try:
+            data = self.sock.recv(65536)
+        except OSError as exc:  # reset, timeout
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+            return b""
+        self.raw_in += data
+        return data
+
+    def send_raw(self, data: bytes) -> bool:
+        if not data:
+            return True
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+            return False
+        self.raw_out += data
+        return True
+
+    def _flush_tls(self) -> bool:
+        return self.send_raw(self._bio_out.read())
+
+    # -- application bytes ------------------------------------------------------------
+    def fill(self) -> bool:
+        """More application bytes into ``buf``; False at EOF, reset, timeout or TLS error."""
+        if self.eof or (self._tls is not None and not self.secure):
+            return False  # ended, or TLS that never came up: see finish()
+        while True:
+            if self._tls is None:
+                data = self.recv_raw()
+                if not data:
+                    self.eof = True
+                    return False
+                self.plain_in += data
+                self.buf += data
+                return True
+            try:
+                data = self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:  # close_notify or an alert
+                self.error = self.error or f"TLS: {exc}"
+                self.eof = True
+                return False
+            else:
+                if not data:
+                    self.eof = True
+                    return False
+                self.tls_in += data
+                self.buf += data
+                return True
+            self._flush_tls()
+            raw = self.recv_raw()
+            if not raw:
+                self.eof = True
+                return False
+            self._bio_in.write(raw)
+
+    def send(self, data: bytes) -> bool:
+        if self._tls is None or not self.secure:
+            ok = self.send_raw(data)
+            if ok:
+                self.plain_out += data
+            return ok
+        self.tls_out += data
+        self._tls.write(data)
+        return self._flush_tls()
+
+    def line(self) -> bytes | None:
+        while (end := self.buf.find(b"\n")) < 0:
+            if not self.fill():
+                return None
+        line = bytes(self.buf[:end + 1])
+        del self.buf[:end + 1]
+        return line
+
+    def reply(self) -> bytes | None:
+        """One whole (multi-line) SMTP reply, or None at the end."""
+        text = b""
+        while (line := self.line()) is not None:
+            text += line
+            if line[3:4] != b"-":
+                return text
+        return None
+
+    def exact(self, n: int) -> bytes | None:
+        while len(self.buf) < n:
+            if not self.fill():
+                return None
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def data_content(self) -> bytes | None:
+        """DATA content up to and including the first CRLF.CRLF, the CRLF that ended the
+        DATA line counting as the first (RFC 5321 4.1.1.4): exactly what a receiver takes."""
+        self.buf[0:0] = b"\r\n"
+        start = 0
+        while (at := self.buf.find(END_OF_DATA, start)) < 0:
+            start = max(0, len(self.buf) - len(END_OF_DATA) + 1)
+            if not self.fill():
+                return None
+        content = bytes(self.buf[2:at + len(END_OF_DATA)])
+        del self.buf[:at + len(END_OF_DATA)]
+        return content
+
+    # -- TLS --------------------------------------------------------------------------
+    def begin_tls(self, context: ssl.SSLContext, server_side: bool,
+                  hostname: str | None = None) -> None:
+        """Sets up TLS; bytes already read past the STARTTLS exchange go to the TLS layer,
+        as a real stack's would.  A client's ClientHello is written at once."""
+        leftover = bytes(self.buf)
+        self.buf.clear()
+        self._tls = context.wrap_bio(self._bio_in, self._bio_out, server_side=server_side,
+                                     server_hostname=hostname)
+        self._bio_in.write(leftover)
+        if not server_side:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:  # the leftover was no TLS
+                self.handshake = f"{type(exc).__name__}: {exc}"
+            self._flush_tls()
+
+    def handshake_done(self) -> bool:
+        assert self._tls is not None
+        while not self.handshake:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                if not self._flush_tls():
+                    self.handshake = f"closed: {self.error}"
+                    return False
+                raw = self.recv_raw()
+                if not raw:
+                    self.handshake = f"closed: {self.error or 'EOF'}"
+                    return False
+                self._bio_in.write(raw)
+                continue
+            except ssl.SSLError as exc:
+                self._flush_tls()  # the alert
+                self.handshake = f"{type(exc).__name__}: {exc}"
+                return False
+            self._flush_tls()
+            self.handshake = "ok"
+        return self.secure
+
+    def start_tls(self, context: ssl.SSLContext, server_side: bool,
+                  hostname: str | None = None) -> bool:
+        self.begin_tls(context, server_side, hostname)
+        return self.handshake_done()
+
+    def finish(self) -> None:
+        """Half-close, read until the other side closes (everything recorded), close."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        while self.fill():
+            pass
+        while self.recv_raw():
+            pass
+        self.sock.close()
+
+
+def send_as(w: Wire, data: bytes, mode: str, first: bytes = b"") -> None:
+    """``first`` then ``data``: in one segment, in two ("split"), in two 50 ms apart
+    ("later"), or one byte per segment ("bytewise", ``first`` included)."""
+    if mode == "segment" or not data:
+        w.send(first + data)
+    elif mode in ("split", "later"):
+        if first and not w.send(first):
+            return
+        if mode == "later":
+            time.sleep(LATER)
+        w.send(data)
+    elif mode == "bytewise":
+        whole = first + data
+        for i in range(len(whole)):
+            if not w.send(whole[i:i + 1]):
+                return
+            time.sleep(BYTE_GAP)
+    else:
+        raise ValueError(mode)
+
+
+def verb(line: bytes) -> bytes:
+    return line.split(None, 1)[0].upper() if line.strip() else b""
+
+
+def ehlo_reply(name: bytes, caps: list[bytes]) -> bytes:
+    lines = [name, *caps]
+    return b"".join(b"250" + (b" " if i == len(lines) - 1 else b"-") + text + b"\r\n"
+                    for i, text in enumerate(lines))
+
+
+# -- a fake SMTP server -------------------------------------------------------------------
+
+@dataclass
+class Script:
+    """How a fake SMTP server behaves on one connection."""
+
+    context: ssl.SSLContext | None = None  # offers and honours STARTTLS when set
+    name: bytes = b"peer.test"
+    caps: tuple[bytes, ...] = (b"PIPELINING", b"8BITMIME", b"CHUNKING")
+    after_banner: bytes = b""  # injected behind the banner ...
+    after_ehlo: bytes = b""  # ... or behind the first EHLO reply, delivered as `early_mode`
+    early_mode: str = "segment"
+    inject: bytes = b""  # plaintext behind the 220 to STARTTLS, delivered as `mode`
+    mode: str = "segment"  # segment | split | later | bytewise | after-hello
+
+
+@dataclass
+class Served:
+    """What a fake server saw and said on one connection."""
+
+    wire: Wire
+    script: Script
+    commands: list[tuple[bytes, bool]] = field(default_factory=list)  # (line, over TLS)
+    replies: list[tuple[bytes, bytes]] = field(default_factory=list)  # (verb, reply)
+    contents: list[bytes] = field(default_factory=list)  # DATA content / BDAT chunks
+    starttls_at: int = -1  # where in wire.raw_in the bytes after the STARTTLS line begin
+
+    @property
+    def after_starttls(self) -> bytes:
+        """The first raw bytes the client sent after its STARTTLS line."""
+        if self.starttls_at < 0:
+            return b""
+        return bytes(self.wire.raw_in[self.starttls_at:self.starttls_at + 64])
+
+    @property
+    def stream(self) -> bytes:
+        """The application bytes of the connection's last phase (TLS if it got there)."""
+        return bytes(self.wire.tls_in if self.wire.secure else self.wire.plain_in)
+
+    def honest_tail(self) -> bytes:
+        """The replies after the last EHLO/HELO reply: what an MTA behind a gateway that
+        re-greets sees of this connection."""
+        last = max((i for i, (v, _) in enumerate(self.replies) if v in (b"EHLO", b"HELO")),
+                   default=0)
+        return b"".join(text for _, text in self.replies[last + 1:])
+
+
+def serve(out: Served) -> None:
+    """An SMTP server that answers everything with numbered replies and records it all."""
+    w, s = out.wire, out.script
+    n = 0
+
+    def answer(v: bytes, text: bytes) -> None:
+        out.replies.append((v, text))
+        w.send(text)
+
+    banner = b"220 " + s.name + b" ESMTP fake\r\n"
+    out.replies.append((b"", banner))
+    send_as(w, s.after_banner, s.early_mode, banner)
+    after_ehlo = s.after_ehlo  # once, behind the first EHLO reply
+    while (line := w.line()) is not None:
+        v = verb(line)
+        out.commands.append((line, w.secure))
+        n += 1
+        if v == b"EHLO":
+            starttls = [b"STARTTLS"] if s.context is not None and not w.secure else []
+            text = ehlo_reply(s.name, [*s.caps, *starttls])
+            out.replies.append((v, text))
+            send_as(w, after_ehlo, s.early_mode, text)
+            after_ehlo = b""
+        elif v == b"HELO":
+            answer(v, b"250 " + s.name + b"\r\n")
+        elif v == b"STARTTLS" and s.context is not None and not w.secure:
+            out.starttls_at = len(w.raw_in) - len(w.buf)
+            out.replies.append((v, READY))
+            if s.mode == "after-hello":
+                w.send(READY)
+                w.fill()  # the ClientHello
+                w.send(s.inject)
+            else:
+                send_as(w, s.inject, s.mode, READY)
+            if not w.start_tls(s.context, server_side=True):
+                return
+        elif v == b"DATA":
+            answer(v, b"354 3.0.0 go ahead #%d\r\n" % n)
+            content = w.data_content()
+            if content is None:
+                return
+            out.contents.append(content)
+            answer(b".", b"250 2.0.0 queued as Q%d\r\n" % n)
+        elif v == b"BDAT":
+            parts = line.split()
+            try:
+                size = int(parts[1])
+            except (IndexError, ValueError):
+                answer(v, b"501 5.5.4 bad BDAT\r\n")
+                continue
+            chunk = w.exact(size)
+            if chunk is None:
+                return
+            out.contents.append(chunk)
+            last = b" last" if len(parts) > 2 and parts[2].upper() == b"LAST" else b""
+            answer(v, b"250 2.0.0 %d octets%s #%d\r\n" % (size, last, n))
+        elif v == b"MAIL":
+            answer(v, b"250 2.1.0 sender ok #%d\r\n" % n)
+        elif v == b"RCPT":
+            answer(v, b"250 2.1.5 recipient ok #%d\r\n" % n)
+        elif v in (b"RSET", b"NOOP"):
+            answer(v, b"250 2.0.0 ok #%d\r\n" % n)
+        elif v == b"QUIT":
+            answer(v, b"221 2.0.0 bye\r\n")
+            return
+        else:
+            answer(v, b"500 5.5.2 what? #%d\r\n" % n)
+
+
+class FakeServer:
+    """Accepts on ``host:25`` in ``ns``; each connection follows the next armed Script (or
+    ``default``) on a thread of its own; what it saw goes to ``served`` when it closes."""
+
+    def __init__(self, ns: Netns, host: str, default: Script, port: int = 25) -> None:
+        self.sock = ns.listen(host, port)
+        self.default = default
+        self.armed: collections.deque[Script] = collections.deque()
+        self.served: list[Served] = []
+        self.errors: list[BaseException] = []
+        self.active = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._accept, daemon=True, name=f"fake {host}")
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._cond:
+                script = self.armed.popleft() if self.armed else self.default
+                self.active += 1
+            threading.Thread(target=self._serve, args=(conn, script), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, script: Script) -> None:
+        record = Served(Wire(conn), script)
+        try:
+            serve(record)
+        except BaseException as exc:
+            self.errors.append(exc)
+        finally:
+            record.wire.finish()
+            with self._cond:
+                self.served.append(record)
+                self.active -= 1
+                self._cond.notify_all()
+
+    def arm(self, *scripts: Script) -> int:
+        """The next connections follow ``scripts``; returns the mark for :meth:`settle`."""
+        with self._cond:
+            self.armed.clear()
+            self.armed.extend(scripts)
+            return len(self.served)
+
+    def settle(self, mark: int, timeout: float = 10.0) -> list[Served]:
+        """Once no connection is open: the connections served since ``mark``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("fake server connections still open")
+                self._cond.wait(left)
+            self.armed.clear()
+            if self.errors:
+                raise self.errors[0]
+            return self.served[mark:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+        self.sock.close()
+        self._thread.join(5)
+
+
+class FakeDns:
+    """A resolver on 127.0.0.1:53 in ``ns`` that knows nothing: NXDOMAIN without AD for
+    every name (a recipient domain then asks nothing of the session), SERVFAIL for names
+    containing ``tripwire`` (a recipient there would be refused 450 by the gateway).  The
+    queries are recorded: a lookup is the gateway acting on a RCPT."""
+
+    def __init__(self, ns: Netns, delay: float = 0.0) -> None:
+        self.sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.delay = delay
+        self.queries: list[str] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fake dns")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            try:
+                query = dns.message.from_wire(data)
+            except Exception:
+                continue
+            name = query.question[0].name.to_text().lower() if query.question else ""
+            self.queries.append(name)
+            r = dns.message.make_response(query)
+            r.set_rcode(dns.rcode.SERVFAIL if "tripwire" in name else dns.rcode.NXDOMAIN)
+            if self.delay:
+                time.sleep(self.delay)
+            with contextlib.suppress(OSError):
+                self.sock.sendto(r.to_wire(), addr)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+
+
+class SessionLog:
+    """The gateway's session lines, read incrementally, in order per destination.  Trials
+    to one destination run one after the other, so its next line is the trial's (not found
+    by client address: where REDIRECT's NAT finds its reply tuple taken by an earlier
+    connection, the gateway sees another source port than the client used)."""
+
+    def __init__(self, gw: GatewayProcess) -> None:
+        self.gw = gw
+        self._pos = 0
+        self._lines: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
+            collections.deque)
+        self._lock = threading.Lock()
+
+    def _read(self) -> None:
+        with self.gw.log_path.open("rb") as f:
+            f.seek(self._pos)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._pos += end
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if doc.get("event") == "session":
+                    self._lines[doc["destination"]].append(doc)
+
+    def next(self, destination: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next session line for ``destination`` (``host:port``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._read()
+                if self._lines[destination]:
+                    return self._lines[destination].popleft()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no session line:\n{self.gw.log_text()[-2000:]}")
+            time.sleep(0.005)
+
+
+def tls_server_context(work: Path, leaf: certs.Issued, name: str) -> ssl.SSLContext:
+    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(leaf.key_pem)
+    cert.write_bytes(leaf.pem)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def tls_client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# -- the world ----------------------------------------------------------------------------
+
+@dataclass
+class World:
+    lab: Lab
+    gw: GatewayProcess
+    log: SessionLog
+    peer_ctx: ssl.SSLContext
+    client_ctx: ssl.SSLContext
+    peers: dict[str, FakeServer]  # by address: PEER_V4 encrypt, PEER_V4_ALT pins, MAY_PEER
+    mta: FakeServer  # the legacy MTA behind the inbound listener
+    dns: FakeDns
+
+
+def gateway_config(fingerprint: str, key: Path, cert: Path) -> str:
+    return f"""
+listeners:
+  - {{address: 0.0.0.0, port: 10025}}
+  - {{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, starttls: offload,
+      client_address: none, upstreams: ["{MTA_V4}:25"]}}
+upstream: {{mark: 0x2525}}
+limits: {{max_sessions: 50}}
+timeouts: {{connect: 2, idle: 10, session: 60, drain: 2}}
+metrics: {{listen: 127.0.0.1:9125}}
+log: {{format: json, level: info}}
+dns: {{timeout: 0.5, budget: 2}}
+policy:
+  default: encrypt
+  entries:
+    - {{match: {PEER_V4_ALT}/32, level: fingerprint, fingerprints: ["{fingerprint}"]}}
+    - {{match: {MAY_PEER}/32, level: may}}
+tls: {{key: {key}, cert: {cert}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    work = tmp_path_factory.mktemp("injection")
+    peer_leaf = certs.make_leaf(None, ["mx.peer.test"])
+    site_leaf = certs.make_leaf(None, ["mx.b.test"])
+    peer_ctx = tls_server_context(work, peer_leaf, "peer")
+    tls_server_context(work, site_leaf, "site")  # writes the gateway's pair
+    with contextlib.ExitStack() as stack:
+        lab = stack.enter_context(Lab())
+        lab.peer.ip("addr", "add", f"{MAY_PEER}/24", "dev", netlab.HOST_IF)
+        lab.redirect_port25(10025)
+        for v6 in (False, True):
+            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", GW_PEER_IF, "-p", "tcp",
+                             "--dport", "25", "-j", "REDIRECT", "--to-ports",
+                             str(INBOUND_PORT)], v6=v6)
+        dns_ = FakeDns(lab.gw)
+        stack.callback(dns_.close)
+        honest = Script(context=peer_ctx)
+        peers = {}
+        for host in (PEER_V4, PEER_V4_ALT, MAY_PEER):
+            peers[host] = FakeServer(lab.peer, host, honest)
+            stack.callback(peers[host].close)
+        mta = FakeServer(lab.mta, MTA_V4, Script(name=b"legacy.b.test",
+                                                 caps=(b"PIPELINING", b"8BITMIME")))
+        stack.callback(mta.close)
+        fingerprint = hashlib.sha256(peer_leaf.der).hexdigest()
+        gw = stack.enter_context(GatewayProcess(
+            lab.gw, work, gateway_config(fingerprint, work / "site-key.pem",
+                                         work / "site-cert.pem")))
+        yield World(lab, gw, SessionLog(gw), peer_ctx, tls_client_context(), peers, mta, dns_)
+
+
+# -- trials -------------------------------------------------------------------------------
+
+EHLO_LINE = b"EHLO mta.a.test\r\n"
+ENVELOPE = b"MAIL FROM:<alice@a.test>\r\nRCPT TO:<bob@b.test>\r\nDATA\r\n"
+MESSAGE = b"Subject: injection trial\r\n\r\nhello\r\n.\r\n"
+CLIENT_EHLO = b"EHLO client.c.test\r\n"
+
+
+@dataclass
+class Tally:
+    """Trials per group, and what was acted on (with the evidence)."""
+
+    trials: collections.Counter[str] = field(default_factory=collections.Counter)
+    acted: list[str] = field(default_factory=list)
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def record(self, group: str, name: str, problems: list[str], outcome: str) -> None:
+        self.trials[group] += 1
+        self.outcomes[outcome] += 1
+        if problems:
+            self.acted.append(f"{group} {name}: {'; '.join(problems)}")
+
+    @property
+    def figure(self) -> str:
+        return f"injection: {sum(self.trials.values())} trials, {len(self.acted)} acted on"
+
+
+def positive(reply: bytes | None) -> bool:
+    return reply is not None and reply[:1] in (b"2", b"3")
+
+
+def envelope_seen(conns: list[Served]) -> bool:
+    return any(verb(line) in (b"MAIL", b"RCPT", b"DATA") for c in conns
+               for line, _ in c.commands)
+
+
+def outcome_of(s: dict[str, Any]) -> str:
+    reason = str(s.get("tls_reason", "")).split(":", maxsplit=1)[0]
+    return f"{s.get('tls', '-')}: {reason or s.get('verify', '')}"
+
+
+def mta_session(w: World, dst: str, envelope_mode: str = "segment") -> Wire:
+    """The MTA's side of an outbound session: EHLO, then MAIL/RCPT/DATA pipelined (as
+    ``envelope_mode``), the message on a 354, QUIT.  Stops at the first 4xx/5xx."""
+    c = Wire(w.lab.mta.connect(dst, 25))
+    try:
+        if positive(c.reply()):
+            c.send(EHLO_LINE)
+            if positive(c.reply()):
+                send_as(c, ENVELOPE, envelope_mode)
+                replies: list[bytes] = []
+                while len(replies) < 3 and positive(r := c.reply()):
+                    assert r is not None
+                    replies.append(r)
+                if len(replies) == 3 and replies[2].startswith(b"354"):
+                    c.send(MESSAGE)
+                    c.reply()
+                    c.send(b"QUIT\r\n")
+                    c.reply()
+    finally:
+        c.finish()
+    return c
+
+
+def judge_outbound(mta: Wire, conns: list[Served], s: dict[str, Any], policy: str,
+                   injected: bool) -> list[str]:
+    """What acting on an injection would look like, outbound; [] when nothing was."""
+    problems: list[str] = []
+    if not conns:
+        return ["the peer was never reached"]
+    first = conns[0]
+    banner = first.replies[0][1]
+    ehlo = next((t for v, t in first.replies if v == b"EHLO"), b"")
+    got = bytes(mta.plain_in)
+    # Refused: one 421 from smtpgate, last.  What came before it is whatever the plaintext
+    # phase carried (a forged EHLO reply taken for the real one, say): nothing crossed TLS.
+    refused = got.startswith(banner) and got.count(b" smtpgate: ") == 1 and bool(
+        re.search(SMTPGATE_421.pattern + rb"\Z", got))
+    carrier = next((c for c in conns if got == banner + ehlo + c.honest_tail()), None)
+    if not refused and carrier is None:
+        problems.append(f"the MTA got bytes that are neither the peer's replies nor one 421: "
+                        f"{got[len(banner + ehlo):][:200]!r}")
+    for c in conns:
+        after = c.after_starttls
+        if c.starttls_at >= 0 and after and not after.startswith(b"\x16\x03") \
+                and after != b"QUIT\r\n":
+            problems.append(f"plaintext after STARTTLS reached the peer: {after[:40]!r}")
+    if refused:
+        if envelope_seen(conns):
+            problems.append("refused, yet the held envelope reached the peer")
+        if (s["outcome"], s.get("tls")) != ("deferred", "deferred"):
+            problems.append(f"the MTA got a 421 but the session says {outcome_of(s)}")
+    elif carrier is not None:
+        if carrier.stream != EHLO_LINE + bytes(mta.plain_out)[len(EHLO_LINE):]:
+            problems.append("the peer's commands differ from the MTA's")
+        want = "plaintext" if not carrier.wire.secure else {
+            "encrypt": "tls", "fingerprint": "fingerprint", "may": "tls"}[policy]
+        if s.get("tls") != want:
+            problems.append(f"delivered, but the session says {outcome_of(s)}, not {want}")
+        if policy != "may" and not carrier.wire.secure:
+            problems.append(f"delivered in plaintext under {policy}")
+        if injected and carrier.wire.secure and carrier is first:
+            problems.append("the upgrade went on over the injected bytes")
+    return problems
+
+
+POLICY_PEER = {"encrypt": PEER_V4, "fingerprint": PEER_V4_ALT, "may": MAY_PEER}
+
+
+def outbound_trial(w: World, policy: str, script: Script, envelope_mode: str = "segment",
+                   injected: bool = True) -> tuple[list[str], str]:
+    server = w.peers[POLICY_PEER[policy]]
+    mark = server.arm(script)
+    mta = mta_session(w, POLICY_PEER[policy], envelope_mode)
+    s = w.log.next(f"{POLICY_PEER[policy]}:25")
+    conns = server.settle(mark)
+    return judge_outbound(mta, conns, s, policy, injected), outcome_of(s)
+
+
+# Response injection after the peer's 220 to STARTTLS.
+AFTER_220 = {
+    "extra reply line": b"250 2.0.0 injected extra line\r\n",
+    "fake EHLO reply": b"250-mx.evil.test\r\n250-PIPELINING\r\n250 AUTH PLAIN LOGIN\r\n",
+    "fake 250 for MAIL": b"250 2.1.0 injected sender ok\r\n",
+    "fake transaction": b"250 2.1.0 inj\r\n250 2.1.5 inj\r\n354 inj\r\n250 2.0.0 inj queued\r\n",
+    "second 220": b"220 2.0.0 injected ready\r\n",
+    "fake 421": b"421 4.7.0 injected shutdown\r\n",
+    "bare CRLF": b"\r\n",
+    "one byte": b"2",
+    "TLS-looking bytes": b"\x16\x03\x01\x00\x05hello",
+    "8 KB of lines": b"250-injected\r\n" * 585 + b"250 injected\r\n",
+}
+AFTER_220_MODES = ("segment", "split", "later", "bytewise", "after-hello")
+
+# Responses pushed before the gateway ever says STARTTLS.
+EARLY = {
+    "fake EHLO reply behind the banner": ("banner", b"250-evil.test\r\n250 AUTH PLAIN\r\n"),
+    "fake 250 behind the banner": ("banner", b"250 2.1.0 injected sender ok\r\n"),
+    "fake 220 behind the EHLO reply": ("ehlo", b"220 2.0.0 injected ready\r\n"),
+    "fake 250 for MAIL behind the EHLO reply": ("ehlo", b"250 2.1.0 injected sender ok\r\n"),
+    "fake transaction behind the EHLO reply": (
+        "ehlo", b"250 2.1.0 inj\r\n250 2.1.5 inj\r\n354 inj\r\n250 2.0.0 inj queued\r\n"),
+}
+
+# Commands an MTA pipelines behind its own STARTTLS, and what a peer injects behind its 220.
+E2E_COMMANDS = {
+    "nothing": b"",
+    "MAIL": b"MAIL FROM:<mallory@evil.test>\r\n",
+    "RSET": b"RSET\r\n",
+    "envelope": ENVELOPE,
+    "bare CRLF": b"\r\n",
+}
+E2E_RESPONSES = {"nothing": b"", "fake 250": b"250 2.0.0 injected\r\n"}
+
+# Client commands behind STARTTLS, inbound.
+BEHIND_STARTTLS = {
+    "MAIL": b"MAIL FROM:<mallory@evil.test>\r\n",
+    "RSET": b"RSET\r\n",
+    "EHLO": b"EHLO evil.test\r\n",
+    "QUIT": b"QUIT\r\n",
+    "second STARTTLS": b"STARTTLS\r\n",
+    "transaction": b"MAIL FROM:<m@evil.test>\r\nRCPT TO:<bob@b.test>\r\nDATA\r\n"
+                   b"Subject: injected\r\n\r\nX\r\n.\r\n",
+    "bare CRLF": b"\r\n",
+    "one byte": b"M",
+    "bare-LF command": b"NOOP\n",
+}
+INBOUND_MODES = ("segment", "immediate", "split", "bytewise", "after-hello")
+
+
+def inbound_client(w: World, inject: bytes, mode: str) -> Wire:
+    """An internet client that says STARTTLS and injects behind it (as ``mode``), then tries
+    TLS if it was answered 220, and a little SMTP if that worked."""
+    c = Wire(w.lab.peer.connect(MTA_V4, 25))
+    try:
+        c.reply()
+        c.send(CLIENT_EHLO)
+        c.reply()
+        c.mark = len(c.raw_in) - len(c.buf)
+        line = b"STARTTLS\r\n"
+        ready: bytes | None = None
+        if mode == "segment":
+            c.send(line + inject)
+        elif mode == "immediate":
+            c.send(line)
+            c.send(inject)
+        elif mode == "split":
+            c.send(line)
+            ready = c.reply()
+            c.send(inject)
+        elif mode == "bytewise":
+            send_as(c, inject, "bytewise", line)
+        elif mode == "after-hello":
+            c.send(line)
+            ready = c.reply()
+            if ready == READY:
+                c.begin_tls(w.client_ctx, server_side=False, hostname="mx.b.test")
+                c.send_raw(inject)
+                c.handshake_done()
+        if mode != "after-hello":
+            ready = ready or c.reply()
+            if ready == READY:
+                c.start_tls(w.client_ctx, server_side=False, hostname="mx.b.test")
+        if c.secure:
+            c.send(CLIENT_EHLO)
+            c.reply()
+            c.send(b"QUIT\r\n")
+            c.reply()
+    finally:
+        c.finish()
+    return c
+
+
+TLS_RECORD = re.compile(rb"[\x15\x16]\x03[\x01-\x04]", re.S)
+
+
+def judge_inbound_injection(c: Wire, legacy: list[Served], s: dict[str, Any]) -> list[str]:
+    problems = []
+    if len(legacy) != 1 or legacy[0].wire.plain_in != CLIENT_EHLO:
+        problems.append(f"the legacy MTA received "
+                        f"{[bytes(x.wire.plain_in)[len(CLIENT_EHLO):][:120] for x in legacy]}")
+    rest = bytes(c.raw_in)[c.mark:]
+    ok = SMTPGATE_421.fullmatch(rest) or (rest.startswith(READY) and (
+        rest == READY or SMTPGATE_421.fullmatch(rest[len(READY):])
+        or TLS_RECORD.match(rest[len(READY):])))
+    if not ok:
+        problems.append(f"the client was answered: {rest[:160]!r}")
+    if c.tls_in:
+        problems.append(f"the client got data over TLS: {bytes(c.tls_in)[:120]!r}")
+    if s["outcome"] not in ("deferred", "client_reset") or s.get("tls") != "deferred":
+        problems.append(f"the session says {s['outcome']} / {outcome_of(s)}")
+    return problems
+
+
+def inbound_injection_trial(w: World, inject: bytes, mode: str) -> tuple[list[str], str]:
+    mark = w.mta.arm()
+    c = inbound_client(w, inject, mode)
+    s = w.log.next(f"{MTA_V4}:25")
+    legacy = w.mta.settle(mark)
+    return judge_inbound_injection(c, legacy, s), outcome_of(s)
+
+
+# Pipelined plaintext before STARTTLS, inbound: steps of (bytes to send, replies to read).
+PIPELINED: dict[str, list[tuple[bytes, int]]] = {
+    "EHLO+STARTTLS": [(CLIENT_EHLO + b"STARTTLS\r\n", 2)],
+    "EHLO+MAIL+STARTTLS": [(CLIENT_EHLO + b"MAIL FROM:<a@c.test>\r\nSTARTTLS\r\n", 3)],
+    "NOOP+STARTTLS": [(CLIENT_EHLO, 1), (b"NOOP\r\nSTARTTLS\r\n", 2)],
+    "RSET+STARTTLS+MAIL": [(CLIENT_EHLO, 1),
+                           (b"RSET\r\nSTARTTLS\r\nMAIL FROM:<a@c.test>\r\n", 3)],
+    "MAIL+RCPT, then STARTTLS": [(CLIENT_EHLO, 1),
+                                 (b"MAIL FROM:<a@c.test>\r\nRCPT TO:<bob@b.test>\r\n", 2),
+                                 (b"STARTTLS\r\n", 1)],
+    "HELO, then STARTTLS": [(b"HELO client.c.test\r\n", 1), (b"STARTTLS\r\n", 1)],
+    "two EHLOs+STARTTLS": [(CLIENT_EHLO + b"EHLO again.c.test\r\nSTARTTLS\r\n", 3)],
+}
+
+
+def pipelined_client(w: World, steps: list[tuple[bytes, int]], mode: str,
+                     pause: float = 0.0) -> Wire:
+    """``pause``: seconds to wait after each step's replies (lets a slow peer finish)."""
+    c = Wire(w.lab.peer.connect(MTA_V4, 25))
+    try:
+        c.reply()
+        last = None
+        for data, n in steps:
+            send_as(c, data, mode)
+            for _ in range(n):
+                last = c.reply()
+            time.sleep(pause)
+        if last == READY and c.start_tls(w.client_ctx, server_side=False):
+            c.send(CLIENT_EHLO)
+            c.reply()
+            c.send(ENVELOPE)
+            for _ in range(3):
+                c.reply()
+            c.send(MESSAGE)
+            c.reply()
+        c.send(b"QUIT\r\n")
+        c.reply()
+    finally:
+        c.finish()
+    return c
+
+
+def judge_pipelined(c: Wire, legacy: list[Served], s: dict[str, Any]) -> list[str]:
+    problems = []
+    if len(legacy) != 1:
+        return [f"{len(legacy)} connections to the legacy MTA"]
+    m = legacy[0]
+    if c.secure:
+        # Before TLS the MTA saw only greetings; after it, exactly the client's bytes; and the
+        # client saw over TLS exactly the MTA's replies to what it sent over TLS.
+        greetings = [line for line in bytes(c.plain_out).splitlines(keepends=True)
+                     if verb(line) in (b"EHLO", b"HELO")]
+        if bytes(m.wire.plain_in) != b"".join(greetings) + bytes(c.tls_out):
+            problems.append(f"the MTA got {bytes(m.wire.plain_in)[:300]!r}")
+        if bytes(c.tls_in) != b"".join(t for _, t in m.replies[1 + len(greetings):]):
+            problems.append(f"over TLS the client got {bytes(c.tls_in)[:300]!r}")
+        if s.get("tls") != "tls":
+            problems.append(f"the session says {outcome_of(s)}")
+    else:
+        if READY in c.plain_in:
+            problems.append("the gateway answered STARTTLS after plaintext went through")
+        if bytes(m.wire.plain_in) != bytes(c.plain_out):
+            problems.append("the MTA's bytes differ from the client's")
+        if s.get("tls") != "plaintext":
+            problems.append(f"the session says {outcome_of(s)}")
+    return problems
+
+
+def pipelined_trial(w: World, steps: list[tuple[bytes, int]], mode: str) -> tuple[
+        list[str], str]:
+    mark = w.mta.arm()
+    c = pipelined_client(w, steps, mode)
+    s = w.log.next(f"{MTA_V4}:25")
+    return judge_pipelined(c, w.mta.settle(mark), s), outcome_of(s)
+
+
+def unasked_trial(w: World, mode: str) -> tuple[list[str], str]:
+    """The legacy MTA sends a reply nobody asked for right behind its EHLO reply (as
+    ``mode``); the client goes on with STARTTLS.  That reply must never be given to the
+    client over TLS (as the answer to its first command there)."""
+    stale = b"250 2.0.0 stale reply from before STARTTLS\r\n"
+    mark = w.mta.arm(Script(name=b"legacy.b.test", caps=(b"PIPELINING", b"8BITMIME"),
+                            after_ehlo=stale, early_mode=mode))
+    # The client says STARTTLS once the MTA has sent it all: bytes the MTA sends only after
+    # the gateway passed the client's EHLO over TLS on to it cannot be told from its answer
+    # (the stream has no other clock), so "before STARTTLS" must mean before.
+    c = pipelined_client(w, [(CLIENT_EHLO, 1), (b"STARTTLS\r\n", 1)], mode,
+                         pause=len(stale) * BYTE_GAP + 0.2 if mode == "bytewise" else 0.0)
+    s = w.log.next(f"{MTA_V4}:25")
+    [m] = w.mta.settle(mark)
+    problems = []
+    if stale in c.tls_in:
+        problems.append("the MTA's reply from before STARTTLS was given over TLS")
+    refused = c.tls_in == b"" or SMTPGATE_421.fullmatch(bytes(c.tls_in))
+    if refused and m.wire.plain_in != CLIENT_EHLO:
+        problems.append(f"refused, yet the MTA got {bytes(m.wire.plain_in)!r}")
+    if refused and (s["outcome"], s.get("tls")) != ("deferred", "deferred"):
+        problems.append(f"refused, yet the session says {s['outcome']} / {outcome_of(s)}")
+    if not refused:
+        problems += judge_pipelined(c, [m], s)
+    return problems, outcome_of(s)
+
+
+def e2e_trial(w: World, commands: bytes, response: bytes, mode: str) -> tuple[list[str], str]:
+    """The MTA does STARTTLS itself (pipelining ``commands`` behind it, as ``mode``); the
+    peer answers 220 (with ``response`` behind it, as ``mode``).  The gateway must step
+    aside: every byte copied unchanged both ways, nothing of its own."""
+    server = w.peers[PEER_V4]
+    mark = server.arm(Script(context=w.peer_ctx, inject=response, mode=mode))
+    c = Wire(w.lab.mta.connect(PEER_V4, 25))
+    try:
+        c.reply()
+        c.send(EHLO_LINE)
+        c.reply()
+        send_as(c, commands, mode, b"STARTTLS\r\n")
+        if c.reply() == READY and c.start_tls(w.client_ctx, server_side=False):
+            c.send(EHLO_LINE)
+            c.reply()
+            c.send(ENVELOPE)
+            for _ in range(3):
+                c.reply()
+            c.send(MESSAGE)
+            c.reply()
+            c.send(b"QUIT\r\n")
+            c.reply()
+    finally:
+        c.finish()
+    s = w.log.next(f"{PEER_V4}:25")
+    [p] = server.settle(mark)
+    problems = []
+    if bytes(p.wire.raw_in) != bytes(c.raw_out):
+        problems.append("the peer did not get the MTA's bytes unchanged")
+    if bytes(c.raw_in) != bytes(p.wire.raw_out):
+        problems.append("the MTA did not get the peer's bytes unchanged")
+    if s.get("tls") != "end_to_end" or s["outcome"] == "deferred":
+        problems.append(f"the session says {s['outcome']} / {outcome_of(s)}")
+    if not commands and not response and not (c.secure and p.contents == [MESSAGE]):
+        problems.append("the end-to-end control did not deliver over TLS")
+    return problems, outcome_of(s)
+
+
+def test_starttls_injection_is_never_acted_on(world: World) -> None:
+    started = time.monotonic()
+    tally = Tally()
+    w = world
+
+    # 1. Outbound response injection after the peer's 220 to STARTTLS.
+    for policy in ("encrypt", "fingerprint", "may"):
+        for mode in AFTER_220_MODES:
+            for name, data in AFTER_220.items():
+                script = Script(context=w.peer_ctx, inject=data, mode=mode)
+                problems, outcome = outbound_trial(w, policy, script)
+                tally.record("outbound-after-220", f"{policy}/{mode}/{name}", problems, outcome)
+
+    # 2. Responses pushed before the gateway says STARTTLS.
+    for policy in ("encrypt", "fingerprint"):
+        for mode in ("segment", "split", "bytewise"):
+            for name, (where, data) in EARLY.items():
+                script = Script(context=w.peer_ctx, early_mode=mode,
+                                after_banner=data if where == "banner" else b"",
+                                after_ehlo=data if where == "ehlo" else b"")
+                problems, outcome = outbound_trial(w, policy, script)
+                tally.record("outbound-early", f"{policy}/{mode}/{name}", problems, outcome)
+
+    # 3. The command direction: held commands never follow STARTTLS in plaintext (these
+    #    sessions are delivered: they are also the harness's control).
+    delivered = 0
+    for policy in ("encrypt", "fingerprint", "may"):
+        for mode in ("segment", "split", "bytewise"):
+            problems, outcome = outbound_trial(w, policy, Script(context=w.peer_ctx), mode,
+                                               injected=False)
+            delivered += outcome.startswith(("tls", "fingerprint"))
+            tally.record("outbound-held-commands", f"{policy}/{mode}", problems, outcome)
+    assert delivered == 9, tally.acted
+
+    # 4. End to end: the MTA's own STARTTLS; the gateway steps aside.
+    for mode in ("segment", "split", "bytewise"):
+        for cname, commands in E2E_COMMANDS.items():
+            for rname, response in E2E_RESPONSES.items():
+                problems, outcome = e2e_trial(w, commands, response, mode)
+                tally.record("end-to-end", f"{mode}/{cname}/{rname}", problems, outcome)
+
+    # 5. Inbound command injection behind the client's STARTTLS.
+    for mode in INBOUND_MODES:
+        for name, data in BEHIND_STARTTLS.items():
+            problems, outcome = inbound_injection_trial(w, data, mode)
+            tally.record("inbound-behind-starttls", f"{mode}/{name}", problems, outcome)
+
+    # 6. Inbound pipelined plaintext before STARTTLS.
+    for mode in ("segment", "bytewise"):
+        for name, steps in PIPELINED.items():
+            problems, outcome = pipelined_trial(w, steps, mode)
+            tally.record("inbound-pipelined", f"{mode}/{name}", problems, outcome)
+
+    # 7. The legacy MTA says something unasked before STARTTLS (response direction).
+    for mode in ("segment", "split", "bytewise"):
+        problems, outcome = unasked_trial(w, mode)
+        tally.record("inbound-mta-unasked", mode, problems, outcome)
+
+    took = time.monotonic() - started
+    groups = ", ".join(f"{g} {n}" for g, n in tally.trials.items())
+    print(f"\n{tally.figure} ({groups}; {took:.1f} s)")
+    print("  outcomes: " + ", ".join(f"{k} x{v}" for k, v in tally.outcomes.most_common()))
+    for line in tally.acted[:60]:
+        print("  ACTED ON: " + line)
+    assert not tally.acted, f"{tally.figure}:\n" + "\n".join(tally.acted[:20])
+
+
+def test_regression_a_reply_pushed_before_starttls_never_reaches_the_mta(world: World) -> None:
+    """Found by the early vectors: a peer's reply nobody asked for, pushed behind its EHLO
+    reply, was passed to the MTA, which took it for the reply to MAIL, sent over TLS later:
+    with a whole fake transaction behind it the MTA took the real reply to MAIL for the one
+    to its message (a 2xx the peer never gave it).  Now only a 421 may come unasked; anything
+    else defers the session before the upgrade."""
+    fake = b"250 2.1.0 inj\r\n250 2.1.5 inj\r\n354 inj\r\n250 2.0.0 inj queued\r\n"
+    server = world.peers[PEER_V4]
+    mark = server.arm(Script(context=world.peer_ctx, after_ehlo=fake))
+    mta = mta_session(world, PEER_V4)
+    s = world.log.next(f"{PEER_V4}:25")
+    conns = server.settle(mark)
+    assert bytes(mta.plain_in).endswith(
+        b"421 4.7.0 smtpgate: peer protocol error: unsolicited reply 250\r\n"), mta.plain_in
+    assert b"inj" not in mta.plain_in
+    assert not envelope_seen(conns)
+    assert (s["outcome"], s["tls"], s["tls_reason"]) == (
+        "deferred", "deferred", "peer protocol error: unsolicited reply 250")
+
+
+def test_regression_the_mtas_unasked_reply_is_never_given_over_tls(world: World) -> None:
+    """Found by the reply-direction vector, inbound: a reply the legacy MTA sent unasked
+    before STARTTLS was kept and given to the client over TLS as the reply to its EHLO there
+    (every later reply one behind).  Now the session ends with a 421 instead."""
+    problems, outcome = unasked_trial(world, "segment")
+    assert not problems
+    assert outcome == "deferred: MTA sent a reply nobody asked for", outcome
