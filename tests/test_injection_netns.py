@@ -321,6 +321,7 @@ class Script:
     early_mode: str = "segment"
     inject: bytes = b""  # plaintext behind the 220 to STARTTLS, delivered as `mode`
     mode: str = "segment"  # segment | split | later | bytewise | after-hello
+    mail_reply: bytes | None = None  # instead of "250 2.1.0 sender ok"
 
 
 @dataclass
@@ -411,7 +412,8 @@ def serve(out: Served) -> None:
             last = b" last" if len(parts) > 2 and parts[2].upper() == b"LAST" else b""
             answer(v, b"250 2.0.0 %d octets%s #%d\r\n" % (size, last, n))
         elif v == b"MAIL":
-            answer(v, b"250 2.1.0 sender ok #%d\r\n" % n)
+            answer(v, s.mail_reply if s.mail_reply is not None
+                   else b"250 2.1.0 sender ok #%d\r\n" % n)
         elif v == b"RCPT":
             answer(v, b"250 2.1.5 recipient ok #%d\r\n" % n)
         elif v in (b"RSET", b"NOOP"):
@@ -1130,3 +1132,21 @@ def test_regression_the_mtas_unasked_reply_is_never_given_over_tls(world: World)
     problems, outcome = unasked_trial(world, "segment")
     assert not problems
     assert outcome == "deferred: MTA sent a reply nobody asked for", outcome
+
+
+def test_a_peer_breaking_framing_after_the_upgrade_ends_the_session_with_resets(
+        world: World) -> None:
+    """After the TLS phase the envelope tracker reads the peer's replies; one that breaks
+    the framing (a reply line over 4096 bytes) has no reply of the gateway's own to answer
+    it (A1): the session ends with resets both ways and the reason is logged.  (It used to
+    escape the transport callback and end the session by accident.)"""
+    server = world.peers[PEER_V4]
+    mark = server.arm(Script(context=world.peer_ctx,
+                             mail_reply=b"250 " + b"x" * 5000 + b"\r\n"))
+    mta = mta_session(world, PEER_V4)
+    s = world.log.next(f"{PEER_V4}:25")
+    [conn] = server.settle(mark)
+    assert conn.wire.secure  # the hop was upgraded: the tracker read the long line
+    assert b"x" * 100 not in mta.plain_in  # the MTA never got it as a reply
+    assert (s["outcome"], s["tls"]) == ("aborted", "tls"), s
+    assert s["reason"] == "peer protocol error: reply line too long", s
