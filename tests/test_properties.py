@@ -23,9 +23,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from unittest import mock
+from collections.abc import Sequence
 
 import pytest
 import uvloop
@@ -33,7 +31,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import dane, smtp
-from gateway.config import Level
 from gateway.envelope import (
     CheckRecipient,
     Envelope,
@@ -42,15 +39,10 @@ from gateway.envelope import (
     ToPeer,
     recipient_domain,
 )
-from gateway.policy import Action, Auth, Plan
+from gateway.policy import Plan
 from gateway.relay import End, Pump
 from gateway.smtp import (
-    STARTTLS_READY,
-    Command,
     Defer,
-    InboundCommand,
-    NeedPlan,
-    Offload,
     ProtocolError,
     Reconnect,
     Reject,
@@ -60,9 +52,6 @@ from gateway.smtp import (
     Result,
     SendClient,
     SendPeer,
-    StartTls,
-    StartTlsServer,
-    Upgrade,
     capabilities,
     edit_ehlo,
     lost_capabilities,
@@ -70,6 +59,19 @@ from gateway.smtp import (
     verb,
 )
 from tests.certs import make_leaf, make_root
+from tests.machines import (
+    PLANS,
+    TLS_OUTCOMES,
+    UNASKED,
+    Cutter,
+    a4_normalized,
+    held_never_sent_without_tls,
+    limits,
+    offload_run,
+    same_offload,
+    upgrade_run,
+    whole,
+)
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, database=None,
@@ -82,16 +84,6 @@ PROFILE = settings.get_profile(os.environ.get("SMTPGATE_HYPOTHESIS", "ci"))
 RELAY_PROFILE = settings(PROFILE, max_examples=max(PROFILE.max_examples // 3, 1))
 
 
-@contextlib.contextmanager
-def limits(small: bool) -> Iterator[None]:
-    """Production limits, or limits small enough for hypothesis' inputs to cross them."""
-    if not small:
-        yield
-        return
-    with mock.patch.multiple(smtp, MAX_LINE=40, MAX_REPLY_LINES=4, MAX_HELD=48):
-        yield
-
-
 def cut(data: bytes, sizes: Sequence[int]) -> list[bytes]:
     """``data`` in pieces of the given sizes, cycled."""
     pieces, i, k = [], 0, 0
@@ -102,15 +94,10 @@ def cut(data: bytes, sizes: Sequence[int]) -> list[bytes]:
     return pieces
 
 
-def whole(data: bytes) -> list[bytes]:
-    return [data] if data else []
-
-
 def bytewise(data: bytes) -> list[bytes]:
     return [data[i:i + 1] for i in range(len(data))]
 
 
-Cutter = Callable[[bytes], list[bytes]]
 SIZES = st.lists(st.integers(1, 24), min_size=1, max_size=6)
 
 # -- strategies: SMTP-shaped byte streams, with arbitrary bytes mixed in ------------------------
@@ -350,101 +337,6 @@ def test_envelope_framing_is_the_same_at_every_read_size(
     assert sides(envelope_run(script, bytewise, at_once=False)[0]) == expected
 
 
-# The plans and TLS outcomes a shell can report.
-PLANS = [
-    Plan(Action.PASSTHROUGH, Auth.NONE, Level.NONE, "none"),
-    Plan(Action.TRY_TLS, Auth.NONE, Level.DANE, "opportunistic"),
-    Plan(Action.REQUIRE_TLS, Auth.DANE, Level.DANE, "secure usable TLSA"),
-    Plan(Action.DEFER, Auth.NONE, Level.DANE, "cannot trust DNS"),
-]
-TLS_OUTCOMES = [(True, Result.DANE, "dane-ee match"), (True, Result.TLS, "unauthenticated"),
-                (False, Result.DEFERRED, "handshake: SSLError")]
-
-
-@dataclass
-class Played:
-    """What the shell carried out, in order; ``TLS_OK`` marks a successful handshake."""
-
-    log: list[object] = field(default_factory=list)
-    result: Result = Result.PENDING
-
-
-TLS_OK = "tls ok"
-A4_ABORT = "A4 abort"  # the session ended for plaintext after STARTTLS
-
-
-def upgrade_run(script: list[tuple[str, bytes]], chop: Cutter, plan: Plan,
-                tls: tuple[bool, Result, str]) -> Played:
-    """The shell's own events (the plan, the handshake's outcome, the new connection) come
-    when the current turn is over: tied to the stream, not to how it was read."""
-    m = Upgrade()
-    played = Played()
-    log = played.log
-    end: Relay | Defer | None = None
-    after = {"client": bytearray(), "peer": bytearray()}  # copied by the shell after Relay
-    wants: set[type] = set()
-
-    def carry_out(cmds: list[Command]) -> None:
-        nonlocal end
-        log.extend(cmds)
-        for c in cmds:
-            if isinstance(c, Relay | Defer):
-                end = c
-            elif isinstance(c, NeedPlan | StartTls | Reconnect):
-                wants.add(type(c))
-
-    for side, data in script:
-        for piece in chop(data):
-            if end is not None:
-                if isinstance(end, Relay):
-                    after[side] += piece
-                continue
-            if Reconnect in wants:
-                continue  # the abandoned connection's bytes: its leg is detached
-            carry_out((m.client_data if side == "client" else m.peer_data)(piece))
-        while wants and end is None:
-            if Reconnect in wants:
-                wants.discard(Reconnect)
-                carry_out(m.reconnected())
-            elif NeedPlan in wants:
-                wants.discard(NeedPlan)
-                carry_out(m.plan_ready(plan))
-            else:
-                wants.discard(StartTls)
-                ok, result, reason = tls
-                if ok:
-                    log.append(TLS_OK)
-                carry_out(m.tls_done(ok, result, reason))
-    if isinstance(end, Relay):
-        log[log.index(end)] = Relay(end.to_peer + after["client"], end.to_client + after["peer"])
-    played.result = m.result
-    return played
-
-
-# Inbound, the MTA speaking unasked when a command is about to go to it ends the session (its
-# bytes would be read as the reply: A4, the reply direction).  That is decided by what has
-# arrived by then, and a later read can only bring the same bytes later, where they read as
-# the reply: a run that ends there whole may go on when cut; the two agree up to that point.
-UNASKED = getattr(smtp, "MTA_UNASKED", None)
-
-
-def a4_normalized(log: list[object]) -> list[object]:
-    """Plaintext after STARTTLS (either way) ends the session: before the handshake when it
-    came in the same read, after the machine asked for the handshake when it came later.
-    Both are the same outcome (nothing crosses, the session ends)."""
-    out: list[object] = []
-    for c in log:
-        if isinstance(c, Defer | Reject) and (
-                "injected" in c.reason or "pipelined" in c.reason or c.reason == UNASKED):
-            while out and (isinstance(out[-1], StartTls | StartTlsServer)
-                           or out[-1] == SendClient(STARTTLS_READY)):
-                out.pop()
-            out.append(A4_ABORT)
-        else:
-            out.append(c)
-    return out
-
-
 UPGRADE_SCRIPTS = turns({"peer": PEER_TURNS, "client": CLIENT_TURNS})
 
 
@@ -476,51 +368,7 @@ def test_upgrade_required_tls_sends_nothing_held_before_the_handshake(
         tls: tuple[bool, Result, str]) -> None:
     """A3: once the plan requires TLS, the peer gets only STARTTLS or one greeting line (the
     MTA's, or our EHLO probe) until a handshake succeeded; the MTA's held commands never."""
-    played = upgrade_run(script, lambda d: cut(d, sizes), PLANS[2], tls)
-    planned = False
-    for c in played.log:
-        if c == TLS_OK:
-            break
-        planned |= isinstance(c, NeedPlan)
-        if planned and isinstance(c, SendPeer):
-            greeting = c.data.count(b"\n") == 1 and c.data.endswith(b"\n") and verb(c.data) in (
-                b"EHLO", b"HELO")
-            assert greeting or c.data == b"STARTTLS\r\n", c.data
-        assert not (planned and isinstance(c, Relay)), "held commands relayed without TLS"
-
-
-def offload_run(script: list[tuple[str, bytes]], chop: Cutter, tls_ok: bool) -> Played:
-    m = Offload()
-    played = Played()
-    log = played.log
-    end: Relay | Reject | None = None
-    after = {"client": bytearray(), "mta": bytearray()}
-
-    def carry_out(cmds: list[InboundCommand]) -> bool:
-        nonlocal end
-        log.extend(cmds)
-        for c in cmds:
-            if isinstance(c, Relay | Reject):
-                end = c
-        return any(isinstance(c, StartTlsServer) for c in cmds)
-
-    for side, data in script:
-        handshake = False
-        for piece in chop(data):
-            if end is not None:
-                if isinstance(end, Relay):
-                    after[side] += piece
-                continue
-            feed = m.client_data if side == "client" else m.mta_data
-            handshake |= carry_out(feed(piece))
-        if handshake and end is None:  # the client's turn is over: the handshake
-            if tls_ok:
-                log.append(TLS_OK)
-            carry_out(m.tls_done(tls_ok, "TLSv1.3" if tls_ok else "handshake failed"))
-    if isinstance(end, Relay):
-        log[log.index(end)] = Relay(end.to_peer + after["client"], end.to_client + after["mta"])
-    played.result = m.result
-    return played
+    held_never_sent_without_tls(upgrade_run(script, lambda d: cut(d, sizes), PLANS[2], tls).log)
 
 
 OFFLOAD_SCRIPTS = turns({"mta": MTA_TURNS, "client": INBOUND_CLIENT_TURNS})
@@ -536,13 +384,10 @@ def test_offload_framing_is_the_same_at_every_read_size(
         expected = offload_run(script, whole, tls_ok)
         last = expected.log[-1] if expected.log else None
         unasked = isinstance(last, Reject) and last.reason == UNASKED
-        want = a4_normalized(expected.log)
         for chop in (lambda d: cut(d, sizes), bytewise):
             got = offload_run(script, chop, tls_ok)
-            if unasked:
-                assert a4_normalized(got.log)[:len(want) - 1] == want[:-1]
-            else:
-                assert a4_normalized(got.log) == want
+            assert same_offload(expected.log, got.log)
+            if not unasked:
                 assert got.result is expected.result
 
 
