@@ -750,6 +750,15 @@ def test_workers_share_the_listeners_and_their_metrics_add_up(
     peer = Peer(lab, PEER_V4, hold)
     pids = {e["pid"] for e in gw.events("worker started")}
     assert len(pids) == 2
+    # "worker started" is the supervisor's word at spawn: wait until both listen, or the
+    # kernel can only give every connection to the first.
+    deadline = time.monotonic() + 15
+    while True:
+        ss = lab.gw.run(["ss", "-Hltnp", "(", "sport", "=", ":10025", ")"]).stdout
+        if {int(m) for m in re.findall(r"pid=(\d+)", ss)} >= pids:
+            break
+        assert time.monotonic() < deadline, ss
+        time.sleep(0.05)
     held = []
     try:
         for _ in range(40):
