@@ -21,7 +21,7 @@ message is counted by Message-ID and its body hashed again.  Lost and altered mu
 duplicates are allowed only where the MTA cannot know whether the peer took the message
 (after the dot) and are counted.
 
-CI runs ``TRIALS`` = 2 per point and fault; ``SMTPGATE_TRIALS=20`` (or any number) for the
+CI runs ``TRIALS`` = 2 per point and fault; ``SMTPGATE_FAULT_TRIALS=30`` (any number) for the
 long run (docs/reliability.md).
 """
 
@@ -62,7 +62,7 @@ if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
         or postfix_instance.postfix_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
-TRIALS = int(os.environ.get("SMTPGATE_TRIALS", "2"))
+TRIALS = int(os.environ.get("SMTPGATE_FAULT_TRIALS", "2"))
 POINTS = ("greeting", "after_mail", "mid_body", "after_dot", "after_reply")
 # Where the MTA cannot know whether the peer took the message: a retry may duplicate it.
 AFTER_DOT = ("after_dot", "after_reply")
