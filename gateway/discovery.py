@@ -13,8 +13,8 @@ itself) is no evidence that the peer asked for DANE, so it is not doubt.
 Both walks are written sans-I/O: generators that yield each question ``(name, rdtype)`` and
 receive its ``Answer``.  ``_drive`` answers them from the resolver (awaiting the network);
 ``_replay`` answers them from the cache alone and gives up at the first miss, so a session
-to a destination seen recently is planned in the accept callback, without a task, a timer
-or a loop iteration.
+to a destination seen recently is planned in one callback right after accept, without a
+task or a timer.
 """
 
 from __future__ import annotations

@@ -48,8 +48,7 @@ class InboundOffload(TlsPhase):
         except HANDSHAKE_ERRORS as exc:
             self.tls["verify"] = "handshake failed"
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
-            self._apply(self.machine.tls_done(False, why))
-            self.pump.finish(End.CLIENT_RESET)
+            self._apply(self.machine.tls_done(False, why))  # a Reject: the pump finishes
             return
         if ssl_object is not None:
             self._apply(self.machine.tls_done(True, str(ssl_object.version())))

@@ -177,7 +177,6 @@ async def connect(sock: socket.socket, destination: Endpoint,
 # linux/netlink.h, linux/sock_diag.h, linux/inet_diag.h
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
 NLM_F_REQUEST = 1
 INET_DIAG_MARK = 15
 _NOCOOKIE = 0xFFFFFFFF
@@ -193,7 +192,7 @@ def _sockid(src: Endpoint, dst: Endpoint) -> bytes:
 
 def local_socket_mark(src: Endpoint, dst: Endpoint, timeout: float = 0.2) -> int | None:
     """The mark of this host's TCP socket ``src`` → ``dst``, whichever process owns it;
-    None when there is none (or the kernel cannot tell).
+    None when there is none or the lookup failed, 0 when the kernel reports no mark.
 
     An accepted connection from a local address is looked up the other way round: the
     connecting socket is ours when it carries ``upstream.mark``.  Unlike the set of

@@ -18,6 +18,7 @@ from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision
 from .relay import End, Leg
 from .smtp import (
+    ENCRYPTED,
     Command,
     Defer,
     NeedPlan,
@@ -243,7 +244,8 @@ class OutboundUpgrade(TlsPhase):
         session = self.session
         assert self.envelope is not None
         allow, reason, label = self._satisfies(rule)
-        session.gw.metrics.recipients.labels("allowed" if allow else "deferred", label).inc()
+        m = session.gw.metrics
+        m.child(m.recipients, "allowed" if allow else "deferred", label).inc()
         if not allow:
             self.tls.setdefault("deferred_recipients", "")
             self.tls["deferred_recipients"] += f"{cmd.domain}: {reason}; "
@@ -251,7 +253,7 @@ class OutboundUpgrade(TlsPhase):
             self._env_apply(self.envelope.recipient(cmd.ident, allow, cmd.domain, reason))
 
     def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
-        encrypted = self.machine.result in (Result.DANE, Result.FINGERPRINT, Result.TLS)
+        encrypted = self.machine.result in ENCRYPTED
         chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
         required = self.session.config.policy.for_recipient(rule.domain)
         return recipient_decision(rule, encrypted, chain, required)
@@ -260,8 +262,7 @@ class OutboundUpgrade(TlsPhase):
         """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3
         tickets arrive after the handshake, so not earlier)."""
         ssl_object = self._ssl_object
-        if ssl_object is None or self.machine.result not in (Result.DANE, Result.FINGERPRINT,
-                                                             Result.TLS):
+        if ssl_object is None or self.machine.result not in ENCRYPTED:
             return
         if ssl_object.session_reused:
             return  # the stored session is still the one to offer; reading it again costs

@@ -119,7 +119,7 @@ class Gateway:
         or was redirected to a local address at our port.  Forwarding it would loop."""
         return any(
             ep.port == lst.port and ep.host.version == lst.address.version
-            and (ep.host == lst.address or is_local_address(ep.host))
+            and (ep.host == lst.address or self.is_local(ep.host))
             for lst, _ in self._servers.values())
 
     def static_plan(self, address: IPAddress) -> Plan | None:

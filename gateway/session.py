@@ -51,7 +51,6 @@ class Session:
         "_ended",
         "_failure",
         "_own_addr",
-        "_planning_started",
         "_task",
         "client",
         "client_text",
@@ -91,7 +90,6 @@ class Session:
         self.plan: Plan | None = None
         self.upgrade: OutboundUpgrade | InboundOffload | None = None
         self._discovery: asyncio.Task[None] | None = None
-        self._planning_started = False
         self._ended = False
         self._failure = ""  # the last connect failure's label
 
@@ -155,9 +153,8 @@ class Session:
     def _start_planning(self) -> None:
         """The plan from the config or from cached DNS answers at once; otherwise a
         discovery task beside the connect and the peer's banner (no latency added)."""
-        if self._planning_started or self.pump.done.done():
-            return
-        self._planning_started = True
+        if self.plan is not None or self._discovery is not None or self.pump.done.done():
+            return  # planned already, or under way, or nothing left to plan for
         assert self.destination is not None
         gw, host = self.gw, self.destination.host
         self.plan = gw.static_plan(host)
@@ -339,11 +336,11 @@ class Session:
     def _summary(self, outcome: str) -> None:
         duration = time.monotonic() - self.started
         envelope = getattr(self.upgrade, "envelope", None)
-        if outcome in ("client_reset", "upstream_reset") and envelope is not None \
+        if outcome in (End.CLIENT_RESET, End.UPSTREAM_RESET) and envelope is not None \
                 and envelope.quit_answered:
             # A reset after QUIT was answered (MTAs close without waiting for our close, or
             # TLS's close_notify): the session was complete.
-            outcome = "relayed"
+            outcome = End.DONE.value
         m = self.gw.metrics
         d = self.direction.value
         up, down = self.pump.client.bytes_in, self.pump.upstream.bytes_in

@@ -21,7 +21,7 @@ connection when the peer refuses STARTTLS, on a new connection when the handshak
 
 Events in: ``client_data``, ``peer_data``, ``plan_ready``, ``tls_done``, ``reconnected``.
 Commands out (the shell carries them out, in order): SendPeer, SendClient, NeedPlan,
-StartTls, Reconnect, Relay, Defer.  The transition table is ``_STATES`` below.
+StartTls, Reconnect, Relay, Defer.  Which input each state accepts: ``_STATES`` below.
 """
 
 from __future__ import annotations
@@ -177,6 +177,10 @@ class Result(Enum):
     PLAINTEXT = "plaintext"  # opportunistic plan, no TLS to be had
     PASSTHROUGH = "passthrough"  # plan none, or nothing to protect
     DEFERRED = "deferred"  # 4xx to the MTA
+
+
+# The results where the gateway made the hop TLS itself (END_TO_END is the MTA's own).
+ENCRYPTED = frozenset({Result.DANE, Result.FINGERPRINT, Result.TLS})
 
 
 def defer_reply(code: str, text: str) -> bytes:
@@ -474,7 +478,7 @@ class Upgrade:
 
 def reason_label(result: Result, reason: str) -> str:
     """A closed vocabulary for metrics from the free-text reason (logs keep the text)."""
-    if result in (Result.DANE, Result.FINGERPRINT, Result.TLS, Result.END_TO_END):
+    if result in ENCRYPTED or result is Result.END_TO_END:
         return "none"
     text = reason.lower()
     for needle, label in (("injected", "injection"), ("pipelined after starttls", "injection"),

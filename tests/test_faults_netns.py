@@ -250,7 +250,8 @@ class Fault:
     point: str
     target: str  # "gateway" or "peer"
     left: int
-    done: int = 0
+    done: int = 0  # sessions that reached the point (after the dot: the tap armed)
+    struck: int = 0  # faults that really happened
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, point: str) -> bool:
@@ -320,11 +321,16 @@ class Observer:
                     with contextlib.suppress(OSError):
                         send_all(link.down, data)  # waits unread in the stopped gateway
                     self.gateway.kill_and_restart()
+                    fault.struck += 1
                     return None
                 self.tap.on_next_reply = kill
             else:
-                self.tap.on_next_reply = lambda link, data: None  # reset instead
+                def drop(link: Link, data: bytes) -> bytes | None:
+                    fault.struck += 1
+                    return None  # reset instead of passing the reply on
+                self.tap.on_next_reply = drop
             return False  # the observer itself goes on relaying
+        fault.struck += 1
         if fault.target == "gateway":
             self.gateway.kill_and_restart()
         else:
@@ -483,9 +489,11 @@ def run_point(w: World, point: str, target: str, n: int) -> dict[str, int]:
             flushed = time.monotonic()
         time.sleep(0.1)
     w.observer.fault = None
+    # An armed tap that never struck would hit a later session instead.
+    assert w.tap.on_next_reply is None, f"{point}/{target}: the tap is still armed"
     copies, altered = received(w.receiver.maildir_messages())
     mine = {i: copies[i] for i in idents}
-    return {"messages": n, "faults": fault.done,
+    return {"messages": n, "faults": fault.struck,
             "lost": sum(1 for c in mine.values() if c == 0),
             "altered": sum(1 for i in altered if i in mine),
             "duplicates": sum(c - 1 for c in mine.values() if c > 1)}
@@ -493,6 +501,7 @@ def run_point(w: World, point: str, target: str, n: int) -> dict[str, int]:
 
 @pytest.mark.parametrize("target", ["gateway", "peer"])
 def test_faults_at_every_point_lose_and_alter_nothing(world: World, target: str) -> None:
+    kills = world.gateway.kills
     rows = {point: run_point(world, point, target, TRIALS) for point in POINTS}
     print(f"\nfaults ({target}): {TRIALS} per point; gateway kills so far "
           f"{world.gateway.kills}")
@@ -500,6 +509,9 @@ def test_faults_at_every_point_lose_and_alter_nothing(world: World, target: str)
         print(f"  {point:12} {r}")
     summary = {p: (r["lost"], r["altered"], r["duplicates"]) for p, r in rows.items()}
     assert all(r["faults"] == TRIALS for r in rows.values()), rows
+    # Every gateway fault was a real kill (and a peer fault never one).
+    expected_kills = len(POINTS) * TRIALS if target == "gateway" else 0
+    assert world.gateway.kills - kills == expected_kills, (world.gateway.kills, kills)
     assert all(r["lost"] == 0 and r["altered"] == 0 for r in rows.values()), summary
     # A duplicate is only possible when the dot may have been taken.
     assert all(r["duplicates"] == 0 for p, r in rows.items() if p not in AFTER_DOT), summary

@@ -123,6 +123,19 @@ class Peer:
         self._accept.join(5)
 
 
+def greeted_session(lab: Lab, banner: bytes = b"220 peer\r\n") -> None:
+    """One session from mta to the peer's port 25 through the gateway: the peer's banner
+    must arrive unchanged; the peer is gone afterwards."""
+    peer = Peer(lab, PEER_V4, lambda c: c.sendall(banner))
+    try:
+        with lab.mta.connect(PEER_V4, 25) as c:
+            c.settimeout(5)
+            assert c.recv(100) == banner
+        peer.join()
+    finally:
+        peer.close()
+
+
 def recv_all(sock: socket.socket, read_size: int) -> tuple[bytes, int]:
     h = hashlib.sha256()
     n = 0
@@ -210,13 +223,7 @@ def test_upstream_sockets_carry_the_mark(lab: Lab, gateway: Callable[..., Gatewa
     lab.gw.iptables(["-t", "mangle", "-A", "OUTPUT", "-p", "tcp", "--dport", "25",
                      "-m", "mark", "--mark", "0x2525", "-j", "ACCEPT"])
     gateway()
-    peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
-    try:
-        with lab.mta.connect(PEER_V4, 25) as c:
-            assert c.recv(100) == b"220 peer\r\n"
-        peer.join()
-    finally:
-        peer.close()
+    greeted_session(lab)
     out = lab.gw.run(["iptables", "-t", "mangle", "-L", "OUTPUT", "-v", "-x", "-n"]).stdout
     row = next(line for line in out.splitlines() if "0x2525" in line)
     assert int(row.split()[0]) > 0, out
@@ -428,14 +435,7 @@ def tproxy_session(lab: Lab, tmp_path: Path) -> None:
     text = config(listeners="""
   - {address: 0.0.0.0, port: 10027, mode: tproxy}""")
     with GatewayProcess(gw_ns, tmp_path, text) as gw:
-        peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 tproxy peer\r\n"))
-        try:
-            with lab.mta.connect(PEER_V4, 25) as c:
-                c.settimeout(5)
-                assert c.recv(100) == b"220 tproxy peer\r\n"
-            peer.join()
-        finally:
-            peer.close()
+        greeted_session(lab, b"220 tproxy peer\r\n")
         [s] = gw.wait_sessions(1)
         assert s["destination"] == f"{PEER_V4}:25" and s["outcome"] == "relayed"
 
@@ -486,26 +486,15 @@ def test_reload_changes_the_plan_of_a_destination_seen_before(
     """Plans decided by the config alone are remembered per destination; a reload must
     forget them, or the old policy would go on applying to every address seen before."""
     gw = gateway(config())
-
-    def one_session() -> None:
-        peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
-        try:
-            with lab.mta.connect(PEER_V4, 25) as c:
-                c.settimeout(5)
-                assert c.recv(100) == b"220 peer\r\n"
-            peer.join()
-        finally:
-            peer.close()
-
-    one_session()
-    one_session()
+    greeted_session(lab)
+    greeted_session(lab)
     good = gw.config_path.read_text()
     gw.config_path.write_text(good.replace(
         "policy: {default: none}",
         "policy: {default: none, entries: [{match: 203.0.113.0/24, level: encrypt}]}"))
     gw.signal(signal.SIGHUP)
     gw.wait_event("reloaded")
-    one_session()
+    greeted_session(lab)
     plans = [s.get("plan") for s in gw.wait_sessions(3)]
     assert plans == ["passthrough", "passthrough", "require-tls"], plans
 

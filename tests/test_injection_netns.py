@@ -912,6 +912,17 @@ PIPELINED: dict[str, list[tuple[bytes, int]]] = {
 }
 
 
+def transaction(c: Wire, greeting: bytes) -> None:
+    """Over TLS: the greeting again, the envelope pipelined, the message."""
+    c.send(greeting)
+    c.reply()
+    c.send(ENVELOPE)
+    for _ in range(3):
+        c.reply()
+    c.send(MESSAGE)
+    c.reply()
+
+
 def pipelined_client(w: World, steps: list[tuple[bytes, int]], mode: str,
                      pause: float = 0.0) -> Wire:
     """``pause``: seconds to wait after each step's replies (lets a slow peer finish)."""
@@ -925,13 +936,7 @@ def pipelined_client(w: World, steps: list[tuple[bytes, int]], mode: str,
                 last = c.reply()
             time.sleep(pause)
         if last == READY and c.start_tls(w.client_ctx, server_side=False):
-            c.send(CLIENT_EHLO)
-            c.reply()
-            c.send(ENVELOPE)
-            for _ in range(3):
-                c.reply()
-            c.send(MESSAGE)
-            c.reply()
+            transaction(c, CLIENT_EHLO)
         c.send(b"QUIT\r\n")
         c.reply()
     finally:
@@ -1013,13 +1018,7 @@ def e2e_trial(w: World, commands: bytes, response: bytes, mode: str) -> tuple[li
         c.reply()
         send_as(c, commands, mode, b"STARTTLS\r\n")
         if c.reply() == READY and c.start_tls(w.client_ctx, server_side=False):
-            c.send(EHLO_LINE)
-            c.reply()
-            c.send(ENVELOPE)
-            for _ in range(3):
-                c.reply()
-            c.send(MESSAGE)
-            c.reply()
+            transaction(c, EHLO_LINE)
             c.send(b"QUIT\r\n")
             c.reply()
     finally:
