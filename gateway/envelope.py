@@ -11,8 +11,12 @@ does not have) is answered by the gateway with ``450 4.7.5`` and never forwarded
 the MTA in exactly the order of its commands.  The shell decides recipients
 (``CheckRecipient`` → ``recipient``); everything else is decided here.
 
-Events in: ``client_data``, ``peer_data``, ``recipient``.
-Commands out: ToPeer, ToClient, CheckRecipient.
+Half-close: the MTA's EOF (``client_closed``) is passed on (ShutdownPeer) once every command
+before it is out, undecided recipients included; the peer's (``peer_closed``) at once, after
+the replies it sent (ShutdownClient).
+
+Events in: ``client_data``, ``peer_data``, ``recipient``, ``client_closed``, ``peer_closed``.
+Commands out: ToPeer, ToClient, CheckRecipient, ShutdownPeer, ShutdownClient.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .smtp import ReplyReader, SendClient, SendPeer, take_line, verb
+from .smtp import (
+    ReplyReader,
+    SendClient,
+    SendPeer,
+    ShutdownClient,
+    ShutdownPeer,
+    take_line,
+    verb,
+)
 
 END_OF_DATA = b"\r\n.\r\n"
 
@@ -40,7 +52,7 @@ class CheckRecipient:
     domain: str
 
 
-EnvelopeCommand = ToPeer | ToClient | CheckRecipient
+EnvelopeCommand = ToPeer | ToClient | CheckRecipient | ShutdownPeer | ShutdownClient
 
 
 class Mode(Enum):
@@ -94,6 +106,10 @@ class Envelope:
     _bdat_target: _Pending | None = None
     _await_data_reply: bool = False
     _next_ident: int = 0
+    _client_eof: bool = False
+    _quit_sent: bool = False
+    _peer_eof_sent: bool = False  # ShutdownPeer said
+    _client_eof_sent: bool = False  # ShutdownClient said
 
     # -- events -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> list[EnvelopeCommand]:
@@ -144,7 +160,7 @@ class Envelope:
                     self._tail = b"\r\n"  # content starts at the beginning of a line
                 out += self._drain_client()
             out += self._flush_own_replies()
-        return out
+        return out + self._pass_client_eof()
 
     def recipient(self, ident: int, allow: bool, domain: str, reason: str = "") -> list[
             EnvelopeCommand]:
@@ -157,7 +173,29 @@ class Envelope:
                     p.reply = defer_recipient(reason)
                     self.deferred.append((domain, reason))
                 break
-        return self._release()
+        return self._release() + self._pass_client_eof()
+
+    def client_closed(self) -> list[EnvelopeCommand]:
+        self._client_eof = True
+        return self._pass_client_eof()
+
+    def peer_closed(self) -> list[EnvelopeCommand]:
+        if self._client_eof_sent:
+            return []
+        self._client_eof_sent = True
+        # Replies still owed never come; our own replies queued behind them cannot be given
+        # out of order.  The MTA sees the end of the connection (A1: never a 2xx unsent).
+        return [ShutdownClient()]
+
+    def _pass_client_eof(self) -> list[EnvelopeCommand]:
+        """ShutdownPeer once nothing the MTA sent is still held: undecided recipients
+        (with any BDAT chunk behind them) and bytes waiting for the reply to DATA."""
+        if not self._client_eof or self._peer_eof_sent or self._queue \
+                or self._await_data_reply:
+            return []
+        self._peer_eof_sent = True
+        self._client.clear()  # an unterminated line at the end is no command
+        return [ShutdownPeer(after_quit=self._quit_sent)]
 
     # -- client commands ----------------------------------------------------------------
     def _commands(self) -> list[EnvelopeCommand]:
@@ -206,6 +244,7 @@ class Envelope:
             p = self._queue.popleft()
             if p.reply is None:
                 p.forwarded = True
+                self._quit_sent = self._quit_sent or p.verb == b"QUIT"
                 out.append(ToPeer(p.line + bytes(p.payload)))
                 p.payload.clear()
             self._order.append(p)

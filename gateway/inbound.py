@@ -27,6 +27,12 @@ class InboundOffload(TlsPhase):
     def from_upstream(self, data: bytes) -> None:
         self._apply(self.machine.mta_data(data))
 
+    def client_closed(self) -> None:
+        self._apply(self.machine.client_closed())
+
+    def upstream_closed(self) -> None:
+        self._apply(self.machine.mta_closed())
+
     def _apply(self, commands: list[InboundCommand]) -> None:
         for cmd in commands:
             if self.pump.done.done():
@@ -52,3 +58,4 @@ class InboundOffload(TlsPhase):
             return
         if ssl_object is not None:
             self._apply(self.machine.tls_done(True, str(ssl_object.version())))
+            self.pump.client.release()

@@ -26,6 +26,8 @@ from .smtp import (
     Reconnect,
     Relay,
     Result,
+    ShutdownClient,
+    ShutdownPeer,
     StartTls,
     Upgrade,
 )
@@ -36,23 +38,6 @@ if TYPE_CHECKING:
 # When discovery itself broke (a bug, not DNS trouble): no evidence either way, and A3 says
 # doubt is a 4xx, never plaintext.
 BROKEN_DISCOVERY = Plan(Action.DEFER, Auth.NONE, Level.DANE, "internal error in discovery")
-
-
-class ResumingContext(ssl.SSLContext):
-    """An SSLContext that offers a saved session to the next ``wrap_bio``.
-
-    ``loop.start_tls`` (asyncio's and uvloop's) takes no session argument, but it calls
-    ``wrap_bio`` synchronously before its first suspension, so the session to offer is
-    set right before the call and taken here.
-    """
-
-    pending: ssl.SSLSession | None = None
-
-    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
-                 server_side: bool = False, server_hostname: str | bytes | None = None,
-                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        session, self.pending = session or self.pending, None
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
 class SessionCache:
@@ -79,10 +64,10 @@ class SessionCache:
             self._sessions.popitem(last=False)
 
 
-def client_context() -> ResumingContext:
+def client_context() -> ssl.SSLContext:
     """Built once per config: TLS 1.2+, no CA verification (DANE or pins do it, or nothing
     for opportunistic TLS, RFC 7435)."""
-    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -130,10 +115,22 @@ class OutboundUpgrade(TlsPhase):
     def from_upstream(self, data: bytes) -> None:
         self._apply(self.machine.peer_data(data))
 
+    def client_closed(self) -> None:
+        self._apply(self.machine.client_closed())
+
+    def upstream_closed(self) -> None:
+        self._apply(self.machine.peer_closed())
+
     def _apply(self, commands: list[Command]) -> None:
         for cmd in commands:
             if self.pump.done.done():
                 return
+            if self.envelope is not None and isinstance(cmd, ShutdownPeer | ShutdownClient):
+                # After the handoff the envelope tracker owns the streams: the EOF follows
+                # what it still holds.
+                self._env_apply(self.envelope.client_closed() if isinstance(cmd, ShutdownPeer)
+                                else self.envelope.peer_closed())
+                continue
             if self.forward(cmd):
                 continue
             if isinstance(cmd, NeedPlan):
@@ -164,10 +161,10 @@ class OutboundUpgrade(TlsPhase):
         gw = self.session.gw
         self._cache_key = SessionCache.key(str(self.session.upstream), plan)
         self.tls["peer_name"] = plan.sni or "-"
+        leg = self.pump.upstream
         try:
-            gw.tls_client.pending = gw.tls_sessions.get(self._cache_key)
-            ssl_object = await self.handshake(self.pump.upstream, gw.tls_client, False,
-                                              plan.sni)
+            ssl_object = await self.handshake(leg, gw.tls_client, False, plan.sni,
+                                              gw.tls_sessions.get(self._cache_key))
         except HANDSHAKE_ERRORS as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
@@ -189,6 +186,7 @@ class OutboundUpgrade(TlsPhase):
                 log.error("verification raised", exc_info=exc)
         self.tls["verify"] = reason
         self._apply(self.machine.tls_done(ok, result, reason))
+        leg.release()
 
     # -- recipient-bound enforcement (after the TLS phase) -------------------------------
     def _track_envelope(self, to_peer: bytes, to_client: bytes) -> None:
@@ -201,12 +199,14 @@ class OutboundUpgrade(TlsPhase):
         self._env_apply(self.envelope.client_data(to_peer))
 
     def _envelope_tap(self, leg: Leg, data: bytes) -> None:
+        """The pump's bytes after the handoff; b"" is that leg's EOF."""
         assert self.envelope is not None
+        envelope = self.envelope
         try:
             if leg is self.pump.client:
-                commands = self.envelope.client_data(data)
+                commands = envelope.client_data(data) if data else envelope.client_closed()
             else:
-                commands = self.envelope.peer_data(data)
+                commands = envelope.peer_data(data) if data else envelope.peer_closed()
         except ProtocolError as exc:
             # After the handoff the gateway has no reply of its own to give: an abnormal
             # end is a reset both ways (A1), and the reason goes to the log.

@@ -8,7 +8,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from .relay import Leg
-from .smtp import SendClient, SendPeer
+from .smtp import SendClient, SendPeer, ShutdownClient, ShutdownPeer
 
 if TYPE_CHECKING:
     from .session import Session
@@ -28,10 +28,16 @@ class TlsPhase:
         self.pump.tap = self._tap
 
     def _tap(self, leg: Leg, data: bytes) -> None:
+        """The pump's bytes while the machine reads them; b"" is that leg's EOF."""
         if leg is self.pump.client:
-            self.from_client(data)
-        else:
+            if data:
+                self.from_client(data)
+            else:
+                self.client_closed()
+        elif data:
             self.from_upstream(data)
+        else:
+            self.upstream_closed()
 
     def from_client(self, data: bytes) -> None:
         raise NotImplementedError
@@ -39,10 +45,15 @@ class TlsPhase:
     def from_upstream(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def client_closed(self) -> None:
+        raise NotImplementedError
+
+    def upstream_closed(self) -> None:
+        raise NotImplementedError
+
     @staticmethod
     def write(leg: Leg, data: bytes) -> None:
-        if data and leg.transport is not None and not leg.transport.is_closing():
-            leg.transport.write(data)
+        leg.write(data)
 
     def forward(self, cmd: object) -> bool:
         """Carries out the commands both machines share; False for any other."""
@@ -50,6 +61,10 @@ class TlsPhase:
             self.write(self.pump.upstream, cmd.data)
         elif isinstance(cmd, SendClient):
             self.write(self.pump.client, cmd.data)
+        elif isinstance(cmd, ShutdownPeer):
+            self.pump.upstream.write_eof(close_notify=not cmd.after_quit)
+        elif isinstance(cmd, ShutdownClient):
+            self.pump.client.write_eof()
         else:
             return False
         return True
@@ -66,27 +81,18 @@ class TlsPhase:
         leg.transport.pause_reading()
 
     async def handshake(self, leg: Leg, context: ssl.SSLContext, server_side: bool,
-                        server_hostname: str | None) -> ssl.SSLObject | None:
+                        server_hostname: str | None,
+                        session: ssl.SSLSession | None = None) -> ssl.SSLObject | None:
         """TLS on ``leg``; returns its SSLObject, or None when the session ended meanwhile.
-        Raises one of HANDSHAKE_ERRORS when the handshake fails."""
-        assert leg.transport is not None
-        # A failed handshake closes the connection under us: that is the machine's event,
-        # not the end of the session, so the leg is detached until it succeeds.
-        leg.detached = True
-        transport = await self._loop.start_tls(
-            leg.transport, leg, context, server_side=server_side,
-            server_hostname=server_hostname,
-            ssl_handshake_timeout=self.session.config.timeouts.connect)
-        leg.detached = False
-        if self.pump.done.done() or transport is None:
-            if transport is not None:
-                transport.abort()
+        Raises one of HANDSHAKE_ERRORS when the handshake fails.  The leg then holds what it
+        reads until ``leg.release()``: call it once the outcome is acted on."""
+        waiter = leg.start_tls(context, server_side, server_hostname, session)
+        async with asyncio.timeout(self.session.config.timeouts.connect):
+            await waiter
+        if self.pump.done.done() or leg.tls is None:
             return None
-        leg.transport = transport
-        transport.set_write_buffer_limits(high=self.pump.high_water,
-                                          low=self.pump.high_water // 4)
-        ssl_object: ssl.SSLObject = transport.get_extra_info("ssl_object")
+        ssl_object = leg.tls.obj
         self.tls.update(tls_version=str(ssl_object.version()),
-                        cipher=str((transport.get_extra_info("cipher") or ("-",))[0]),
+                        cipher=str((ssl_object.cipher() or ("-",))[0]),
                         tls_resumed="yes" if ssl_object.session_reused else "no")
         return ssl_object

@@ -6,8 +6,14 @@ leg* until it drains (``resume_writing``).  So a session holds at most the high-
 plus one socket read per direction, however slow either peer is.
 
 Half-close: EOF from one leg becomes ``shutdown(SHUT_WR)`` on the other (``write_eof``,
-issued after the buffered bytes are flushed); the pump is finished when both directions have
-seen EOF, or when either leg is lost.
+issued after the buffered bytes are flushed; on a TLS leg close_notify first), and the other
+direction goes on until its peer closes too.  While a machine reads the bytes (the tap), the
+EOF is its event like any other (``tap(leg, b"")``): it passes the EOF on after whatever it
+still holds.  The pump is finished when both directions have seen EOF, or when either leg is
+lost.
+
+TLS: a leg's TLS is its own record layer over the same TCP transport (``gateway.tls``), so a
+leg keeps one transport for its whole life and TLS legs half-close like TCP ones.
 
 Timeouts: idle (no byte read in either direction) and total, on one timer, re-armed lazily
 so the hot path only stores a timestamp.
@@ -18,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from enum import StrEnum
 from typing import cast
+
+from .tls import TlsLayer
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -52,9 +61,10 @@ class Leg(asyncio.Protocol):
 
     # Slots: two legs per session, thousands of sessions held idle.
     __slots__ = (
+        "_gated",
+        "_handshake",
         "_paused_by_partner",
         "bytes_in",
-        "closed_by_us",
         "detached",
         "eof",
         "held",
@@ -62,7 +72,9 @@ class Leg(asyncio.Protocol):
         "name",
         "partner",
         "pump",
+        "tls",
         "transport",
+        "wrote_eof",
     )
 
     def __init__(self, pump: Pump, name: str) -> None:
@@ -72,10 +84,13 @@ class Leg(asyncio.Protocol):
         self.partner: Leg | None = None
         self.bytes_in = 0
         self.eof = False  # this leg's peer closed its sending side
+        self.wrote_eof = False  # we closed ours (FIN, after close_notify on TLS)
         self.lost = False
-        self.held: list[bytes] = []  # read before the pump started (at most one read)
+        self.held: list[bytes] = []  # read while nobody may act on it yet
         self.detached = False  # replaced by a new connection: its end is not the session's
-        self.closed_by_us = False
+        self.tls: TlsLayer | None = None
+        self._handshake: asyncio.Future[None] | None = None
+        self._gated = False  # handshake done, its outcome not yet acted on
         self._paused_by_partner = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -90,30 +105,48 @@ class Leg(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.detached:
             return  # a replaced connection: whatever it still says is not the session's
-        self.bytes_in += len(data)
         self.pump.touch()
-        partner = self.partner
-        assert partner is not None
-        if partner.transport is None or not self.pump.started:
-            # uvloop starts reading right after connection_made, whatever that said; hold
-            # this one read and stop until the pump starts.
-            self.held.append(data)
-            assert self.transport is not None
-            self.transport.pause_reading()
-            return
+        tls = self.tls
+        if tls is not None:
+            data = self._decrypt(data)
+        if data:
+            self.bytes_in += len(data)
+            partner = self.partner
+            assert partner is not None
+            if partner.transport is None or not self.pump.started or self._gated \
+                    or self.held:
+                # uvloop starts reading right after connection_made, whatever that said;
+                # hold this read and stop until the pump starts (or until the handshake's
+                # owner has acted on its outcome: release()).
+                self.held.append(data)
+                assert self.transport is not None
+                self.transport.pause_reading()
+            else:
+                self._deliver(data)
+        if tls is not None and tls.peer_closed and not self._gated and not self.held:
+            self._peer_closed()
+
+    def _deliver(self, data: bytes) -> None:
         if self.pump.tap is not None:
             self.pump.tap(self, data)  # the upgrade phase: the session's machine reads it
             return
+        partner = self.partner
         # A lost partner means the pump is finishing: nothing more can be delivered.
-        if not partner.lost:
-            partner.transport.write(data)
+        if partner is not None and not partner.lost:
+            partner.write(data)
 
     def eof_received(self) -> bool:
-        self.eof = True
-        self.pump.leg_eof(self)
-        # Keep our own sending side open (half-close) where TCP allows it; TLS has no
-        # half-close, and asyncio would only warn about the attempt.
-        return self.transport is not None and self.transport.can_write_eof()
+        if self._handshake is not None:
+            self._handshake_failed(ConnectionResetError("connection closed in TLS handshake"))
+            return False
+        self._peer_closed()
+        # Keep our own sending side open: the other direction may still have replies.
+        return True
+
+    def _peer_closed(self) -> None:
+        if not self.eof:
+            self.eof = True
+            self.pump.leg_eof(self)
 
     def pause_writing(self) -> None:
         # Our outgoing buffer is full: stop reading whoever fills it.
@@ -125,13 +158,122 @@ class Leg(asyncio.Protocol):
         partner = self.partner
         if partner is not None and partner.transport is not None and partner._paused_by_partner:
             partner._paused_by_partner = False
-            if not partner.transport.is_closing():
+            if not partner.transport.is_closing() and not partner.held:
                 partner.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._handshake is not None:
+            self._handshake_failed(exc or ConnectionResetError("connection lost in TLS "
+                                                               "handshake"))
+            return
         if not self.detached:
             self.pump.leg_lost(self, exc)
+
+    # -- writing -----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if not data or t is None or t.is_closing() or self.wrote_eof:
+            return
+        if self.tls is not None:
+            if not self.tls.established:
+                return  # a failed handshake: nothing can be said on it
+            data = self.tls.send(data)
+        t.write(data)
+
+    def write_eof(self, close_notify: bool = True) -> None:
+        """Half-close toward this leg's peer, after what is buffered; reading goes on.  On
+        TLS, close_notify first unless the caller knows the peer no longer reads (see
+        ``gateway.smtp.ShutdownPeer``)."""
+        t = self.transport
+        if self.wrote_eof or t is None or t.is_closing():
+            return
+        self.wrote_eof = True
+        if self.tls is not None and close_notify:
+            t.write(self.tls.close_notify())
+        t.write_eof()
+
+    def close(self) -> None:
+        """A clean close: buffered bytes flushed, close_notify on TLS."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self.tls is not None and not self.wrote_eof:
+            t.write(self.tls.close_notify())
+        t.close()
+
+    # -- TLS ---------------------------------------------------------------------------
+    def start_tls(self, context: ssl.SSLContext, server_side: bool,
+                  server_hostname: str | None,
+                  session: ssl.SSLSession | None = None) -> asyncio.Future[None]:
+        """TLS from here on this leg's connection.  The future resolves when the handshake
+        is done (or raises why it failed); the leg then stays paused, holding anything it
+        read, until ``release()``: the caller acts on the outcome first.
+
+        Only bytes read from now on are TLS: the caller paused reading at STARTTLS, so no
+        plaintext read after it exists here (A4)."""
+        assert self.transport is not None and self.tls is None
+        self._handshake = self.pump.loop.create_future()
+        self.tls = TlsLayer(context, server_side, server_hostname, session)
+        try:
+            self.transport.write(self.tls.handshake())
+        except ssl.SSLError as exc:
+            self._handshake_failed(exc)
+        else:
+            self.transport.resume_reading()
+        return self._handshake
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """Records in, plaintext out (b"" while handshaking or when nothing is complete)."""
+        tls, t = self.tls, self.transport
+        assert tls is not None and t is not None
+        try:
+            if self._handshake is None:
+                plain, out = tls.receive(data)
+            else:
+                t.write(tls.handshake(data))
+                if not tls.established:
+                    return b""
+                # Done: the caller acts on the outcome before any byte of the new session.
+                waiter, self._handshake = self._handshake, None
+                self._gated = True
+                t.pause_reading()
+                plain, out = tls.receive()
+                if not waiter.done():  # not given up on meanwhile (the handshake timeout)
+                    waiter.set_result(None)
+        except ssl.SSLError as exc:
+            if self._handshake is not None:
+                self._handshake_failed(exc)
+            else:
+                # The peer broke TLS after the handshake: no clean end, so a reset.
+                self.pump.finish(End.CLIENT_RESET if self is self.pump.client
+                                 else End.UPSTREAM_RESET)
+            return b""
+        if out:
+            t.write(out)
+        return plain
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        waiter, self._handshake = self._handshake, None
+        # Its end is the machine's event (fallback or deferral), not the session's.
+        self.detached = True
+        if self.transport is not None:
+            self.transport.abort()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def release(self) -> None:
+        """After the handshake: delivers what was read meanwhile, and reads on."""
+        if self.detached:
+            return  # the handshake failed, or the connection was replaced since
+        self._gated = False
+        while self.held and not self.pump.done.done():
+            self._deliver(self.held.pop(0))
+        if self.tls is not None and self.tls.peer_closed:
+            self._peer_closed()
+        t = self.transport
+        if t is not None and not t.is_closing() and not self._paused_by_partner:
+            t.resume_reading()
 
     # -- helpers -----------------------------------------------------------------------
     def buffered(self) -> int:
@@ -145,14 +287,14 @@ class Pump:
     __slots__ = (
         "_deadline",
         "_last",
-        "_loop",
-        "_on_made",
+                "_on_made",
         "_timer",
         "_want_start",
         "client",
         "done",
         "high_water",
         "idle_timeout",
+        "loop",
         "tap",
         "total_timeout",
         "upstream",
@@ -167,10 +309,10 @@ class Pump:
         self.upstream = Leg(self, "upstream")
         self.client.partner = self.upstream
         self.upstream.partner = self.client
-        self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[End] = self._loop.create_future()
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[End] = self.loop.create_future()
         self._on_made = on_made
-        self._last = self._loop.time()
+        self._last = self.loop.time()
         # One timer for both limits (a timer per session is memory when thousands idle).
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # the session limit, absolute
@@ -222,11 +364,11 @@ class Pump:
                 if self.tap is not None:
                     self.tap(leg, data)
                 else:
-                    leg.partner.transport.write(data)
-        now = self._loop.time()
+                    leg.partner.write(data)
+        now = self.loop.time()
         self._last = now
         self._deadline = now + self.total_timeout
-        self._timer = self._loop.call_at(min(now + self.idle_timeout, self._deadline),
+        self._timer = self.loop.call_at(min(now + self.idle_timeout, self._deadline),
                                          self._check_timeouts)
         for leg in (self.client, self.upstream):
             if leg.transport is not None and not leg.transport.is_closing():
@@ -240,10 +382,10 @@ class Pump:
         return self._timer is not None
 
     def touch(self) -> None:
-        self._last = self._loop.time()
+        self._last = self.loop.time()
 
     def _check_timeouts(self) -> None:
-        now = self._loop.time()
+        now = self.loop.time()
         if now >= self._deadline:
             self.finish(End.TOTAL)
             return
@@ -251,33 +393,26 @@ class Pump:
         if now >= due:
             self.finish(End.IDLE)
         else:
-            self._timer = self._loop.call_at(min(due, self._deadline), self._check_timeouts)
+            self._timer = self.loop.call_at(min(due, self._deadline), self._check_timeouts)
 
     def leg_eof(self, leg: Leg) -> None:
         if not self.started:
             return  # start() replays it
         if self.tap is not None:
-            # Either side leaving during the upgrade ends the session: what the peer said
-            # last was already passed on by the machine.
-            self.finish(End.DONE)
-            return
-        partner = leg.partner
-        assert partner is not None
-        if partner.transport is not None and not partner.transport.is_closing():
-            if partner.transport.can_write_eof():
-                partner.transport.write_eof()
-            else:
-                # TLS has no half-close: close (after flushing); its end is then ours, not
-                # the peer's, and no reset.
-                partner.closed_by_us = True
-                partner.transport.close()
+            # A machine reads the bytes: the EOF is its event too, passed on after what it
+            # still holds (``Leg.write_eof`` when it says so).
+            self.tap(leg, b"")
+        else:
+            partner = leg.partner
+            assert partner is not None
+            partner.write_eof()
         if self.client.eof and self.upstream.eof:
             self.finish(End.DONE)
 
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
         # Before finish(), a transport is only lost by the peer's doing: a reset, or a
         # clean close after its EOF.
-        if exc is None and (leg.eof or leg.closed_by_us):
+        if exc is None and leg.eof:
             self.finish(End.DONE)
         else:
             self.finish(End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET)
@@ -298,13 +433,13 @@ class Pump:
             if t is None or t.is_closing():
                 continue
             if end in (End.DONE, End.DEFERRED):
-                t.close()  # the 421 of a deferral must reach the MTA: flush, no reset
+                leg.close()  # the 421 of a deferral must reach the MTA: flush, no reset
             else:
                 reset(t)
         if end in (End.DONE, End.DEFERRED):
             # close() waits for the buffer to drain; a peer that never reads must not keep
             # the socket forever.
-            self._loop.call_later(self.idle_timeout, self._abort_lingering)
+            self.loop.call_later(self.idle_timeout, self._abort_lingering)
         self.done.set_result(end)
 
     def _abort_lingering(self) -> None:

@@ -19,9 +19,17 @@ held is ever sent in plaintext.  An opportunistic plan continues in plaintext: o
 connection when the peer refuses STARTTLS, on a new connection when the handshake fails
 (as Postfix's ``may`` level does).
 
-Events in: ``client_data``, ``peer_data``, ``plan_ready``, ``tls_done``, ``reconnected``.
+Half-close: either side's EOF is an event (``client_closed``, ``peer_closed``) and is passed
+on (ShutdownPeer, ShutdownClient) only after everything that side sent before it: an MTA that
+pipelines its last commands and half-closes still gets every reply.  The MTA's EOF while its
+commands are held lets the upgrade finish first; the peer's EOF while the gateway speaks to it
+ends the upgrade with a 421 (the MTA's held commands would never be answered).
+
+Events in: ``client_data``, ``peer_data``, ``plan_ready``, ``tls_done``, ``reconnected``,
+``client_closed``, ``peer_closed``.
 Commands out (the shell carries them out, in order): SendPeer, SendClient, NeedPlan,
-StartTls, Reconnect, Relay, Defer.  Which input each state accepts: ``_STATES`` below.
+StartTls, Reconnect, Relay, Defer, ShutdownPeer, ShutdownClient.  Which input each state
+accepts: ``_STATES`` below.
 """
 
 from __future__ import annotations
@@ -130,6 +138,23 @@ class SendClient:
 
 
 @dataclass(frozen=True, slots=True)
+class ShutdownPeer:
+    """The MTA closed its sending side and everything it sent before is out: half-close
+    toward the peer (FIN; close_notify first on TLS) and keep relaying its replies.
+
+    ``after_quit``: QUIT went out before it.  Then only the FIN goes: a server stops
+    reading after QUIT, and a close_notify it never reads turns its close into a reset that
+    discards its unsent 221 (and a pipelined 250 with it: a duplicate).  Seen with Postfix."""
+
+    after_quit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownClient:
+    """The peer closed its sending side, its replies are out: half-close toward the MTA."""
+
+
+@dataclass(frozen=True, slots=True)
 class NeedPlan:
     """Feed ``plan_ready`` when discovery is done (the MTA waits meanwhile)."""
 
@@ -163,7 +188,8 @@ class Defer:
     reason: str
 
 
-Command = SendPeer | SendClient | NeedPlan | StartTls | Reconnect | Relay | Defer
+Command = (SendPeer | SendClient | NeedPlan | StartTls | Reconnect | Relay | Defer
+           | ShutdownPeer | ShutdownClient)
 
 
 class Result(Enum):
@@ -235,6 +261,7 @@ class Upgrade:
     _peer: ReplyReader = field(default_factory=ReplyReader)
     _pending_greeting: bytes | None = None
     _fallback: bool = False
+    client_eof: bool = False  # the MTA closed its sending side
 
     # -- events -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> list[Command]:
@@ -278,6 +305,23 @@ class Upgrade:
         if self._at(S.PLAN) and len(self._peer.buffer) > MAX_HELD:
             return out + self._defer("4.3.0", "peer sent too much unasked")
         return out
+
+    def client_closed(self) -> list[Command]:
+        """The MTA's EOF: no command comes after what it sent.  Held commands are still
+        carried through the upgrade; the EOF follows them (``Relay`` then ShutdownPeer)."""
+        if self.client_eof or self.state is S.DONE:
+            return []
+        self.client_eof = True
+        return self._client_commands() if self.state is S.GREETING else []
+
+    def peer_closed(self) -> list[Command]:
+        """The peer's EOF: it says nothing more on this connection."""
+        if self.state is S.DONE:
+            return []
+        if self.state in (S.BANNER, S.GREETING, S.GREET_REPLY):
+            # Its replies so far went to the MTA as they came: the MTA sees the EOF next.
+            return [*self._relay(Result.PASSTHROUGH, "peer closed"), ShutdownClient()]
+        return self._defer("4.4.2", "peer closed the connection during the TLS upgrade")
 
     def _at(self, *states: S) -> bool:
         # A method, not an inline test: the handlers change self.state behind mypy's back.
@@ -331,7 +375,7 @@ class Upgrade:
             if (end if end >= 0 else len(self._client)) > MAX_LINE:
                 return out + self._defer("4.3.0", "command line too long")
             if end < 0:
-                return out
+                break
             line = bytes(self._client[:end + 1])
             verb = line.split(None, 1)[0].upper() if line.strip() else b""
             if verb in (b"EHLO", b"HELO"):
@@ -351,6 +395,11 @@ class Upgrade:
             self.held += rest
             self.state = S.PLAN
             return [*out, NeedPlan()]
+        if self.state is S.GREETING and self.client_eof:
+            # Nothing more will come: an unterminated line at the end is no command (a
+            # server drops it too), so there is nothing to protect.
+            self._client.clear()
+            return out + self._relay(Result.PASSTHROUGH, "the MTA closed")
         return out
 
     def _greet_name(self) -> str:
@@ -467,7 +516,7 @@ class Upgrade:
         self._client.clear()
         leftover = bytes(self._peer.buffer)
         self._peer.buffer.clear()
-        return [Relay(to_peer, leftover)]
+        return [Relay(to_peer, leftover), *([ShutdownPeer()] if self.client_eof else [])]
 
     def _defer(self, code: str, why: str) -> list[Command]:
         self.state = S.DONE
@@ -540,7 +589,8 @@ class Reject:
     reason: str
 
 
-InboundCommand = SendPeer | SendClient | StartTlsServer | Relay | Reject
+InboundCommand = (SendPeer | SendClient | StartTlsServer | Relay | Reject | ShutdownPeer
+                  | ShutdownClient)
 
 
 class IS(Enum):
@@ -558,6 +608,9 @@ class Offload:
 
     A4: bytes the client pipelines after its STARTTLS line, before the handshake, are an
     injection attempt (CVE-2011-0411): the session is rejected, they never reach the MTA.
+
+    Half-close: the client's EOF (``client_closed``) reaches the MTA after the commands it
+    sent before it; the MTA's (``mta_closed``) reaches the client after the MTA's replies.
     """
 
     state: IS = IS.BANNER
@@ -567,6 +620,24 @@ class Offload:
     _client: bytearray = field(default_factory=bytearray)
     _mta: ReplyReader = field(default_factory=ReplyReader)
     _greet: bytes = b""
+    _client_eof: bool = False
+    _mta_eof: bool = False
+
+    def client_closed(self) -> list[InboundCommand]:
+        if self._client_eof or self.state is IS.DONE:
+            return []
+        self._client_eof = True
+        return self._commands() if self.state is IS.COMMAND else []
+
+    def mta_closed(self) -> list[InboundCommand]:
+        if self._mta_eof or self.state is IS.DONE:
+            return []
+        self._mta_eof = True
+        if self.state is IS.HANDSHAKE:
+            return []  # tls_done hands over, and the client hears of it then
+        if self.result is Result.PENDING:
+            self.result, self.reason = Result.PLAINTEXT, "MTA closed"
+        return self._relay()
 
     def mta_data(self, data: bytes) -> list[InboundCommand]:
         self._mta.feed(data)
@@ -601,7 +672,7 @@ class Offload:
             return self._reject(MTA_UNASKED, b"421 4.3.0")
         self.tls, self.result, self.reason = True, Result.TLS, reason
         self.state = IS.COMMAND
-        return self._commands()
+        return self._relay() if self._mta_eof else self._commands()
 
     def _at(self, *states: IS) -> bool:
         return self.state in states
@@ -633,6 +704,10 @@ class Offload:
                 return out + self._relay()
         except ProtocolError as exc:
             return out + self._reject(str(exc), b"500 5.5.2")
+        if self.state is IS.COMMAND and self._client_eof:
+            # Nothing more will come (an unterminated line at the end is no command).
+            self._client.clear()
+            return out + self._relay()
         return out
 
     def _on_reply(self, r: Reply) -> list[InboundCommand]:
@@ -662,7 +737,8 @@ class Offload:
         self._client.clear()
         leftover = bytes(self._mta.buffer)
         self._mta.buffer.clear()
-        return [Relay(rest, leftover)]
+        return [Relay(rest, leftover), *([ShutdownPeer()] if self._client_eof else []),
+                *([ShutdownClient()] if self._mta_eof else [])]
 
     def _reject(self, why: str, code: bytes) -> list[InboundCommand]:
         self.state, self.result, self.reason = IS.DONE, Result.DEFERRED, why

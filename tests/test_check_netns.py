@@ -46,6 +46,7 @@ class World:
     lab: Lab
     leaf: certs.Issued
     inter: certs.Issued
+    finger_config: Path
     good: str  # the TLSA rdata published for mx.b and mx.notls
 
 
@@ -80,7 +81,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                         "203.0.113.2, 203.0.113.3, 203.0.113.4", chain), name="tlspeer"), \
                     PostfixInstance(lab.peer, work, receiver_settings("203.0.113.5"),
                                     name="plainpeer"):
-                yield World(lab, leaf, inter, good)
+                yield World(lab, leaf, inter, finger_config(work), good)
         finally:
             breaker.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
             breaker.close()
@@ -123,11 +124,22 @@ def smtpgate_check(w: World, *args: str) -> subprocess.CompletedProcess[Any]:
                          *args], env=env, cwd=ROOT, check=False, timeout=60)
 
 
+def finger_config(work: Path) -> Path:
+    """posttls-finger reads main.cf like every Postfix program: this test's own (Postfix's
+    defaults), never the host's /etc/postfix, which an unconfigured package does not even
+    write."""
+    conf = work / "finger-conf"
+    conf.mkdir(exist_ok=True)
+    (conf / "main.cf").write_text("compatibility_level = 3.6\n")
+    return conf
+
+
 def posttls_finger(w: World, host: str, chat: bool = False) -> str:
     assert FINGER is not None
     args = [FINGER, *(() if chat else ("-c",)), "-l", "dane", "-t", "10", "-T", "20",
             f"[{host}]:25"]
-    cp = w.lab.gw.run(args, check=False, timeout=60)
+    env = {**os.environ, "MAIL_CONFIG": str(w.finger_config)}
+    cp = w.lab.gw.run(args, check=False, timeout=60, env=env)
     # posttls-finger exits 0 whatever it found: its verdict is in what it prints.
     assert cp.returncode == 0, cp.stderr
     out: str = cp.stdout + cp.stderr

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
+from gateway.smtp import ShutdownClient, ShutdownPeer
 
 SIZES = (4096, 128, 16, 1)
 DENY = "mx.b.test publishes DANE; this session is not DANE-verified"
@@ -145,3 +146,118 @@ def test_quit_answered_is_noted() -> None:
     assert not env.quit_answered
     env.peer_data(b"221 2.0.0 Bye\r\n")
     assert env.quit_answered
+
+
+# -- half-close -----------------------------------------------------------------------------
+
+def eof_play(script: list[tuple[Any, ...]], size: int, decide_late: bool = False) -> list[
+        tuple[str, bytes]]:
+    """The commands in order as (kind, bytes): "peer"/"client" writes merged, "shut-peer"
+    (or "shut-peer-after-quit"), "shut-client".  With ``decide_late`` recipients are
+    decided at the end of the script (a DNS answer arriving after the MTA's FIN)."""
+    env = Envelope()
+    log: list[tuple[str, bytes]] = []
+    pending: list[CheckRecipient] = []
+
+    def run(cmds: list[EnvelopeCommand]) -> None:
+        for c in cmds:
+            kind, data = {ToPeer: "peer", ToClient: "client"}.get(type(c), ""), b""
+            if isinstance(c, ToPeer | ToClient):
+                data = c.data
+            elif isinstance(c, ShutdownPeer):
+                # After QUIT only a FIN goes (see ShutdownPeer): the kind says which.
+                kind = "shut-peer-after-quit" if c.after_quit else "shut-peer"
+            elif isinstance(c, ShutdownClient):
+                kind = "shut-client"
+            elif isinstance(c, CheckRecipient):
+                if decide_late:
+                    pending.append(c)
+                else:
+                    run(env.recipient(c.ident, True, c.domain))
+                continue
+            if log and log[-1][0] == kind and kind in ("peer", "client"):
+                log[-1] = (kind, log[-1][1] + data)
+            else:
+                log.append((kind, data))
+
+    for event, *args in script:
+        if event == "client_eof":
+            run(env.client_closed())
+        elif event == "peer_eof":
+            run(env.peer_closed())
+        elif event == "decide":
+            for c in pending:
+                run(env.recipient(c.ident, True, c.domain))
+            pending.clear()
+        else:
+            feed = env.client_data if event == "client" else env.peer_data
+            for i in range(0, len(args[0]), size):
+                run(feed(args[0][i:i + size]))
+    return log
+
+
+def eof_same(script: list[tuple[Any, ...]], decide_late: bool = False) -> list[
+        tuple[str, bytes]]:
+    runs = [eof_play(script, n, decide_late) for n in SIZES]
+    for n, r in zip(SIZES, runs, strict=True):
+        assert r == runs[0], f"read size {n}"
+    return runs[0]
+
+
+def test_fin_right_after_the_final_dot_and_quit() -> None:
+    """Exim's habit: ``.``, QUIT and FIN in one go; the 250 and 221 still reach it, then the
+    peer's FIN."""
+    log = eof_same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nDATA\r\n"),
+        ("peer", b"250 Ok\r\n250 Ok\r\n354 go\r\n"),
+        ("client", BODY + b"QUIT\r\n"), ("client_eof",),
+        ("peer", b"250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"), ("peer_eof",)])
+    assert log[-4:] == [("peer", BODY + b"QUIT\r\n"), ("shut-peer-after-quit", b""),
+                        ("client", b"250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+                        ("shut-client", b"")]
+
+
+def test_fin_after_bdat_last_pipelined_with_quit() -> None:
+    chunk = b"Subject: b\r\n\r\nbody\r\n"
+    last = b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"QUIT\r\n"
+    log = eof_same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\n" + last),
+        ("client_eof",), ("peer", b"250 Ok\r\n250 Ok\r\n250 queued\r\n221 Bye\r\n"),
+        ("peer_eof",)])
+    assert log == [("peer", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\n" + last),
+                   ("shut-peer-after-quit", b""),
+                   ("client", b"250 Ok\r\n250 Ok\r\n250 queued\r\n221 Bye\r\n"),
+                   ("shut-client", b"")]
+
+
+def test_fin_after_a_lone_quit() -> None:
+    log = eof_same([("client", b"QUIT\r\n"), ("client_eof",), ("peer", b"221 Bye\r\n"),
+                    ("peer_eof",)])
+    assert log == [("peer", b"QUIT\r\n"), ("shut-peer-after-quit", b""), ("client", b"221 Bye\r\n"),
+                   ("shut-client", b"")]
+
+
+def test_fin_waits_for_an_undecided_recipient_and_its_bdat_chunk() -> None:
+    """The FIN must not overtake commands the gateway still holds (a DNS answer pending)."""
+    chunk = b"body\r\n"
+    log = eof_same([
+        ("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\nBDAT %d LAST\r\n"
+                   % len(chunk) + chunk + b"QUIT\r\n"),
+        ("client_eof",), ("decide",)], decide_late=True)
+    assert log == [("peer", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\n"
+                            b"BDAT 6 LAST\r\n" + chunk + b"QUIT\r\n"),
+                   ("shut-peer-after-quit", b"")]
+
+
+def test_fin_while_waiting_for_the_reply_to_data() -> None:
+    """Bytes after DATA wait for its reply (content or commands?): so does the FIN."""
+    log = eof_same([("client", b"MAIL FROM:<a@a.test>\r\nRCPT TO:<x@ok.test>\r\n"
+                               b"DATA\r\n"), ("client_eof",),
+                    ("peer", b"250 Ok\r\n250 Ok\r\n354 go\r\n")])
+    assert log[-2:] == [("client", b"250 Ok\r\n250 Ok\r\n354 go\r\n"), ("shut-peer", b"")]
+
+
+def test_peer_fin_is_passed_on_once() -> None:
+    log = eof_same([("client", b"NOOP\r\n"), ("peer", b"250 Ok\r\n"), ("peer_eof",),
+                    ("peer_eof",)])
+    assert log == [("peer", b"NOOP\r\n"), ("client", b"250 Ok\r\n"), ("shut-client", b"")]

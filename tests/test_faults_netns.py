@@ -21,6 +21,10 @@ message is counted by Message-ID and its body hashed again.  Lost and altered mu
 duplicates are allowed only where the MTA cannot know whether the peer took the message
 (after the dot) and are counted.
 
+A fault-free run with a half-closing client (QUIT right behind the final dot, then the
+observer shuts the sending side, as Exim does) must deliver each message exactly once:
+there a duplicate is an error.
+
 CI runs ``TRIALS`` = 2 per point and fault; ``SMTPGATE_FAULT_TRIALS=30`` (any number) for the
 long run (docs/reliability.md).
 """
@@ -277,6 +281,7 @@ class Dialogue:
     dot_sent: bool = False
     dot_replied: bool = False
     faulted: bool = False
+    half_closed: bool = False  # the observer sent QUIT behind the dot and shut its side
 
 
 class Observer:
@@ -286,6 +291,8 @@ class Observer:
         self.ns, self.gateway, self.tap = ns, gateway, tap
         self.listener = ns.listen("127.0.0.1", OBSERVER_PORT)
         self.fault: Fault | None = None
+        self.half_close = False  # act as a client that half-closes after ".", QUIT
+        self.quit_answered = 0  # the 221s that reached a half-closed session
         self.closed = False
         self.links: list[Link] = []
         threading.Thread(target=self._accept, name="observer accept", daemon=True).start()
@@ -339,6 +346,8 @@ class Observer:
 
     def _from_mta(self, link: Link, data: bytes, dialogue: Dialogue) -> bytes | None:
         d = dialogue
+        if d.half_closed:
+            return b""  # Postfix's own QUIT: the 221 to ours is already on its way
         if d.in_data:
             if d.body < MID_BODY <= d.body + len(data) and self.fault is not None \
                     and self.fault.point == "mid_body" and self.fault.left > 0:
@@ -354,6 +363,14 @@ class Observer:
             if b"\r\n.\r\n" in joined:
                 d.in_data, d.dot_sent = False, True
                 self._strike("after_dot", d)  # arms the peer tap before the dot leaves
+                if self.half_close:
+                    # Postfix pipelines QUIT behind the dot itself; a second one would be
+                    # data the server never reads, and its close would become a reset.
+                    quit_ = b"" if joined.endswith(b"\r\n.\r\nQUIT\r\n") else b"QUIT\r\n"
+                    send_all(link.up, data + quit_)
+                    link.up.shutdown(socket.SHUT_WR)
+                    d.half_closed = True
+                    return b""
             d.tail = joined[-4:]
             return data
         d.commands += data
@@ -372,6 +389,8 @@ class Observer:
             d.dot_replied, point = True, "after_reply"
         if point is not None and self._strike(point, d):
             return None
+        if d.half_closed and re.search(rb"(?:^|\r\n)221[ -]", data):
+            self.quit_answered += 1  # Postfix takes it as the reply to its own QUIT
         if not d.in_data and not d.dot_sent and re.search(rb"(?:^|\r\n)354[ -]", data):
             d.in_data = True  # before the MTA can see the 354 and send content
         return data
@@ -522,3 +541,19 @@ def test_faults_at_every_point_lose_and_alter_nothing(world: World, target: str)
     clean = run_point(world, "no fault", target, 1)
     assert (clean["faults"], clean["lost"], clean["altered"], clean["duplicates"]) \
         == (0, 0, 0, 0), clean
+
+
+def test_a_half_closing_client_gets_one_copy_of_each_message(world: World) -> None:
+    """No fault, every session half-closed right after ".", QUIT: the 250 and the 221 must
+    reach the client (else it retries a delivered message), so a duplicate is an error."""
+    n = max(TRIALS, 3)
+    start = world.mta.log_path.stat().st_size
+    world.observer.half_close = True
+    try:
+        r = run_point(world, "half-close", "none", n)
+    finally:
+        world.observer.half_close = False
+    assert (r["lost"], r["altered"], r["duplicates"]) == (0, 0, 0), r
+    assert world.observer.quit_answered >= n
+    log = world.mta.log_path.read_bytes()[start:].decode(errors="replace")
+    assert log.count("status=sent") >= n and "status=deferred" not in log, log[-2000:]

@@ -9,8 +9,11 @@ TLSA is published in the DNSSEC lab.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,3 +195,118 @@ def test_key_rotation_by_reload_keeps_sessions(site: Site) -> None:
         reply = held.recv(1000)
         assert reply.startswith(b"250-legacy.b.test") and b"STARTTLS" in reply
         held.close()
+
+
+class Wire:
+    """A blocking SMTP client whose TLS (after STARTTLS) runs through memory BIOs, so that
+    it can half-close as TLS allows: close_notify, then shutdown(SHUT_WR), then read on
+    (``ssl.SSLSocket`` cannot: its unwrap() waits for the peer's close_notify and discards
+    the data before it)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.tls: ssl.SSLObject | None = None
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+
+    def _recv(self) -> bytes:
+        """The next plaintext, b"" at the end (close_notify or FIN)."""
+        while True:
+            if self.tls is None:
+                return self.sock.recv(65536)
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLWantReadError:
+                data = self.sock.recv(65536)
+                if not data:
+                    return b""
+                self._in.write(data)
+
+    def _flush(self) -> None:
+        if data := self._out.read():
+            self.sock.sendall(data)
+
+    def send(self, data: bytes) -> None:
+        if self.tls is None:
+            self.sock.sendall(data)
+        else:
+            self.tls.write(data)
+            self._flush()
+
+    def reply(self) -> bytes:
+        """One whole (multi-line) reply."""
+        lines = b""
+        while True:
+            while b"\n" not in self.buffer:
+                chunk = self._recv()
+                assert chunk, f"connection ended inside a reply: {lines + self.buffer!r}"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            lines += line + b"\n"
+            if line[3:4] != b"-":
+                return lines
+
+    def starttls(self, ctx: ssl.SSLContext, name: str) -> None:
+        self.tls = ctx.wrap_bio(self._in, self._out, server_hostname=name)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(65536)
+                assert data, "connection ended in the handshake"
+                self._in.write(data)
+        self._flush()
+
+    def half_close(self) -> None:
+        if self.tls is not None:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.unwrap()  # our close_notify; the gateway's comes later
+            self._flush()
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def rest(self) -> bytes:
+        data = self.buffer
+        while chunk := self._recv():
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_a_half_closing_client_gets_every_reply_and_one_copy(site: Site, tls: bool) -> None:
+    """The client pipelines the final dot and QUIT and half-closes (over TLS: close_notify,
+    then FIN): the legacy MTA's 250 and 221 still reach it, and one copy is delivered."""
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    tag = f"half{int(tls)}"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with legacy_mta(site, f"legacy{tag}", proxy=True) as mta, \
+            GatewayProcess(site.lab.gw, site.work / tag,
+                           inbound_config(site, "proxy-protocol")) as gw:
+        sock = site.lab.peer.connect(MTA_V4, 25)
+        sock.settimeout(20)
+        with sock:
+            w = Wire(sock)
+            assert w.reply().startswith(b"220 ")
+            w.send(b"EHLO client.example.org\r\n")
+            assert b"STARTTLS" in w.reply()
+            if tls:
+                w.send(b"STARTTLS\r\n")
+                assert w.reply().startswith(b"220 ")
+                w.starttls(ctx, "mx.b.test")
+                w.send(b"EHLO client.example.org\r\n")
+                assert w.reply().startswith(b"250")
+            w.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@b.test>\r\nDATA\r\n")
+            assert [w.reply()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            w.send(b"Subject: half-close\r\n\r\n" + marker + b"\r\n.\r\nQUIT\r\n")
+            w.half_close()
+            after = w.rest()
+        assert after.startswith(b"250 2.0.0 Ok: queued"), after
+        assert after.endswith(b"221 2.0.0 Bye\r\n"), after
+        [message] = mta.wait_maildir(1)
+        assert marker in message.read_bytes()
+        [s] = [x for x in gw.wait_sessions(1) if x["direction"] == "inbound"]
+        assert (s["tls"], s["outcome"]) == ("tls" if tls else "plaintext", "relayed"), s

@@ -15,6 +15,8 @@ from gateway.smtp import (
     Result,
     SendClient,
     SendPeer,
+    ShutdownClient,
+    ShutdownPeer,
     StartTlsServer,
 )
 
@@ -43,9 +45,15 @@ def play(script: list[tuple[Any, ...]], size: int) -> tuple[Offload, list[Inboun
                     out += feed(data[i:i + size])
         elif event == "tls":
             out += m.tls_done(*args)
-    last = out[-1] if out else None
-    if isinstance(last, Relay):
-        out[-1] = Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"])
+        elif event == "client_eof":
+            out += m.client_closed()
+        elif event == "mta_eof":
+            out += m.mta_closed()
+    at = next((i for i, c in enumerate(out) if isinstance(c, Relay)), None)
+    if at is not None:
+        last = out[at]
+        assert isinstance(last, Relay)
+        out[at] = Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"])
     return m, out
 
 
@@ -111,3 +119,35 @@ def test_failed_handshake_closes_without_a_word() -> None:
     _, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
                    ("client", b"STARTTLS\r\n"), ("tls", False, "handshake failed")])
     assert out[-1] == Reject(b"", "handshake failed")
+
+
+# -- half-close -----------------------------------------------------------------------------
+
+def test_quit_and_fin_over_tls_reach_the_mta_in_order() -> None:
+    """A client that pipelines QUIT after its EHLO over TLS and half-closes: the EHLO reply,
+    then the FIN toward the MTA after the QUIT."""
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"STARTTLS\r\n"), ("tls", True, "TLSv1.3"),
+                   ("client", EHLO + b"QUIT\r\n"), ("client_eof",), ("mta", MTA_CAPS)])
+    assert out[-2:] == [Relay(b"QUIT\r\n", b""), ShutdownPeer()]
+    assert m.result is Result.TLS
+
+
+def test_fin_in_plaintext_after_a_lone_quit() -> None:
+    """Sent before the banner: the FIN follows the QUIT.  (After the handoff the pump
+    passes a FIN on by itself: tests/test_relay.py.)"""
+    _, out = same([("client", b"QUIT\r\n"), ("client_eof",), ("mta", BANNER)])
+    assert out == [SendClient(BANNER), Relay(b"QUIT\r\n", b""), ShutdownPeer()]
+
+
+def test_fin_with_nothing_pending_is_passed_on() -> None:
+    _, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS), ("client_eof",)])
+    assert out[-2:] == [Relay(b"", b""), ShutdownPeer()]
+
+
+def test_mta_closing_after_its_refusal_reaches_the_client_after_it() -> None:
+    _, out = same([("mta", b"554 5.7.1 go away\r\n"), ("mta_eof",)])
+    assert out == [SendClient(b"554 5.7.1 go away\r\n"), Relay(b"", b"")]
+    m = Offload()
+    m.mta_data(BANNER)
+    assert m.mta_closed() == [Relay(b"", b""), ShutdownClient()]

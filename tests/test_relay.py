@@ -7,15 +7,18 @@ import asyncio
 import hashlib
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
 from gateway.relay import End, Pump
+from tests import certs
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -175,6 +178,61 @@ def test_half_close_each_direction() -> None:
         assert await loop.run_in_executor(None, r.server.recv, 1) == b""
         r.client.close()
         r.server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("tls13", [True, False])
+def test_half_close_toward_a_tls_leg_is_close_notify_then_fin_and_reading_goes_on(
+        tmp_path: Path, tls13: bool) -> None:
+    """The client's FIN becomes close_notify + FIN on the TLS upstream; the server's
+    replies written after it still reach the client (asyncio's SSL transport discards
+    them), then its close_notify ends the session cleanly."""
+    paths = certs.write_pki(tmp_path, certs.make_leaf(None, ["mx.b.test"]))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(paths["cert"], paths["key"])
+    if not tls13:
+        server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+
+    async def main() -> None:
+        r = await rig()
+        up = r.pump.upstream
+        assert up.transport is not None
+        up.transport.pause_reading()  # as at STARTTLS
+        tls_server: list[ssl.SSLSocket] = []
+
+        def handshake() -> None:
+            tls_server.append(server_ctx.wrap_socket(r.server, server_side=True))
+
+        waiter = up.start_tls(client_ctx, False, "mx.b.test")
+        await asyncio.gather(waiter, asyncio.get_running_loop().run_in_executor(None,
+                                                                                handshake))
+        up.release()
+        srv = tls_server[0]
+
+        def server() -> None:
+            data = b""
+            while chunk := srv.recv(4096):  # b"" at the gateway's close_notify
+                data += chunk
+            assert data == b".\r\nQUIT\r\n"
+            srv.sendall(b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n")
+            srv.unwrap()  # our close_notify; the gateway's came first
+            assert srv.recv(1) == b""  # then its FIN: the TCP half of the half-close
+
+        def client() -> None:
+            r.client.sendall(b".\r\nQUIT\r\n")
+            r.client.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := r.client.recv(4096):
+                data += chunk
+            assert data == b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n"
+
+        await in_threads(server, client, limit=10)
+        assert await asyncio.wait_for(r.pump.done, 5) is End.DONE
+        r.client.close()
+        srv.close()
 
     run(main())
 

@@ -23,6 +23,8 @@ from gateway.smtp import (
     Result,
     SendClient,
     SendPeer,
+    ShutdownClient,
+    ShutdownPeer,
     StartTls,
     Upgrade,
     capabilities,
@@ -62,6 +64,10 @@ def play(script: list[tuple[Any, ...]], size: int) -> tuple[Upgrade, list[Comman
             out += m.tls_done(*args)
         elif event == "reconnected":
             out += m.reconnected()
+        elif event == "client_eof":
+            out += m.client_closed()
+        elif event == "peer_eof":
+            out += m.peer_closed()
     return m, out
 
 
@@ -301,3 +307,61 @@ def test_helo_client_whose_starttls_is_refused_says_helo_again() -> None:
         ("peer", b"454 4.7.0 not now\r\n"), ("peer", b"250 mx.b.test\r\n")])
     assert out[-4:] == [SendPeer(b"EHLO mta.a.test\r\n"), SendPeer(b"STARTTLS\r\n"),
                         SendPeer(HELO), Relay(ENVELOPE, b"")]
+
+
+# -- half-close: an EOF is passed on after everything sent before it ----------------------
+
+def test_lone_quit_then_fin_after_the_handoff_is_the_envelopes() -> None:
+    """QUIT is the decision point: the handoff comes first, and the FIN after it is the
+    envelope tracker's event (tests/test_envelope.py), not this machine's."""
+    m, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("client", b"QUIT\r\n"), ("client_eof",)])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS),
+                   Relay(b"QUIT\r\n", b"")]
+    assert m.result is Result.PASSTHROUGH
+
+
+def test_quit_and_fin_in_one_go_before_the_ehlo_reply() -> None:
+    """An MTA that pipelines EHLO and QUIT and half-closes gets both replies in order."""
+    _, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO + b"QUIT\r\n"),
+                                ("client_eof",), ("peer", CAPS)])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS),
+                   Relay(b"QUIT\r\n", b""), ShutdownPeer()]
+
+
+def test_fin_while_the_envelope_is_held_follows_it_through_the_upgrade() -> None:
+    m, out = same_at_all_sizes([
+        *opening(), ("client_eof",), ("plan", REQ_DANE), ("peer", b"220 go\r\n"),
+        ("tls", True, Result.DANE, "dane-ee match"), ("peer", CAPS_TLS)])
+    assert out == [*OPENED, SendPeer(b"STARTTLS\r\n"), StartTls(), SendPeer(EHLO),
+                   Relay(ENVELOPE, b""), ShutdownPeer()]
+    assert m.result is Result.DANE  # the FIN changed nothing about the protection
+
+
+def test_fin_before_the_banner_is_passed_on_after_the_mtas_commands() -> None:
+    """The MTA spoke early and left: its commands are still answered in order."""
+    _, out = same_at_all_sizes([("client", EHLO + b"QUIT\r\n"), ("client_eof",),
+                                ("peer", BANNER), ("peer", CAPS)])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS),
+                   Relay(b"QUIT\r\n", b""), ShutdownPeer()]
+
+
+def test_an_unterminated_line_before_fin_is_no_command() -> None:
+    _, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("client", b"MAIL FROM:<a@a.te"), ("client_eof",)])
+    assert out[-2:] == [Relay(b"", b""), ShutdownPeer()]
+    assert not any(isinstance(c, NeedPlan) for c in out)
+
+
+def test_peer_fin_before_the_decision_reaches_the_mta_after_its_replies() -> None:
+    _, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO),
+                                ("peer", b"421 4.3.2 shutting down\r\n"), ("peer_eof",)])
+    assert out[-3:] == [SendClient(b"421 4.3.2 shutting down\r\n"), Relay(b"", b""),
+                        ShutdownClient()]
+
+
+def test_peer_fin_during_the_upgrade_defers_the_held_commands() -> None:
+    m, out = same_at_all_sizes([*opening(), ("plan", REQ_DANE), ("peer_eof",)])
+    assert isinstance(out[-1], Defer) and out[-1].reply.startswith(b"421 4.4.2 ")
+    assert not any(isinstance(c, SendPeer) and c.data == ENVELOPE for c in out)
+    assert m.result is Result.DEFERRED

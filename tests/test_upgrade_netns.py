@@ -4,13 +4,15 @@ gateway to real Postfix smtpd peers, with DNSSEC from NSD + Unbound deciding the
     mta: Postfix, smtp_tls_security_level=none; transport by recipient
     gw:  smtpgate (REDIRECT), Unbound on 127.0.0.1
     peer: Postfix smtpd with TLS on .2 (TLSA matches), .3 (no TLSA), .4 (TLSA wrong);
-          Postfix smtpd without TLS on .5 (TLSA published: it asked for DANE)
+          Postfix smtpd without TLS on .5 (TLSA published: it asked for DANE), .7 and .8
+          (policy none: a static passthrough)
 
 A capture on gw's peer-side interface is the witness that no message crossed in clear.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -69,7 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     wrong = "3 1 1 " + "5a" * 32
     with Lab() as lab, DnsWorld.on_lab(lab, work / "dns") as dns:
         for address in ("203.0.113.4/24", "203.0.113.5/24", "203.0.113.6/24",
-                        "203.0.113.7/24"):
+                        "203.0.113.7/24", "203.0.113.8/24"):
             lab.peer.ip("addr", "add", address, "dev", netlab.HOST_IF)
         dns.zone("test.", [
             "mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
@@ -106,13 +108,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     "203.0.113.2, 203.0.113.3, 203.0.113.4", chain, domain=domains),
                     name="tlspeer") as tls_peer, \
                 PostfixInstance(lab.peer, work, receiver_settings(
-                    "203.0.113.5, 203.0.113.7", domain=domains), name="plainpeer") as plain_peer, \
+                    "203.0.113.5, 203.0.113.7, 203.0.113.8", domain=domains),
+                    name="plainpeer") as plain_peer, \
                 PostfixInstance(lab.peer, work, {
                     **tls_receiver_settings("203.0.113.6", chain, domain=domains),
                     # Offers STARTTLS but speaks only TLS 1.0/1.1, which the gateway
                     # refuses: every handshake fails, as with a broken peer.
                     "smtpd_tls_protocols": ">=TLSv1 <=TLSv1.1"}, name="oldpeer") as old_peer, \
-                GatewayProcess(lab.gw, work, config(policy="dane")) as gw, \
+                GatewayProcess(lab.gw, work, config(
+                    policy="dane, entries: [{match: 203.0.113.8, level: none}]")) as gw, \
                 PostfixInstance(lab.mta, work, sender, name="mta", master_cf_overrides=[
                     "heloonly/unix = heloonly unix - - n - - smtp "
                     "-o smtp_never_send_ehlo=yes"]) as mta:
@@ -321,3 +325,57 @@ def test_a_deferral_closes_the_mtas_connection_at_once(world: World) -> None:
         t0 = time.monotonic()
         assert f.read() == b""  # EOF
         assert time.monotonic() - t0 < 1.0
+
+
+def half_closing_client(w: World, host: str, marker: bytes) -> bytes:
+    """Exim's habit: the final dot and QUIT in one segment, then shutdown(SHUT_WR), then
+    read until the gateway closes.  Returns every reply after the 354."""
+    with w.lab.mta.connect(host, 25) as c:
+        c.settimeout(20)
+        f = c.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        c.sendall(b"EHLO mta.example.com\r\n")
+        while (line := f.readline()).startswith(b"250-"):
+            pass
+        assert line.startswith(b"250 "), line
+        c.sendall(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<half@example.net>\r\n"
+                  b"DATA\r\n")
+        replies = [f.readline() for _ in range(3)]
+        assert [r[:3] for r in replies] == [b"250", b"250", b"354"], replies
+        c.sendall(b"Subject: half-close\r\n\r\n" + marker + b"\r\n.\r\nQUIT\r\n")
+        c.shutdown(socket.SHUT_WR)
+        return f.read()  # up to the gateway's FIN (the socket's timeout bounds it)
+
+
+@pytest.mark.parametrize(("host", "peer", "tls"), [
+    ("203.0.113.8", "plain", None),  # static passthrough: the bare pump
+    ("203.0.113.7", "plain", "plaintext"),  # read by the machine and the envelope tracker
+    ("203.0.113.3", "tls", "tls"),  # opportunistic TLS: the FIN becomes close_notify + FIN
+    ("203.0.113.2", "tls", "dane"),  # DANE-verified TLS
+])
+def test_a_half_closing_client_gets_every_reply_and_one_copy(
+        world: World, host: str, peer: str, tls: str | None) -> None:
+    """Issue: a client's half-close lost the peer's 250 and 221, so the MTA retried a
+    delivered message.  Here the client half-closes right after ``.`` and QUIT, through each
+    kind of session."""
+    receiver = world.tls_peer if peer == "tls" else world.plain_peer
+    seen = len(world.gw.sessions())
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    try:
+        after = half_closing_client(world, host, marker)
+    except OSError as exc:
+        time.sleep(1)  # the session line follows the reset
+        raise AssertionError(world.gw.log_text()[-1500:] + world.tls_peer.log_tail()) from exc
+    assert after.startswith(b"250 2.0.0 Ok: queued"), after
+    assert after.endswith(b"221 2.0.0 Bye\r\n"), after
+    receiver.wait_delivered(marker)
+    time.sleep(0.5)  # a second copy would be right behind the first
+    copies = [p for p in receiver.maildir_messages() if marker in p.read_bytes()]
+    assert len(copies) == 1
+    deadline = time.monotonic() + 10
+    while not (mine := [x for x in world.gw.sessions()[seen:]
+                        if x["destination"] == f"{host}:25"]):
+        assert time.monotonic() < deadline, world.gw.log_text()[-2000:]
+        time.sleep(0.1)
+    assert mine[-1]["outcome"] == "relayed"
+    assert mine[-1].get("tls") == tls
