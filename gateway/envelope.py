@@ -107,7 +107,7 @@ class Envelope:
     _await_data_reply: bool = False
     _next_ident: int = 0
     _client_eof: bool = False
-    _quit_sent: bool = False
+    quit_sent: bool = False  # a QUIT went to the peer: nothing the MTA says matters after it
     _peer_eof_sent: bool = False  # ShutdownPeer said
     _client_eof_sent: bool = False  # ShutdownClient said
 
@@ -195,7 +195,7 @@ class Envelope:
             return []
         self._peer_eof_sent = True
         self._client.clear()  # an unterminated line at the end is no command
-        return [ShutdownPeer(after_quit=self._quit_sent)]
+        return [ShutdownPeer(after_quit=self.quit_sent)]
 
     # -- client commands ----------------------------------------------------------------
     def _commands(self) -> list[EnvelopeCommand]:
@@ -244,7 +244,7 @@ class Envelope:
             p = self._queue.popleft()
             if p.reply is None:
                 p.forwarded = True
-                self._quit_sent = self._quit_sent or p.verb == b"QUIT"
+                self.quit_sent = self.quit_sent or p.verb == b"QUIT"
                 out.append(ToPeer(p.line + bytes(p.payload)))
                 p.payload.clear()
             self._order.append(p)

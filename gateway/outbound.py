@@ -193,8 +193,9 @@ class OutboundUpgrade(TlsPhase):
         """From here every command passes the envelope tracker: a recipient whose domain's
         MX for this destination publishes TLSA is forwarded only if this session satisfies
         it (RFC 7672, bound to the recipient rather than to a PTR name)."""
-        self.envelope = Envelope()
+        envelope = self.envelope = Envelope()
         self.pump.tap = self._envelope_tap
+        self.pump.quit_sent = lambda: envelope.quit_sent
         self._env_apply(self.envelope.peer_data(to_client))
         self._env_apply(self.envelope.client_data(to_peer))
 

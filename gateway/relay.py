@@ -295,6 +295,7 @@ class Pump:
         "high_water",
         "idle_timeout",
         "loop",
+        "quit_sent",
         "tap",
         "total_timeout",
         "upstream",
@@ -319,6 +320,8 @@ class Pump:
         self._want_start = False
         # While set, bytes read go to this callback instead of across (the upgrade phase).
         self.tap: Callable[[Leg, bytes], None] | None = None
+        # Set where a machine follows the commands: whether the MTA's QUIT went out.
+        self.quit_sent: Callable[[], bool] | None = None
 
     def replace_upstream(self) -> Leg:
         """A new upstream leg (opportunistic fallback to a new connection); the old one is
@@ -414,6 +417,14 @@ class Pump:
         # clean close after its EOF.
         if exc is None and leg.eof:
             self.finish(End.DONE)
+        elif leg is self.client and self.quit_sent is not None and self.quit_sent():
+            # The MTA closed without waiting for the 221 (Postfix's smtp_skip_quit_response)
+            # and its kernel answered the reply with a reset.  The session is complete: end
+            # it as a close, after the peer's own, not with a reset it would count as a
+            # cut-off session.
+            if not leg.eof:
+                leg.eof = True
+                self.leg_eof(leg)
         else:
             self.finish(End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET)
 

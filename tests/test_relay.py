@@ -272,6 +272,28 @@ def test_reset_is_mirrored() -> None:
     run(main())
 
 
+def test_a_client_reset_after_its_quit_went_out_ends_like_a_close() -> None:
+    """An MTA that closes without waiting for the 221 makes its kernel answer the reply
+    with a reset: once its QUIT is out, the peer gets a FIN (not a mirrored reset, which it
+    would count as a cut-off session) and the session ends clean when the peer closes."""
+
+    async def main() -> None:
+        r = await rig()
+        r.pump.quit_sent = lambda: True  # as the envelope tracker says after QUIT
+        loop = asyncio.get_running_loop()
+        r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        r.client.close()  # RST
+        r.server.settimeout(5)
+        assert await loop.run_in_executor(None, r.server.recv, 10) == b""  # a FIN
+        assert not r.pump.done.done()  # the peer still may say its last words
+        r.server.sendall(b"221 2.0.0 Bye\r\n")
+        r.server.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(r.pump.done, 5) is End.DONE
+        r.server.close()
+
+    run(main())
+
+
 def test_idle_timeout() -> None:
     async def main() -> None:
         r = await rig(idle=0.3)
