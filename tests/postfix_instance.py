@@ -205,14 +205,17 @@ class PostfixInstance:
         # virtual(8) delivers as the postfix user (receiver_settings()).
         self.mail_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.mail_dir, pwd.getpwnam(MAIL_OWNER).pw_uid, grp.getgrnam(MAIL_OWNER).gr_gid)
-        # The package's pristine master.cf: a local admin's one may name content filters
-        # or services that do not exist here.
-        master_cf = POSTFIX_SHARE / "master.cf.dist"
-        if not master_cf.exists():
-            master_cf = POSTFIX_ETC / "master.cf"
-        shutil.copy(master_cf, self.config_dir / "master.cf")
-        for meta in ("postfix-files", "dynamicmaps.cf"):
-            shutil.copy(POSTFIX_ETC / meta, self.config_dir / meta)
+        # Nothing of the host's configuration: the package's pristine master.cf (a local
+        # admin's may name content filters or services that do not exist here), and
+        # main.cf written below.  What is read from /etc/postfix is not configuration but
+        # the package's own inventory, which dpkg installs and nobody edits: the list of
+        # Postfix's files (postfix-files, for set-permissions) and the map types the
+        # installed map packages register (dynamicmaps.cf and the .d directories).
+        shutil.copy(POSTFIX_SHARE / "master.cf.dist", self.config_dir / "master.cf")
+        shutil.copy(POSTFIX_ETC / "postfix-files", self.config_dir / "postfix-files")
+        dynamicmaps = POSTFIX_SHARE / "dynamicmaps.cf"
+        shutil.copy(dynamicmaps if dynamicmaps.exists() else POSTFIX_ETC / "dynamicmaps.cf",
+                    self.config_dir / "dynamicmaps.cf")
         for meta_d in ("postfix-files.d", "dynamicmaps.cf.d"):
             target = self.config_dir / meta_d
             if (POSTFIX_ETC / meta_d).is_dir() and not target.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,27 @@ def test_run_refuses_a_source_address_this_host_does_not_have(tmp_path: Path) ->
     assert r.returncode == 1
     assert (f'"error":"{cfg}: upstream.source_ipv4: 192.0.2.99 is not an address of this '
             'host"') in r.stderr
+
+
+def test_commands_say_nothing_on_stderr_that_they_did_not_mean(tmp_path: Path) -> None:
+    """The installed command as a user runs it (no PYTHONWARNINGS, nothing of pytest's):
+    a library's deprecation notice must not reach every user's terminal or a JSON log
+    stream (it did: cryptography's DSA deprecation on every command)."""
+    exe = Path(sys.executable).with_name("smtpgate")
+    if not exe.exists():
+        pytest.skip("smtpgate is not installed next to this Python (scripts/install)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    for args in (["version"], ["version", "-v"], ["--help"],
+                 ["run", "--check", "-c", str(ROOT / "deploy" / "outbound.yaml")],
+                 ["keygen", "--key", str(key), "--cert", str(cert), "--host", "mx.b.test"],
+                 ["tlsa", "--cert", str(cert), "--host", "mx.b.test"],
+                 ["firewall", "-c", str(ROOT / "deploy" / "outbound.yaml"), "--local-mta"]):
+        r = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=30, check=False)
+        assert r.returncode == 0 and r.stdout, (args, r.stderr)
+        # keygen reports what it wrote on stderr (stdout is the record to publish); every
+        # other command has nothing to say there.
+        said = r.stderr.startswith("wrote ") and "Warning" not in r.stderr \
+            if args[0] == "keygen" else r.stderr == ""
+        assert said, (args, r.stderr)
