@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from . import dane
-from .config import Config, Endpoint, IPAddress
+from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
 from .discovery import discover
 from .dns import Answer, Resolver
 from .netfilter import upstream_socket
@@ -62,9 +62,28 @@ def _line(answer: Answer, note: str = "") -> str:
     return f"  {answer.rdtype:<5} {answer.describe()}{'  ' + note if note else ''}"
 
 
+def mta_starttls_line(config: Config, p: Plan, mta: IPAddress | None) -> str:
+    """What a session from ``mta`` (any MTA when None) gets when it does STARTTLS itself,
+    under the first outbound listener's ``mta_starttls`` (the default without one)."""
+    outbound = [lst for lst in config.listeners if lst.direction is Direction.OUTBOUND]
+    listener = outbound[0] if outbound else Listener(ipaddress.ip_address("0.0.0.0"), 25)
+    mode = listener.mta_starttls_for(mta) if mta is not None else listener.mta_starttls
+    who = f"an MTA at {mta}" if mta is not None else "an MTA"
+    if mode is MtaStartTls.STEP_ASIDE:
+        return f"  {who} doing STARTTLS itself: left alone (step-aside: it verifies on its own)"
+    if not p.fails_closed:
+        return (f"  {who} doing STARTTLS itself: left alone (the plan authenticates nothing: "
+                f"its TLS is as good as the gateway's)")
+    if mode is MtaStartTls.TERMINATE:
+        return (f"  {who} doing STARTTLS itself: taken over (terminate): the gateway verifies "
+                f"the peer, then answers the MTA's STARTTLS with its local key")
+    return (f"  {who} offered STARTTLS: withdrawn from the EHLO reply it sees (hide); the "
+            f"gateway upgrades its plaintext session")
+
+
 async def check(config: Config, target: str, out: Callable[[str], None], *,
                 connect: bool = True, helo: str | None = None,
-                step_timeout: float = DEFAULT_TIMEOUT) -> int:
+                step_timeout: float = DEFAULT_TIMEOUT, mta: IPAddress | None = None) -> int:
     """Prints the report; returns 1 when the target could not be resolved at all or when the
     gateway would defer a session to one of its addresses (without ``connect``: when the
     plan alone defers), else 0 -- also when the peer itself fails (unreachable, silent):
@@ -98,6 +117,7 @@ async def check(config: Config, target: str, out: Callable[[str], None], *,
                 out(f"  doubt: {found.doubt}")
             p = plan(address, found, config.policy)
             out(f"  plan: {p.describe()}")
+            out(mta_starttls_line(config, p, mta))
             if not connect:
                 if p.action is Action.DEFER:
                     code = 1  # decided without the peer: no session can go through

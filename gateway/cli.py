@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import platform
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, load
+from .config import ConfigError, IPAddress, load
 
 DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.yaml"
 
@@ -40,7 +41,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(check(config, args.target, _print_now, connect=args.connect,
-                             helo=args.helo, step_timeout=args.timeout))
+                             helo=args.helo, step_timeout=args.timeout, mta=args.mta))
+
+
+def _address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
 
 
 def _cmd_firewall(args: argparse.Namespace) -> int:
@@ -166,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
                      help="only discovery and the plan: nothing is sent to the destination")
     chk.add_argument("--helo", type=_helo_name, metavar="NAME",
                      help="the name to say EHLO with (default: this host's name)")
+    chk.add_argument("--mta", type=_address, metavar="ADDRESS",
+                     help="say what a session from the MTA at this address gets when it "
+                          "does STARTTLS itself (listeners[].verifying_mtas)")
     chk.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                      help="limit for the connect, each reply and the TLS handshake "
                           "(default: 10)")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -66,6 +67,15 @@ class StartTls(StrEnum):
     PASSTHROUGH = "passthrough"  # the MTA itself: bytes pass unchanged
 
 
+class MtaStartTls(StrEnum):
+    """Outbound: what becomes of the MTA's own STARTTLS toward a peer the gateway would
+    authenticate (or must encrypt to).  Elsewhere the MTA's TLS is left alone."""
+
+    TERMINATE = "terminate"  # answer it locally, then the verified upgrade to the peer
+    HIDE = "hide"  # withdraw STARTTLS from the EHLO reply: the MTA goes on in plaintext
+    STEP_ASIDE = "step-aside"  # leave it to the MTA (one that verifies on its own)
+
+
 class ClientAddress(StrEnum):
     """Inbound: how the MTA learns the client's real address."""
 
@@ -101,6 +111,15 @@ class Listener:
     name: str = ""
     starttls: StartTls = StartTls.OFFLOAD  # inbound only
     client_address: ClientAddress = ClientAddress.NONE  # inbound only
+    mta_starttls: MtaStartTls = MtaStartTls.TERMINATE  # outbound only
+    # Outbound only: MTAs that verify on their own (Postfix dane/secure, Exim
+    # hosts_require_dane): their STARTTLS is always theirs (step-aside).
+    verifying_mtas: tuple[IPNetwork, ...] = ()
+
+    def mta_starttls_for(self, client: IPAddress) -> MtaStartTls:
+        if any(client in net for net in self.verifying_mtas):
+            return MtaStartTls.STEP_ASIDE
+        return self.mta_starttls
 
     @property
     def endpoint(self) -> Endpoint:
@@ -110,7 +129,7 @@ class Listener:
     def key(self) -> tuple[str, int, str, str, tuple[Endpoint, ...], str, str]:
         """Identity for reload: a listener whose key is unchanged keeps its socket."""
         return (str(self.address), self.port, self.direction, self.mode, self.upstreams,
-                self.starttls, self.client_address)
+                self.starttls, self.client_address)  # the rest is read per session
 
     @property
     def label(self) -> str:
@@ -369,17 +388,32 @@ def _listener(source: str, path: str, data: object) -> Listener:
     upstreams = tuple(parse_endpoint(v, source, p) for p, v in s.items("upstreams"))
     name = s.string("name", "")
     inbound_only = [k for k in ("starttls", "client_address") if s.has(k)]
+    outbound_only = [k for k in ("mta_starttls", "verifying_mtas") if s.has(k)]
     starttls = s.choice("starttls", StartTls, StartTls.OFFLOAD)
     client_address = s.choice("client_address", ClientAddress, ClientAddress.NONE)
+    mta_starttls = s.choice("mta_starttls", MtaStartTls, MtaStartTls.TERMINATE)
+    verifying = tuple(_network(v, source, p) for p, v in s.items("verifying_mtas"))
     s.done()
     if direction is Direction.OUTBOUND and inbound_only:
         raise s.error(inbound_only[0], "only for inbound listeners")
+    if direction is Direction.INBOUND and outbound_only:
+        raise s.error(outbound_only[0], "only for outbound listeners")
     if direction is Direction.INBOUND and not upstreams:
         raise s.error("upstreams", "an inbound listener needs at least one MTA (IP:PORT)")
     if direction is Direction.OUTBOUND and upstreams:
         raise s.error("upstreams", "only for inbound listeners: outbound goes to the original "
                                    "destination")
-    return Listener(address, port, direction, mode, upstreams, name, starttls, client_address)
+    return Listener(address, port, direction, mode, upstreams, name, starttls, client_address,
+                    mta_starttls, verifying)
+
+
+def _network(value: object, source: str, path: str) -> IPNetwork:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            pass
+    raise ConfigError(source, path, "not an IP network (192.0.2.10, 2001:db8::/64)")
 
 
 def _hostname(value: str) -> str | None:

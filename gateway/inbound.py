@@ -57,5 +57,6 @@ class InboundOffload(TlsPhase):
             self._apply(self.machine.tls_done(False, why))  # a Reject: the pump finishes
             return
         if ssl_object is not None:
+            self.tls.update(self.facts(ssl_object))
             self._apply(self.machine.tls_done(True, str(ssl_object.version())))
             self.pump.client.release()

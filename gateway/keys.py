@@ -325,10 +325,15 @@ def _load_chain(ctx: ssl.SSLContext, pair: KeyPair) -> None:
     anonymous memory file (memfd, never on disk), so no second read of the key file can
     see a different key, and a rebuild works after the files changed or were removed."""
     pem = b"".join([_pem(pair.cert_der), *(_pem(c) for c in pair.chain_der), pair.key_pem])
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is None or not Path("/proc/self/fd").is_dir():  # not Linux
+    if not _load_pem(ctx, pem):  # not Linux
         ctx.load_cert_chain(pair.cert_path, pair.key_path)
-        return
+
+
+def _load_pem(ctx: ssl.SSLContext, pem: bytes) -> bool:
+    """``ctx.load_cert_chain`` from bytes; False where there is no memfd (not Linux)."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is None or not Path("/proc/self/fd").is_dir():
+        return False
     fd = memfd_create("smtpgate-keypair", os.MFD_CLOEXEC)
     try:
         view = memoryview(pem)
@@ -337,6 +342,7 @@ def _load_chain(ctx: ssl.SSLContext, pair: KeyPair) -> None:
         ctx.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+    return True
 
 
 # -- the server context --------------------------------------------------------------------
@@ -355,6 +361,36 @@ def _check_ciphers(ctx: ssl.SSLContext) -> None:
                                f"{c.get('kea')}, {c.get('auth')}) for {TLS12_CIPHERS!r}")
 
 
+def _server_policy() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+                    | ssl.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.verify_mode = ssl.CERT_NONE  # a client certificate would prove nothing here
+    ctx.set_ciphers(TLS12_CIPHERS)
+    _check_ciphers(ctx)
+    return ctx
+
+
+def local_context() -> ssl.SSLContext:
+    """The outbound take-over's server context: the gateway answers an MTA's own STARTTLS
+    toward a peer it authenticates itself (``mta_starttls: terminate``).  An ephemeral
+    ECDSA key with a self-signed certificate, new at every start: the MTAs that get it
+    verify nothing (those that do are configured to step aside), so there is nothing to
+    publish, keep or roll over.  No session tickets: one handshake per local session."""
+    key = generate_key("ec")
+    cert = self_signed(key, ["smtpgate.invalid"], days=DEFAULT_DAYS)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    ctx = _server_policy()
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    if not _load_pem(ctx, cert.public_bytes(serialization.Encoding.PEM) + key_pem):
+        raise RuntimeError("the local TLS key needs memfd_create (Linux)")
+    return ctx
+
+
 def server_context(pair: KeyPair, next_pair: KeyPair | None = None) -> ssl.SSLContext:
     """The inbound STARTTLS server context, serving ``pair``.
 
@@ -366,16 +402,9 @@ def server_context(pair: KeyPair, next_pair: KeyPair | None = None) -> ssl.SSLCo
 
     ``next_pair`` is only loaded into a throwaway context, so a pair OpenSSL refuses fails
     now rather than at the rollover; the context still serves ``pair`` alone."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-                    | ssl.OP_CIPHER_SERVER_PREFERENCE)
+    ctx = _server_policy()
     ctx.options &= ~ssl.OP_NO_TICKET
     ctx.num_tickets = NUM_TICKETS
-    ctx.verify_mode = ssl.CERT_NONE  # a client certificate would prove nothing here
-    ctx.set_ciphers(TLS12_CIPHERS)
-    _check_ciphers(ctx)
     _load_chain(ctx, pair)
     if next_pair is not None:
         _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), next_pair)

@@ -35,6 +35,8 @@ TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthr
                "deferred")
 TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",
                "capabilities", "policy", "dns", "protocol", "fallback", "other")
+# What became of an MTA's own STARTTLS (outbound): see config.MtaStartTls.
+MTA_STARTTLS = ("terminated", "hidden", "stepped_aside")
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "reset", "resources", "error")
 STREAMS = ("client_to_upstream", "upstream_to_client")
 DNS_TYPES = ("PTR", "A", "AAAA", "MX", "TLSA")
@@ -86,6 +88,11 @@ class Metrics:
             "smtpgate_recipients", "Recipients checked against their domain's DANE MX for "
             "the destination: allowed, or deferred with 450 4.7.5 (reason).",
             ["result", "reason"], registry=registry)
+        self.mta_starttls = Counter(
+            "smtpgate_mta_starttls", "Outbound sessions whose MTA offered or used STARTTLS "
+            "itself toward a peer: terminated (the gateway answered it and verified the peer), "
+            "hidden (withdrawn from the EHLO reply), stepped_aside (left to the MTA).",
+            ["handling"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -109,6 +116,8 @@ class Metrics:
                     self.tls.labels(d.value, tls_result, tls_reason)
         for result in ("hit", "miss", "shared"):
             self.dns_cache.labels(result)
+        for handling in MTA_STARTTLS:
+            self.mta_starttls.labels(handling)
         for rdtype in DNS_TYPES:
             self.dns_latency.labels(rdtype)
             for status in ("secure", "insecure", "bogus", "failed"):

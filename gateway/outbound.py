@@ -29,6 +29,7 @@ from .smtp import (
     ShutdownClient,
     ShutdownPeer,
     StartTls,
+    StartTlsMta,
     Upgrade,
 )
 
@@ -104,7 +105,8 @@ _DER = getattr(ssl, "ENCODING_DER", 2)  # _ssl.ENCODING_DER; public in 3.13 only
 class OutboundUpgrade(TlsPhase):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
-        self.machine = Upgrade()
+        assert session.client is not None
+        self.machine = Upgrade(session.listener.mta_starttls_for(session.client.host))
         self._ssl_object: ssl.SSLObject | None = None
         self._cache_key: tuple[object, ...] = ()
         self.envelope: Envelope | None = None
@@ -138,6 +140,10 @@ class OutboundUpgrade(TlsPhase):
             elif isinstance(cmd, StartTls):
                 self.pause(self.pump.upstream)
                 self.session.gw.tasks.spawn(self._handshake(), name="starttls")
+            elif isinstance(cmd, StartTlsMta):
+                # In the callback that queued the 220: the MTA's next bytes are TLS (A4).
+                self.pause(self.pump.client)
+                self.session.gw.tasks.spawn(self._mta_handshake(), name="mta starttls")
             elif isinstance(cmd, Reconnect):
                 self.session.gw.tasks.spawn(self._reconnect(), name="tls fallback")
             elif isinstance(cmd, Relay):
@@ -172,6 +178,7 @@ class OutboundUpgrade(TlsPhase):
             return
         if ssl_object is None:
             return
+        self.tls.update(self.facts(ssl_object))
         self._ssl_object = ssl_object
         if ssl_object.session_reused:
             # Only sessions verified against this very TLSA set (or pins) are offered.
@@ -186,6 +193,20 @@ class OutboundUpgrade(TlsPhase):
                 log.error("verification raised", exc_info=exc)
         self.tls["verify"] = reason
         self._apply(self.machine.tls_done(ok, result, reason))
+        leg.release()
+
+    async def _mta_handshake(self) -> None:
+        """Take-over: the MTA's TLS, terminated with the gateway's local key."""
+        leg = self.pump.client
+        try:
+            ssl_object = await self.handshake(leg, self.session.gw.tls_local, True, None)
+        except HANDSHAKE_ERRORS as exc:
+            self._apply(self.machine.mta_tls_done(False, type(exc).__name__))
+            return
+        if ssl_object is None:
+            return
+        self.tls.update(self.facts(ssl_object, "mta_"))
+        self._apply(self.machine.mta_tls_done(True, ""))
         leg.release()
 
     # -- recipient-bound enforcement (after the TLS phase) -------------------------------

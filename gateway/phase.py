@@ -83,16 +83,20 @@ class TlsPhase:
     async def handshake(self, leg: Leg, context: ssl.SSLContext, server_side: bool,
                         server_hostname: str | None,
                         session: ssl.SSLSession | None = None) -> ssl.SSLObject | None:
-        """TLS on ``leg``; returns its SSLObject, or None when the session ended meanwhile.
-        Raises one of HANDSHAKE_ERRORS when the handshake fails.  The leg then holds what it
-        reads until ``leg.release()``: call it once the outcome is acted on."""
+        """TLS on ``leg`` (paused by the caller, see ``pause``); returns its SSLObject, or
+        None when the session ended meanwhile.  Raises one of HANDSHAKE_ERRORS when the
+        handshake fails.  The leg then holds what it reads until ``leg.release()``: call it
+        once the outcome is acted on."""
         waiter = leg.start_tls(context, server_side, server_hostname, session)
         async with asyncio.timeout(self.session.config.timeouts.connect):
             await waiter
         if self.pump.done.done() or leg.tls is None:
             return None
-        ssl_object = leg.tls.obj
-        self.tls.update(tls_version=str(ssl_object.version()),
-                        cipher=str((ssl_object.cipher() or ("-",))[0]),
-                        tls_resumed="yes" if ssl_object.session_reused else "no")
-        return ssl_object
+        return leg.tls.obj
+
+    @staticmethod
+    def facts(ssl_object: ssl.SSLObject, prefix: str = "") -> dict[str, str]:
+        """What the session line says of one TLS connection."""
+        return {f"{prefix}tls_version": str(ssl_object.version()),
+                f"{prefix}cipher": str((ssl_object.cipher() or ("-",))[0]),
+                f"{prefix}tls_resumed": "yes" if ssl_object.session_reused else "no"}

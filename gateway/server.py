@@ -19,7 +19,7 @@ from . import config as config_mod
 from . import logs
 from .config import ClientAddress, Config, ConfigError, Endpoint, IPAddress, Listener
 from .dns import Resolver
-from .keys import RotatingContext, load_keypair
+from .keys import RotatingContext, load_keypair, local_context
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import (
@@ -47,6 +47,8 @@ class Gateway:
         self.metrics = metrics
         self.resolver = Resolver(config.dns, metrics)
         self.tls_client = client_context()  # built once, not per session
+        # Outbound take-over of an MTA's STARTTLS: an ephemeral local key (keys.local_context).
+        self.tls_local = local_context()
         self.tls_sessions = SessionCache()
         # Inbound STARTTLS with tls.key; rebuilt hourly so session-ticket keys rotate.
         self.tls_server: RotatingContext | None = None

@@ -39,7 +39,7 @@ from .outbound import OutboundUpgrade
 from .policy import Action, Plan, plan
 from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
-from .smtp import Result, reason_label
+from .smtp import Result, Upgrade, mta_starttls, reason_label
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -368,6 +368,9 @@ class Session:
             if isinstance(self.upgrade, OutboundUpgrade):
                 self.upgrade.remember()
             machine = self.upgrade.machine
+            if isinstance(machine, Upgrade) and (handling := mta_starttls(machine)):
+                fields["mta_starttls"] = handling
+                m.child(m.mta_starttls, handling).inc()
             if machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value
                 label = reason_label(machine.result, machine.reason)

@@ -5,7 +5,17 @@ Theory of operation.  The MTA's session runs as usual: the peer's banner and the
 EHLO/HELO and its reply pass through unchanged.  The first other command the MTA sends is
 the decision point:
 
-* STARTTLS: the MTA encrypts itself; the gateway steps aside (end-to-end TLS).
+* STARTTLS: the MTA encrypts itself.  Its TLS is as good as the gateway's only where the
+  plan neither authenticates the peer nor requires TLS: there the gateway steps aside
+  (end-to-end TLS).  Where the plan fails closed (DANE, a pin, ``encrypt``, or a doubt to
+  defer on) an MTA's unverified opportunistic TLS would bypass the protection, so the
+  gateway takes it over (``mta_starttls: terminate``): it does the verified upgrade with
+  the peer first, then answers the MTA's STARTTLS itself and terminates its TLS with a local
+  key; the MTA greets again over TLS, the peer sees that greeting over the verified TLS.
+  With ``mta_starttls: hide`` the EHLO reply the MTA sees has no STARTTLS where the plan
+  fails closed (the reply waits for the plan), so the MTA goes on in plaintext on the local
+  hop and is upgraded as below.  ``step-aside`` (an MTA that verifies on its own) always
+  leaves its STARTTLS alone.
 * QUIT: nothing to protect; relay.
 * anything else: the MTA goes on without TLS.  The gateway *holds* everything the MTA sends
   from here (pipelined commands included), asks for the plan, and -- when the plan wants TLS --
@@ -37,11 +47,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .config import MtaStartTls
 from .policy import Action, Plan
 
 MAX_LINE = 4096  # RFC 5321 says 512 for replies and commands; be lenient, but bounded
 MAX_REPLY_LINES = 200
 MAX_HELD = 64 * 1024  # commands held during the upgrade (no message content can be held)
+STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"  # the gateway's own, to a STARTTLS
 
 # Extensions whose absence after TLS would make the MTA's commands fail (5xx: a bounce):
 # the MTA decided on them from the capabilities it was shown before TLS.
@@ -165,6 +177,12 @@ class StartTls:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTlsMta:
+    """Reply already queued (220): pause reading the MTA, terminate its TLS with the local
+    key (server side), then feed ``mta_tls_done``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Reconnect:
     """Opportunistic fallback: drop this peer connection, open a new plaintext one, feed
     ``reconnected``, then its bytes as ``peer_data``."""
@@ -188,8 +206,8 @@ class Defer:
     reason: str
 
 
-Command = (SendPeer | SendClient | NeedPlan | StartTls | Reconnect | Relay | Defer
-           | ShutdownPeer | ShutdownClient)
+Command = (SendPeer | SendClient | NeedPlan | StartTls | StartTlsMta | Reconnect | Relay
+           | Defer | ShutdownPeer | ShutdownClient)
 
 
 class Result(Enum):
@@ -218,11 +236,14 @@ class S(Enum):
     BANNER = "banner"  # waiting for the peer's greeting
     GREETING = "greeting"  # waiting for the MTA's next command
     GREET_REPLY = "greet_reply"  # the MTA's EHLO/HELO went to the peer
+    GREET_PLAN = "greet_plan"  # hide: the EHLO reply waits for the plan
     PLAN = "plan"  # holding; discovery still running
+    TAKEOVER_PLAN = "takeover_plan"  # the MTA's STARTTLS waits for the plan
     PROBE = "probe"  # our own EHLO (the MTA said HELO) to learn capabilities
     STARTTLS = "starttls"  # our STARTTLS sent
     HANDSHAKE = "handshake"  # the shell does TLS
     REGREET = "regreet"  # the MTA's greeting again, over TLS
+    MTA_HANDSHAKE = "mta_handshake"  # take-over: the shell terminates the MTA's TLS
     FB_BANNER = "fb_banner"  # fallback connection: its banner
     FB_GREET = "fb_greet"  # fallback connection: the MTA's greeting replayed
     DONE = "done"
@@ -233,11 +254,14 @@ _STATES: dict[S, str] = {
     S.BANNER: "peer reply",
     S.GREETING: "client command",
     S.GREET_REPLY: "peer reply",
+    S.GREET_PLAN: "plan_ready",
     S.PLAN: "plan_ready",
+    S.TAKEOVER_PLAN: "plan_ready",
     S.PROBE: "peer reply",
     S.STARTTLS: "peer reply",
     S.HANDSHAKE: "tls_done",
     S.REGREET: "peer reply",
+    S.MTA_HANDSHAKE: "mta_tls_done",
     S.FB_BANNER: "peer reply (after reconnected)",
     S.FB_GREET: "peer reply",
     S.DONE: "nothing: bytes are relayed by the shell",
@@ -248,6 +272,7 @@ _STATES: dict[S, str] = {
 class Upgrade:
     """The outbound upgrade machine for one session."""
 
+    mta_starttls: MtaStartTls = MtaStartTls.TERMINATE
     state: S = S.BANNER
     plan: Plan | None = None
     result: Result = Result.PENDING
@@ -262,10 +287,17 @@ class Upgrade:
     _pending_greeting: bytes | None = None
     _fallback: bool = False
     client_eof: bool = False  # the MTA closed its sending side
+    takeover: bool = False  # the MTA's STARTTLS is answered by the gateway
+    hidden: bool = False  # STARTTLS was withdrawn from the EHLO reply the MTA saw
+    _held_reply: Reply | None = None  # hide: the EHLO reply waiting for the plan
 
     # -- events -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> list[Command]:
-        if self.state in (S.BANNER, S.GREETING, S.GREET_REPLY):
+        if self.takeover and self.state is not S.DONE:
+            # Nothing may follow the MTA's STARTTLS before its handshake (A4): it would be
+            # read as plaintext, or as the start of its TLS.
+            return self._defer("4.7.0", "data pipelined after STARTTLS")
+        if self.state in (S.BANNER, S.GREETING, S.GREET_REPLY, S.GREET_PLAN):
             # Commands are read one at a time, after the reply they follow (a client that
             # speaks early is answered in order, as a server would).
             self._client += data
@@ -286,14 +318,14 @@ class Upgrade:
             # or right after the 220, in plaintext (A4).
             return self._defer("4.7.0", "data injected after STARTTLS reply")
         self._peer.feed(data)
-        if self.state in (S.DONE, S.PLAN):
+        if self.state in (S.DONE, *_WAITING):
             if len(self._peer.buffer) > MAX_HELD:  # a peer talking while we wait (A5)
                 return self._defer("4.3.0", "peer sent too much unasked")
             return []  # unsolicited: kept in order for the next reply or the handoff
         out: list[Command] = []
         try:
             # In PLAN the peer's replies wait, as they do when they arrive there.
-            while not self._at(S.DONE, S.HANDSHAKE, S.PLAN) and (r := self._peer.next()):
+            while not self._at(S.DONE, S.HANDSHAKE, *_WAITING) and (r := self._peer.next()):
                 out += self._on_reply(r)
                 if self._at(S.HANDSHAKE) and self._peer.buffer:
                     # A4: bytes after the 220 to STARTTLS, before the handshake: injected.
@@ -302,7 +334,7 @@ class Upgrade:
         except ProtocolError as exc:
             return out + self._defer("4.4.2" if self.state is S.BANNER else "4.7.0",
                                      f"peer protocol error: {exc}")
-        if self._at(S.PLAN) and len(self._peer.buffer) > MAX_HELD:
+        if self._at(*_WAITING) and len(self._peer.buffer) > MAX_HELD:
             return out + self._defer("4.3.0", "peer sent too much unasked")
         return out
 
@@ -328,6 +360,10 @@ class Upgrade:
         return self.state in states
 
     def plan_ready(self, plan: Plan) -> list[Command]:
+        if self.state is S.GREET_PLAN:
+            return self._greet_planned(plan)
+        if self.state is S.TAKEOVER_PLAN:
+            return self._takeover_planned(plan)
         assert self.state is S.PLAN, self.state
         self.plan = plan
         if plan.action is Action.PASSTHROUGH:
@@ -352,10 +388,25 @@ class Upgrade:
                 return self._reconnect(f"TLS failed: {reason}")
             return self._defer(code, f"TLS to peer failed: {reason}")
         self.result, self.reason = result, reason
+        if self.takeover:
+            # The peer is verified: now the MTA's STARTTLS gets its 220, and the MTA greets
+            # again over TLS, which the peer (over its TLS) expects anyway.
+            self.state = S.MTA_HANDSHAKE
+            return [SendClient(STARTTLS_READY), StartTlsMta()]
         if self.greeting is None:
             return self._relay(result, reason)
         self.state = S.REGREET
         return [SendPeer(self.greeting)]
+
+    def mta_tls_done(self, ok: bool, reason: str) -> list[Command]:
+        """The shell's outcome of terminating the MTA's TLS (take-over)."""
+        assert self.state is S.MTA_HANDSHAKE, self.state
+        if not ok:
+            # Nothing can be said on a broken TLS layer: a close, and the MTA retries.
+            self.state, self.result = S.DONE, Result.DEFERRED
+            self.reason = f"the MTA's TLS with the gateway failed: {reason}"
+            return [Defer(b"", self.reason)]
+        return self._relay(self.result, self.reason)
 
     def reconnect_failed(self, why: str) -> list[Command]:
         """The fallback connection could not be made."""
@@ -387,6 +438,11 @@ class Upgrade:
             # The decision point: this line and everything after it.
             rest = bytes(self._client)
             self._client.clear()
+            if verb == b"STARTTLS" and self.mta_starttls is not MtaStartTls.STEP_ASIDE:
+                # Whether its own TLS is good enough depends on the plan.
+                self.held += rest
+                self.state = S.TAKEOVER_PLAN
+                return [*out, NeedPlan()]
             if verb in (b"STARTTLS", b"QUIT"):
                 why = "the MTA does TLS itself" if verb == b"STARTTLS" else "QUIT"
                 result = Result.END_TO_END if verb == b"STARTTLS" else Result.PASSTHROUGH
@@ -432,6 +488,11 @@ class Upgrade:
                 self.greeting, self.greet_verb = line, verb
                 if verb == "EHLO":
                     self.shown = self.peer_caps = capabilities(r)
+                    if self.mta_starttls is MtaStartTls.HIDE and "STARTTLS" in self.shown:
+                        # Whether the MTA may see STARTTLS depends on the plan.
+                        self._held_reply = r
+                        self.state = S.GREET_PLAN
+                        return [NeedPlan()]
                 else:
                     self.shown = {}
             self.state = S.GREETING
@@ -473,6 +534,30 @@ class Upgrade:
         raise ProtocolError(f"unexpected reply {r.code} in state {st.value}")
 
     # -- decisions ----------------------------------------------------------------------
+    def _greet_planned(self, plan: Plan) -> list[Command]:
+        """hide: the EHLO reply, without STARTTLS where the plan fails closed."""
+        reply, self._held_reply = self._held_reply, None
+        assert reply is not None
+        self.state = S.GREETING
+        if plan.fails_closed:
+            self.hidden = True
+            self.shown = {k: v for k, v in self.shown.items() if k != "STARTTLS"}
+            return [SendClient(edit_ehlo(reply, starttls=False)), *self._client_commands()]
+        return [SendClient(reply.raw), *self._client_commands()]
+
+    def _takeover_planned(self, plan: Plan) -> list[Command]:
+        """The MTA said STARTTLS: step aside, or take it over where the plan fails closed."""
+        self.plan = plan
+        if not plan.fails_closed:
+            return self._relay(Result.END_TO_END, "the MTA does TLS itself")
+        if plan.action is Action.DEFER:
+            return self._defer("4.7.5", plan.reason)
+        if bytes(self.held).count(b"\n") != 1 or not self.held.endswith(b"\n"):
+            return self._defer("4.7.0", "data pipelined after STARTTLS")  # A4
+        self.held.clear()
+        self.takeover = True
+        return self._try_starttls()
+
     def _try_starttls(self) -> list[Command]:
         if "STARTTLS" not in self.peer_caps:
             return self._no_tls("peer does not offer STARTTLS")
@@ -525,6 +610,22 @@ class Upgrade:
         return [Defer(defer_reply(code, why), why)]
 
 
+def mta_starttls(machine: Upgrade) -> str:
+    """What became of the MTA's own STARTTLS, for the session line and the metric ("" when
+    the MTA never used or saw one)."""
+    if machine.takeover and machine.result in ENCRYPTED and machine.state is S.DONE:
+        return "terminated"
+    if machine.hidden:
+        return "hidden"
+    if machine.result is Result.END_TO_END:
+        return "stepped_aside"
+    return ""
+
+
+# States in which the peer's replies wait (the machine waits for the shell).
+_WAITING = (S.PLAN, S.GREET_PLAN, S.TAKEOVER_PLAN, S.MTA_HANDSHAKE)
+
+
 def reason_label(result: Result, reason: str) -> str:
     """A closed vocabulary for metrics from the free-text reason (logs keep the text)."""
     if result in ENCRYPTED or result is Result.END_TO_END:
@@ -543,7 +644,6 @@ def reason_label(result: Result, reason: str) -> str:
 
 # -- inbound: STARTTLS offload for a legacy receiving MTA -------------------------------------
 
-STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
 MTA_UNASKED = "MTA sent a reply nobody asked for"
 
 

@@ -32,6 +32,7 @@ from gateway.smtp import (
     SendClient,
     SendPeer,
     StartTls,
+    StartTlsMta,
     StartTlsServer,
     Upgrade,
     verb,
@@ -99,7 +100,7 @@ def upgrade_run(script: Sequence[tuple[str, bytes]], chop: Cutter, plan: Plan,
             assert end is None, f"{c} after {end}"
             if isinstance(c, Relay | Defer):
                 end = c
-            elif isinstance(c, NeedPlan | StartTls | Reconnect):
+            elif isinstance(c, NeedPlan | StartTls | StartTlsMta | Reconnect):
                 wants.add(type(c))
 
     for side, data in script:
@@ -118,6 +119,10 @@ def upgrade_run(script: Sequence[tuple[str, bytes]], chop: Cutter, plan: Plan,
             elif NeedPlan in wants:
                 wants.discard(NeedPlan)
                 carry_out(m.plan_ready(plan))
+            elif StartTlsMta in wants:
+                # The MTA's own TLS, terminated by the shell (take-over): it succeeds.
+                wants.discard(StartTlsMta)
+                carry_out(m.mta_tls_done(True, ""))
             else:
                 wants.discard(StartTls)
                 ok, result, reason = tls
@@ -176,7 +181,7 @@ def a4_normalized(log: list[object]) -> list[object]:
     for c in log:
         if isinstance(c, Defer | Reject) and (
                 "injected" in c.reason or "pipelined" in c.reason or c.reason == UNASKED):
-            while out and (isinstance(out[-1], StartTls | StartTlsServer)
+            while out and (isinstance(out[-1], StartTls | StartTlsServer | StartTlsMta)
                            or out[-1] == SendClient(STARTTLS_READY)):
                 out.pop()
             out.append(A4_ABORT)

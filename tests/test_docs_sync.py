@@ -35,7 +35,7 @@ DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 
 SAMPLE_CONFIG = """
 listeners:
-  - {address: 127.0.0.1, port: 10025}
+  - {address: 127.0.0.1, port: 10025, verifying_mtas: [192.0.2.10]}
   - {address: 127.0.0.1, port: 10026, direction: inbound, starttls: passthrough,
      upstreams: ["127.0.0.1:2525"]}
 dns:

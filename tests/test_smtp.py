@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Level
+from gateway.config import Level, MtaStartTls
 from gateway.policy import Action, Auth, Plan
 from gateway.smtp import (
+    STARTTLS_READY,
     Command,
     Defer,
     NeedPlan,
@@ -26,6 +27,7 @@ from gateway.smtp import (
     ShutdownClient,
     ShutdownPeer,
     StartTls,
+    StartTlsMta,
     Upgrade,
     capabilities,
     lost_capabilities,
@@ -49,8 +51,9 @@ PASS = Plan(Action.PASSTHROUGH, Auth.NONE, Level.NONE, "none")
 DEFER_PLAN = Plan(Action.DEFER, Auth.NONE, Level.DANE, "cannot trust DNS: TLSA is bogus")
 
 
-def play(script: list[tuple[Any, ...]], size: int) -> tuple[Upgrade, list[Command]]:
-    m = Upgrade()
+def play(script: list[tuple[Any, ...]], size: int,
+         mode: MtaStartTls = MtaStartTls.TERMINATE) -> tuple[Upgrade, list[Command]]:
+    m = Upgrade(mode)
     out: list[Command] = []
     for event, *args in script:
         if event in ("peer", "client"):
@@ -64,6 +67,8 @@ def play(script: list[tuple[Any, ...]], size: int) -> tuple[Upgrade, list[Comman
             out += m.tls_done(*args)
         elif event == "reconnected":
             out += m.reconnected()
+        elif event == "mta_tls":
+            out += m.mta_tls_done(*args)
         elif event == "client_eof":
             out += m.client_closed()
         elif event == "peer_eof":
@@ -71,8 +76,9 @@ def play(script: list[tuple[Any, ...]], size: int) -> tuple[Upgrade, list[Comman
     return m, out
 
 
-def same_at_all_sizes(script: list[tuple[Any, ...]]) -> tuple[Upgrade, list[Command]]:
-    results = [play(script, n) for n in SIZES]
+def same_at_all_sizes(script: list[tuple[Any, ...]],
+                      mode: MtaStartTls = MtaStartTls.TERMINATE) -> tuple[Upgrade, list[Command]]:
+    results = [play(script, n, mode) for n in SIZES]
     first = results[0][1]
     for n, (_, out) in zip(SIZES, results, strict=True):
         assert out == first, f"read size {n}"
@@ -206,10 +212,88 @@ def test_ehlo_refused_then_helo() -> None:
     assert out[-1] == Relay(ENVELOPE, b"")
 
 
-def test_the_mta_doing_starttls_itself_is_left_alone() -> None:
+def test_the_mta_doing_starttls_itself_is_left_alone_where_the_plan_is_opportunistic() -> None:
+    """Toward a peer the gateway cannot authenticate either, the MTA's TLS is as good as
+    the gateway's: it steps aside."""
     m, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
-                                ("client", b"STARTTLS\r\n")])
+                                ("client", b"STARTTLS\r\n"), ("plan", TRY)])
+    assert out[-2:] == [NeedPlan(), Relay(b"STARTTLS\r\n", b"")]
+    assert m.result is Result.END_TO_END
+
+
+def test_an_mta_that_verifies_on_its_own_is_always_left_alone() -> None:
+    """step-aside (verifying_mtas): no plan is waited for; its TLS is its own business."""
+    m, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("client", b"STARTTLS\r\n")], MtaStartTls.STEP_ASIDE)
     assert out[-1] == Relay(b"STARTTLS\r\n", b"") and m.result is Result.END_TO_END
+    assert NeedPlan() not in out
+
+
+TAKEOVER = [("peer", BANNER), ("client", EHLO), ("peer", CAPS), ("client", b"STARTTLS\r\n"),
+            ("plan", REQ_DANE), ("peer", b"220 2.0.0 go ahead\r\n")]
+
+
+def test_terminate_takes_over_the_mtas_starttls_toward_a_dane_peer() -> None:
+    """Issue: an MTA at Postfix's default ``may`` sent STARTTLS and the gateway stepped
+    aside from a DANE peer.  Now the peer is verified first, then the MTA gets its 220 from
+    the gateway and its TLS is terminated locally; its EHLO over TLS goes to the peer."""
+    m, out = same_at_all_sizes([*TAKEOVER, ("tls", True, Result.DANE, "dane-ee match"),
+                                ("mta_tls", True, "")])
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(CAPS), NeedPlan(),
+                   SendPeer(b"STARTTLS\r\n"), StartTls(),
+                   SendClient(STARTTLS_READY), StartTlsMta(), Relay(b"", b"")]
+    assert (m.result, m.takeover) == (Result.DANE, True)
+
+
+def test_terminate_defers_when_the_peer_fails_verification() -> None:
+    """The attacker's certificate: the MTA's STARTTLS gets a 421 (it keeps the mail), and
+    nothing of the MTA's reaches anyone."""
+    m, out = same_at_all_sizes([*TAKEOVER, ("tls", False, Result.DEFERRED,
+                                            "no matching record")])
+    assert out[-1] == Defer(b"421 4.7.5 smtpgate: TLS to peer failed: no matching record\r\n",
+                            "TLS to peer failed: no matching record")
+    assert StartTlsMta() not in out and m.result is Result.DEFERRED
+
+
+@pytest.mark.parametrize("after", [b"EHLO x\r\n", b"\x16\x03\x01"])
+def test_bytes_after_the_mtas_starttls_are_never_taken(after: bytes) -> None:
+    """Pipelined behind STARTTLS (or a ClientHello before the 220): A4, both sides."""
+    _, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("client", b"STARTTLS\r\n" + after), ("plan", REQ_DANE)])
+    assert out[-1] == Defer(b"421 4.7.0 smtpgate: data pipelined after STARTTLS\r\n",
+                            "data pipelined after STARTTLS")
+    _, out = same_at_all_sizes([*TAKEOVER[:5], ("client", after)])
+    assert isinstance(out[-1], Defer) and b"pipelined after STARTTLS" in out[-1].reply
+
+
+def test_a_failed_local_handshake_closes_without_a_word() -> None:
+    m, out = same_at_all_sizes([*TAKEOVER, ("tls", True, Result.DANE, "ok"),
+                                ("mta_tls", False, "SSLError")])
+    assert out[-1] == Defer(b"", "the MTA's TLS with the gateway failed: SSLError")
+    assert m.result is Result.DEFERRED
+
+
+def test_doubt_at_the_mtas_starttls_defers() -> None:
+    _, out = same_at_all_sizes([*TAKEOVER[:4], ("plan", DEFER_PLAN)])
+    assert isinstance(out[-1], Defer) and out[-1].reply.startswith(b"421 4.7.5 ")
+
+
+def test_hide_withdraws_starttls_where_the_plan_fails_closed() -> None:
+    """hide: the EHLO reply waits for the plan; toward a DANE peer the MTA never sees
+    STARTTLS and is upgraded like a legacy MTA."""
+    m, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("plan", REQ_DANE), ("client", ENVELOPE), ("plan", REQ_DANE),
+                                ("peer", b"220 go\r\n"), ("tls", True, Result.DANE, "ok"),
+                                ("peer", CAPS_TLS)], MtaStartTls.HIDE)
+    shown = CAPS.replace(b"250-STARTTLS\r\n", b"")
+    assert out[:4] == [SendClient(BANNER), SendPeer(EHLO), NeedPlan(), SendClient(shown)]
+    assert out[-1] == Relay(ENVELOPE, b"") and (m.hidden, m.result) == (True, Result.DANE)
+
+
+def test_hide_shows_starttls_where_the_plan_is_opportunistic() -> None:
+    m, out = same_at_all_sizes([("peer", BANNER), ("client", EHLO), ("peer", CAPS),
+                                ("plan", TRY)], MtaStartTls.HIDE)
+    assert out[-1] == SendClient(CAPS) and not m.hidden
 
 
 def test_plan_passthrough_and_defer() -> None:
