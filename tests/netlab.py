@@ -247,11 +247,15 @@ class Netns:
         """A socket living in this namespace, usable from any thread or event loop."""
         return self.call(lambda: Socket(family, type, proto))
 
-    def connect(self, host: str, port: int, timeout: float = 5.0) -> Socket:
-        """A TCP connection made from inside the namespace (blocking socket returned)."""
+    def connect(self, host: str, port: int, timeout: float = 5.0,
+                source: str | None = None) -> Socket:
+        """A TCP connection made from inside the namespace (blocking socket returned),
+        from ``source`` when given (one of the namespace's addresses)."""
         sock = self.socket(_family(host))
         sock.settimeout(timeout)
         try:
+            if source is not None:
+                sock.bind((source, 0))
             sock.connect((host, port))
         except BaseException:
             sock.close()

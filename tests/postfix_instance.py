@@ -552,15 +552,19 @@ class SmtpSink:
         """Dumps of completed transactions. smtp-sink creates the file at MAIL FROM,
         closes it when "." arrives (before replying) and deletes it if the transaction
         is aborted, so the files it still holds open are transactions in progress."""
-        in_progress: set[str] = set()
+        # By inode, not by the link's text: the text is the path as seen from smtp-sink's
+        # root, which differs from ours under a chroot (scripts/fresh-check).
+        in_progress: set[tuple[int, int]] = set()
         if self.proc is not None and self.proc.poll() is None:
             fd_dir = Path(f"/proc/{self.proc.pid}/fd")
             with contextlib.suppress(FileNotFoundError):
                 for fd in fd_dir.iterdir():
                     with contextlib.suppress(FileNotFoundError):
-                        in_progress.add(os.readlink(fd))
+                        st = fd.stat()
+                        in_progress.add((st.st_dev, st.st_ino))
         return sorted(
-            p for p in self.dump_dir.iterdir() if p.is_file() and str(p) not in in_progress
+            p for p in self.dump_dir.iterdir()
+            if p.is_file() and (p.stat().st_dev, p.stat().st_ino) not in in_progress
         )
 
     def count(self) -> int:

@@ -303,5 +303,25 @@ def test_unreachable_and_silent_peers_are_bounded_and_not_a_deferral(world: Worl
 def test_no_connect_prints_only_discovery_and_the_plan(world: World) -> None:
     r = smtpgate_check(world, "--no-connect", "mx.b.test")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines()[-1].startswith("  plan: TLS required, authenticate by DANE")
+    *_, plan_line, mta_line = r.stdout.splitlines()
+    assert plan_line.startswith("  plan: TLS required, authenticate by DANE")
+    assert mta_line == ("  an MTA doing STARTTLS itself: taken over (terminate): the gateway "
+                        "verifies the peer, then answers the MTA's STARTTLS with its local key")
     assert "connect" not in r.stdout and "result:" not in r.stdout
+
+
+def test_check_says_which_mta_keeps_its_own_starttls(world: World, tmp_path: Path) -> None:
+    """``--mta``: an MTA in verifying_mtas keeps its STARTTLS; toward an opportunistic peer
+    every MTA does."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listeners: [{address: 0.0.0.0, port: 10025, mta_starttls: hide, "
+                   "verifying_mtas: [192.0.2.10]}]\n")
+    lines = {}
+    for mta, dest in (("192.0.2.10", "mx.b.test"), ("192.0.2.11", "mx.b.test"),
+                      ("192.0.2.11", "mx.nodane.test")):
+        r = smtpgate_check(world, "--no-connect", "-c", str(cfg), "--mta", mta, dest)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines[mta, dest] = r.stdout.splitlines()[-1]
+    assert "left alone (step-aside: it verifies on its own)" in lines["192.0.2.10", "mx.b.test"]
+    assert "withdrawn from the EHLO reply it sees (hide)" in lines["192.0.2.11", "mx.b.test"]
+    assert "left alone (the plan authenticates nothing" in lines["192.0.2.11", "mx.nodane.test"]

@@ -78,6 +78,7 @@ END_OF_DATA = b"\r\n.\r\n"
 BYTE_GAP = 0.001  # between the sends of a byte-by-byte delivery (TCP_NODELAY: a segment each)
 LATER = 0.05  # "later": long after the gateway took the 220 and started its handshake
 READY = b"220 2.0.0 Ready to start TLS\r\n"
+VERIFYING_MTA = "198.51.100.3"  # listed in verifying_mtas: its STARTTLS is its own
 SMTPGATE_421 = re.compile(rb"421 4\.\d\.\d+ smtpgate: [ -~]*\r\n")
 
 
@@ -605,7 +606,7 @@ class World:
 def gateway_config(fingerprint: str, key: Path, cert: Path) -> str:
     return f"""
 listeners:
-  - {{address: 0.0.0.0, port: 10025}}
+  - {{address: 0.0.0.0, port: 10025, verifying_mtas: [{VERIFYING_MTA}]}}
   - {{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, starttls: offload,
       client_address: none, upstreams: ["{MTA_V4}:25"]}}
 upstream: {{mark: 0x2525}}
@@ -633,6 +634,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with contextlib.ExitStack() as stack:
         lab = stack.enter_context(Lab())
         lab.peer.ip("addr", "add", f"{MAY_PEER}/24", "dev", netlab.HOST_IF)
+        lab.mta.ip("addr", "add", f"{VERIFYING_MTA}/24", "dev", netlab.HOST_IF)
         lab.redirect_port25(10025)
         for v6 in (False, True):
             lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", GW_PEER_IF, "-p", "tcp",
@@ -1006,12 +1008,13 @@ def unasked_trial(w: World, mode: str) -> tuple[list[str], str]:
 
 
 def e2e_trial(w: World, commands: bytes, response: bytes, mode: str) -> tuple[list[str], str]:
-    """The MTA does STARTTLS itself (pipelining ``commands`` behind it, as ``mode``); the
-    peer answers 220 (with ``response`` behind it, as ``mode``).  The gateway must step
-    aside: every byte copied unchanged both ways, nothing of its own."""
+    """An MTA listed in ``verifying_mtas`` does STARTTLS itself (pipelining ``commands``
+    behind it, as ``mode``); the peer answers 220 (with ``response`` behind it, as
+    ``mode``).  The gateway must step aside: every byte copied unchanged both ways, nothing
+    of its own."""
     server = w.peers[PEER_V4]
     mark = server.arm(Script(context=w.peer_ctx, inject=response, mode=mode))
-    c = Wire(w.lab.mta.connect(PEER_V4, 25))
+    c = Wire(w.lab.mta.connect(PEER_V4, 25, source=VERIFYING_MTA))
     try:
         c.reply()
         c.send(EHLO_LINE)
@@ -1034,6 +1037,33 @@ def e2e_trial(w: World, commands: bytes, response: bytes, mode: str) -> tuple[li
         problems.append(f"the session says {s['outcome']} / {outcome_of(s)}")
     if not commands and not response and not (c.secure and p.contents == [MESSAGE]):
         problems.append("the end-to-end control did not deliver over TLS")
+    return problems, outcome_of(s)
+
+
+def takeover_trial(w: World, commands: bytes, mode: str) -> tuple[list[str], str]:
+    """Any other MTA's own STARTTLS toward this ``encrypt`` peer is taken over: commands it
+    pipelines behind STARTTLS (as ``mode``) are never sent anywhere, the MTA gets a 421."""
+    server = w.peers[PEER_V4]
+    mark = server.arm(Script(context=w.peer_ctx))
+    c = Wire(w.lab.mta.connect(PEER_V4, 25))
+    reply = b""
+    try:
+        c.reply()
+        c.send(EHLO_LINE)
+        c.reply()
+        send_as(c, commands, mode, b"STARTTLS\r\n")
+        reply = c.reply() or b""
+    finally:
+        c.finish()
+    s = w.log.next(f"{PEER_V4}:25")
+    served = server.settle(mark)
+    problems = []
+    if not SMTPGATE_421.fullmatch(reply) or b"4.7.0" not in reply:
+        problems.append(f"the MTA got {reply!r}, not a 421 4.7.0")
+    if any(commands.strip() and commands in bytes(p.wire.raw_in) for p in served):
+        problems.append("the commands behind STARTTLS reached the peer")
+    if (s["outcome"], s.get("tls")) != ("deferred", "deferred"):
+        problems.append(f"the session says {s['outcome']} / {outcome_of(s)}")
     return problems, outcome_of(s)
 
 
@@ -1071,12 +1101,20 @@ def test_starttls_injection_is_never_acted_on(world: World) -> None:
             tally.record("outbound-held-commands", f"{policy}/{mode}", problems, outcome)
     assert delivered == 9, tally.acted
 
-    # 4. End to end: the MTA's own STARTTLS; the gateway steps aside.
+    # 4. End to end: a verifying MTA's own STARTTLS; the gateway steps aside.
     for mode in ("segment", "split", "bytewise"):
         for cname, commands in E2E_COMMANDS.items():
             for rname, response in E2E_RESPONSES.items():
                 problems, outcome = e2e_trial(w, commands, response, mode)
                 tally.record("end-to-end", f"{mode}/{cname}/{rname}", problems, outcome)
+
+    # 4b. Any other MTA's own STARTTLS toward a peer that requires TLS is taken over:
+    #     commands behind it are an injection (A4).
+    for mode in ("segment", "split"):
+        for cname, commands in E2E_COMMANDS.items():
+            if commands:
+                problems, outcome = takeover_trial(w, commands, mode)
+                tally.record("take-over", f"{mode}/{cname}", problems, outcome)
 
     # 5. Inbound command injection behind the client's STARTTLS.
     for mode in INBOUND_MODES:
