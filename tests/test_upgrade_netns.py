@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, netlab, postfix_instance
+from tests import certs, dnslab, exim_client, netlab, postfix_instance
 from tests.capture import Capture
 from tests.dnslab import DnsWorld
 from tests.gatewayproc import GatewayProcess
@@ -379,3 +379,36 @@ def test_a_half_closing_client_gets_every_reply_and_one_copy(
         time.sleep(0.1)
     assert mine[-1]["outcome"] == "relayed"
     assert mine[-1].get("tls") == tls
+
+
+@pytest.mark.parametrize(("host", "peer", "tls"), [
+    ("203.0.113.2", "tls", "dane"),  # the issue's case: upgraded and DANE-verified
+    ("203.0.113.7", "plain", "plaintext"),  # read by the machine and the envelope tracker
+    ("203.0.113.8", "plain", None),  # static passthrough
+])
+def test_exim_behind_the_gateway_delivers_once(world: World, host: str, peer: str,
+                                               tls: str | None) -> None:
+    """Issue: Exim (TLS avoided, so the gateway upgrades) pipelines the final dot and QUIT,
+    half-closes, and lost the 250: every message arrived twice and stayed deferred.  Real
+    Exim 4.96 here: one copy, nothing left in its queue."""
+    if (why := exim_client.exim_usable()) is not None:
+        pytest.skip(why)
+    receiver = world.tls_peer if peer == "tls" else world.plain_peer
+    seen = len(world.gw.sessions())
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    with exim_client.EximClient(world.lab.mta, host) as exim:
+        exim.send("alice@example.com", "exim@example.net",
+                  b"Subject: exim\n\n" + marker + b"\n")
+        receiver.wait_delivered(marker)
+        time.sleep(0.5)  # a second copy would be right behind the first
+        log = exim.log()
+        assert exim.queued() == "", log
+        assert " Completed" in log and "==" not in log and "defer" not in log, log
+    copies = [p for p in receiver.maildir_messages() if marker in p.read_bytes()]
+    assert len(copies) == 1
+    deadline = time.monotonic() + 10
+    while not (mine := [x for x in world.gw.sessions()[seen:]
+                        if x["destination"] == f"{host}:25"]):
+        assert time.monotonic() < deadline, world.gw.log_text()[-2000:]
+        time.sleep(0.1)
+    assert (mine[-1]["outcome"], mine[-1].get("tls")) == ("relayed", tls), mine[-1]
