@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, netlab, postfix_instance
+from tests import certs, dnslab, exim_client, netlab, postfix_instance
 from tests.capture import Capture
 from tests.dnslab import DnsWorld
 from tests.gatewayproc import GatewayProcess
@@ -288,3 +288,25 @@ def test_an_mta_that_verifies_on_its_own_is_left_alone(world: World) -> None:
         # the end (a close with the other's last record unread) is counted as it comes;
         # the delivery and the MTA's own verification above are what count.
         assert s["outcome"] in ("relayed", "upstream_reset", "client_reset"), s
+
+
+@pytest.mark.parametrize("mode", ["terminate", "hide"])
+def test_exim_at_its_default_gets_dane_through_the_gateway(world: World, mode: str) -> None:
+    """Exim tries STARTTLS by default and verifies nothing: the second unmodified MTA of
+    the issue.  Toward the DANE peer its STARTTLS is taken over; delivered once, DANE."""
+    if (why := exim_client.exim_usable()) is not None:
+        pytest.skip(why)
+    marker = f"MARKER-{uuid.uuid4().hex}".encode()
+    with gateway(world, mode) as gw, \
+            exim_client.EximClient(world.lab.mta, PEER_V4, tls=True) as exim:
+        exim.send("alice@a.test", "v4@b.test", b"Subject: exim\n\n" + marker + b"\n")
+        world.peer.wait_delivered(marker)
+        log = exim.log()
+        assert exim.queued() == "" and " Completed" in log, log
+        s = session_to(gw, f"{PEER_V4}:25", 0)
+        assert (s.get("tls"), s.get("mta_starttls"), s["outcome"]) == (
+            "dane", "terminated" if mode == "terminate" else "hidden", "relayed"), s
+        if mode == "terminate":
+            assert "X=TLS" in log, log  # Exim did its TLS, with the gateway
+    copies = [p for p in world.peer.maildir_messages() if marker in p.read_bytes()]
+    assert len(copies) == 1
