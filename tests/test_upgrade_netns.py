@@ -327,6 +327,22 @@ def test_a_deferral_closes_the_mtas_connection_at_once(world: World) -> None:
         assert time.monotonic() - t0 < 1.0
 
 
+def delivered_once(receiver: PostfixInstance, marker: bytes) -> None:
+    receiver.wait_delivered(marker)
+    time.sleep(0.5)  # a second copy would be right behind the first
+    copies = [p for p in receiver.maildir_messages() if marker in p.read_bytes()]
+    assert len(copies) == 1
+
+
+def session_since(w: World, destination: str, seen: int) -> dict[str, object]:
+    """The last session line to ``destination`` among those after the first ``seen``."""
+    deadline = time.monotonic() + 10
+    while not (mine := [x for x in w.gw.sessions()[seen:] if x["destination"] == destination]):
+        assert time.monotonic() < deadline, w.gw.log_text()[-2000:]
+        time.sleep(0.1)
+    return mine[-1]
+
+
 def half_closing_client(w: World, host: str, marker: bytes) -> bytes:
     """Exim's habit: the final dot and QUIT in one segment, then shutdown(SHUT_WR), then
     read until the gateway closes.  Returns every reply after the 354."""
@@ -368,17 +384,9 @@ def test_a_half_closing_client_gets_every_reply_and_one_copy(
         raise AssertionError(world.gw.log_text()[-1500:] + world.tls_peer.log_tail()) from exc
     assert after.startswith(b"250 2.0.0 Ok: queued"), after
     assert after.endswith(b"221 2.0.0 Bye\r\n"), after
-    receiver.wait_delivered(marker)
-    time.sleep(0.5)  # a second copy would be right behind the first
-    copies = [p for p in receiver.maildir_messages() if marker in p.read_bytes()]
-    assert len(copies) == 1
-    deadline = time.monotonic() + 10
-    while not (mine := [x for x in world.gw.sessions()[seen:]
-                        if x["destination"] == f"{host}:25"]):
-        assert time.monotonic() < deadline, world.gw.log_text()[-2000:]
-        time.sleep(0.1)
-    assert mine[-1]["outcome"] == "relayed"
-    assert mine[-1].get("tls") == tls
+    delivered_once(receiver, marker)
+    s = session_since(world, f"{host}:25", seen)
+    assert (s["outcome"], s.get("tls")) == ("relayed", tls), s
 
 
 @pytest.mark.parametrize(("host", "peer", "tls"), [
@@ -399,16 +407,9 @@ def test_exim_behind_the_gateway_delivers_once(world: World, host: str, peer: st
     with exim_client.EximClient(world.lab.mta, host) as exim:
         exim.send("alice@example.com", "exim@example.net",
                   b"Subject: exim\n\n" + marker + b"\n")
-        receiver.wait_delivered(marker)
-        time.sleep(0.5)  # a second copy would be right behind the first
+        delivered_once(receiver, marker)
         log = exim.log()
         assert exim.queued() == "", log
         assert " Completed" in log and "==" not in log and "defer" not in log, log
-    copies = [p for p in receiver.maildir_messages() if marker in p.read_bytes()]
-    assert len(copies) == 1
-    deadline = time.monotonic() + 10
-    while not (mine := [x for x in world.gw.sessions()[seen:]
-                        if x["destination"] == f"{host}:25"]):
-        assert time.monotonic() < deadline, world.gw.log_text()[-2000:]
-        time.sleep(0.1)
-    assert (mine[-1]["outcome"], mine[-1].get("tls")) == ("relayed", tls), mine[-1]
+    s = session_since(world, f"{host}:25", seen)
+    assert (s["outcome"], s.get("tls")) == ("relayed", tls), s
