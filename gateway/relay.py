@@ -246,8 +246,7 @@ class Leg(asyncio.Protocol):
                 self._handshake_failed(exc)
             else:
                 # The peer broke TLS after the handshake: no clean end, so a reset.
-                self.pump.finish(End.CLIENT_RESET if self is self.pump.client
-                                 else End.UPSTREAM_RESET)
+                self.pump.finish(self.pump.reset_by(self))
             return b""
         if out:
             t.write(out)
@@ -426,7 +425,11 @@ class Pump:
                 leg.eof = True
                 self.leg_eof(leg)
         else:
-            self.finish(End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET)
+            self.finish(self.reset_by(leg))
+
+    def reset_by(self, leg: Leg) -> End:
+        """The end of a session that ``leg``'s peer cut off."""
+        return End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET
 
     def buffered(self) -> int:
         """Bytes held in user space for both directions."""

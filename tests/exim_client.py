@@ -68,8 +68,13 @@ class EximClient:
         ]))
 
     def exim(self, *args: str, data: bytes | None = None) -> str:
+        """Runs Exim; a failure to run at all (a missing library, a config error) raises
+        with what Exim said, rather than showing up later as mail that never came."""
         cp = self.ns.run([str(EXIM), "-C", str(self.conf), *args], input=data, text=False,
                          check=False, timeout=60)
+        if cp.returncode != 0:
+            raise RuntimeError(f"exim {' '.join(args)}: exit {cp.returncode}: "
+                               f"{cp.stderr.decode(errors='replace')[-1000:]}")
         out: bytes = cp.stdout
         return out.decode(errors="replace")
 

@@ -160,36 +160,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             attacker.close()
 
 
-def may_mta(w: World, name: str) -> PostfixInstance:
-    """Debian's default: opportunistic TLS, verifying nothing."""
+def sending_mta(w: World, name: str, level: str, source: tuple[str, str],
+                transports: str, **extra: str) -> PostfixInstance:
+    """A Postfix that sends from its own addresses (``source``: the kernel could otherwise
+    pick the other MTA's) at smtp_tls_security_level ``level``."""
     settings = null_client_settings("")
     settings.update({
         "relayhost": "",
-        "smtp_tls_security_level": "may",
+        "smtp_tls_security_level": level,
         "smtp_tls_loglevel": "1",
-        # Its own addresses: the kernel could pick the verifying MTA's as the source.
-        "smtp_bind_address": netlab.MTA_V4,
-        "smtp_bind_address6": netlab.MTA_V6,
-        "transport_maps": f"inline:{{ v4@b.test=smtp:[{PEER_V4}]:25, "
-                          f"v6@b.test=smtp:[{PEER_V6}]:25 }}",
+        "smtp_bind_address": source[0],
+        "smtp_bind_address6": source[1],
+        "transport_maps": f"inline:{{ {transports} }}",
+        **extra,
     })
     return PostfixInstance(w.lab.mta, w.work, settings, name=name)
+
+
+def may_mta(w: World, name: str) -> PostfixInstance:
+    """Debian's default: opportunistic TLS, verifying nothing."""
+    return sending_mta(w, name, "may", (netlab.MTA_V4, netlab.MTA_V6),
+                       f"v4@b.test=smtp:[{PEER_V4}]:25, v6@b.test=smtp:[{PEER_V6}]:25")
 
 
 def dane_mta(w: World, name: str) -> PostfixInstance:
     """A Postfix that verifies DANE itself, from its own addresses (verifying_mtas)."""
-    settings = null_client_settings("")
-    settings.update({
-        "relayhost": "",
-        "smtp_tls_security_level": "dane",
-        "smtp_dns_support_level": "dnssec",
-        "smtp_tls_loglevel": "1",
-        "smtp_bind_address": VERIFYING_V4,
-        "smtp_bind_address6": VERIFYING_V6,
-        "transport_maps": "inline:{ v4@b.test=smtp:[mx.b.test]:25 }",
-        "smtp_address_preference": "ipv4",
-    })
-    return PostfixInstance(w.lab.mta, w.work, settings, name=name)
+    return sending_mta(w, name, "dane", (VERIFYING_V4, VERIFYING_V6),
+                       "v4@b.test=smtp:[mx.b.test]:25", smtp_dns_support_level="dnssec",
+                       smtp_address_preference="ipv4")
 
 
 def gateway(w: World, mode: str) -> GatewayProcess:
