@@ -27,10 +27,11 @@ from cryptography.x509.oid import NameOID
 
 from . import dane
 from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
+from .context import client_context
 from .discovery import discover
 from .dns import Answer, Resolver
 from .netfilter import upstream_socket
-from .outbound import client_context, presented_chain
+from .outbound import presented_chain
 from .policy import Action, Auth, Plan, plan
 from .smtp import (
     Command,

@@ -5,19 +5,18 @@ terminates TLS toward the client with the site's key, and hands over to the byte
 from __future__ import annotations
 
 import ssl
-from typing import TYPE_CHECKING
 
+from .config import Config
+from .context import Context
 from .phase import HANDSHAKE_ERRORS, TlsPhase
-from .relay import End
+from .relay import End, Pump
 from .smtp import InboundCommand, Offload, Reject, Relay, StartTlsServer
-
-if TYPE_CHECKING:
-    from .session import Session
 
 
 class InboundOffload(TlsPhase):
-    def __init__(self, session: Session, context: ssl.SSLContext) -> None:
-        super().__init__(session)
+    def __init__(self, ctx: Context, config: Config, pump: Pump,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(ctx, config, pump)
         self.context = context
         self.machine = Offload()
 
@@ -41,7 +40,7 @@ class InboundOffload(TlsPhase):
                 continue
             if isinstance(cmd, StartTlsServer):
                 self.pause(self.pump.client)
-                self.session.gw.tasks.spawn(self._handshake(), name="inbound starttls")
+                self.ctx.tasks.spawn(self._handshake(), name="inbound starttls")
             elif isinstance(cmd, Relay):
                 self.hand_over(cmd.to_peer, cmd.to_client)
             elif isinstance(cmd, Reject):

@@ -6,17 +6,18 @@ pump.  Every decision is the machine's; this module only does I/O.
 from __future__ import annotations
 
 import ssl
-from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from . import dane
-from .config import Level
+from .config import Config, Endpoint, Level, MtaStartTls
+from .context import Context, SessionCache
 from .discovery import RecipientRule, recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision
-from .relay import End, Leg
+from .relay import End, Leg, Pump
 from .smtp import (
     ENCRYPTED,
     Command,
@@ -33,46 +34,14 @@ from .smtp import (
     Upgrade,
 )
 
-if TYPE_CHECKING:
-    from .session import Session
+# What the upgrade asks of its session: the plan once known (None if discovery broke), and
+# a new connection to the same upstream ("" when made, else why not).
+WhenPlanned = Callable[[Callable[[Plan | None], None]], None]
+ConnectLeg = Callable[[Leg], Coroutine[Any, Any, str]]
 
 # When discovery itself broke (a bug, not DNS trouble): no evidence either way, and A3 says
 # doubt is a 4xx, never plaintext.
 BROKEN_DISCOVERY = Plan(Action.DEFER, Auth.NONE, Level.DANE, "internal error in discovery")
-
-
-class SessionCache:
-    """TLS sessions toward peers, keyed by what they were verified against: a session is
-    resumed only while the destination, SNI and the TLSA set (or pins) are unchanged, so a
-    key rollover in DNS forces a full handshake and a fresh verification."""
-
-    def __init__(self, size: int = 10000) -> None:
-        self.size = size
-        self._sessions: OrderedDict[tuple[object, ...], ssl.SSLSession] = OrderedDict()
-
-    @staticmethod
-    def key(destination: str, plan: Plan) -> tuple[object, ...]:
-        return (destination, plan.sni, plan.auth.value,
-                tuple(sorted(str(r) for r in plan.tlsa)), tuple(sorted(plan.fingerprints)))
-
-    def get(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
-        return self._sessions.get(key)
-
-    def put(self, key: tuple[object, ...], session: ssl.SSLSession) -> None:
-        self._sessions[key] = session
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self.size:
-            self._sessions.popitem(last=False)
-
-
-def client_context() -> ssl.SSLContext:
-    """Built once per config: TLS 1.2+, no CA verification (DANE or pins do it, or nothing
-    for opportunistic TLS, RFC 7435)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
 
 
 def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
@@ -103,10 +72,15 @@ _DER = getattr(ssl, "ENCODING_DER", 2)  # _ssl.ENCODING_DER; public in 3.13 only
 
 
 class OutboundUpgrade(TlsPhase):
-    def __init__(self, session: Session) -> None:
-        super().__init__(session)
-        assert session.client is not None
-        self.machine = Upgrade(session.listener.mta_starttls_for(session.client.host))
+    def __init__(self, ctx: Context, config: Config, pump: Pump, *, mta_starttls: MtaStartTls,
+                 destination: Endpoint, upstream: Endpoint, when_planned: WhenPlanned,
+                 connect_leg: ConnectLeg) -> None:
+        super().__init__(ctx, config, pump)
+        self.machine = Upgrade(mta_starttls)
+        self.destination = destination
+        self.upstream = upstream
+        self._when_planned = when_planned
+        self._connect_leg = connect_leg
         self._ssl_object: ssl.SSLObject | None = None
         self._cache_key: tuple[object, ...] = ()
         self.envelope: Envelope | None = None
@@ -136,17 +110,18 @@ class OutboundUpgrade(TlsPhase):
             if self.forward(cmd):
                 continue
             if isinstance(cmd, NeedPlan):
-                self.session.when_planned(self._planned)
+                self._when_planned(self._planned)
             elif isinstance(cmd, StartTls):
                 self.pause(self.pump.upstream)
-                self.session.gw.tasks.spawn(self._handshake(), name="starttls")
+                self.ctx.tasks.spawn(self._handshake(), name="starttls")
             elif isinstance(cmd, StartTlsMta):
                 # In the callback that queued the 220: the MTA's next bytes are TLS (A4).
                 self.pause(self.pump.client)
-                self.session.gw.tasks.spawn(self._mta_handshake(), name="mta starttls")
+                self.ctx.tasks.spawn(self._mta_handshake(), name="mta starttls")
             elif isinstance(cmd, Reconnect):
-                self.session.gw.tasks.spawn(self._reconnect(), name="tls fallback")
+                self.ctx.tasks.spawn(self._reconnect(), name="tls fallback")
             elif isinstance(cmd, Relay):
+                self._remember()
                 if self.machine.result is Result.END_TO_END:
                     self.hand_over(cmd.to_peer, cmd.to_client)  # encrypted: nothing to read
                 else:
@@ -164,13 +139,13 @@ class OutboundUpgrade(TlsPhase):
     async def _handshake(self) -> None:
         plan = self.machine.plan
         assert plan is not None
-        gw = self.session.gw
-        self._cache_key = SessionCache.key(str(self.session.upstream), plan)
+        ctx = self.ctx
+        self._cache_key = SessionCache.key(str(self.upstream), plan)
         self.tls["peer_name"] = plan.sni or "-"
         leg = self.pump.upstream
         try:
-            ssl_object = await self.handshake(leg, gw.tls_client, False, plan.sni,
-                                              gw.tls_sessions.get(self._cache_key))
+            ssl_object = await self.handshake(leg, ctx.tls_client, False, plan.sni,
+                                              ctx.tls_sessions.get(self._cache_key))
         except HANDSHAKE_ERRORS as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
@@ -199,7 +174,7 @@ class OutboundUpgrade(TlsPhase):
         """Take-over: the MTA's TLS, terminated with the gateway's local key."""
         leg = self.pump.client
         try:
-            ssl_object = await self.handshake(leg, self.session.gw.tls_local, True, None)
+            ssl_object = await self.handshake(leg, self.ctx.tls_local, True, None)
         except HANDSHAKE_ERRORS as exc:
             self._apply(self.machine.mta_tls_done(False, type(exc).__name__))
             return
@@ -233,7 +208,7 @@ class OutboundUpgrade(TlsPhase):
             # After the handoff the gateway has no reply of its own to give: an abnormal
             # end is a reset both ways (A1), and the reason goes to the log.
             side = "MTA" if leg is self.pump.client else "peer"
-            self.session.reason = f"{side} protocol error: {exc}"
+            self.reason = f"{side} protocol error: {exc}"
             self.pump.finish(End.ABORTED)
             return
         self._env_apply(commands)
@@ -243,30 +218,25 @@ class OutboundUpgrade(TlsPhase):
             if self.pump.done.done():
                 return
             if isinstance(cmd, CheckRecipient):
-                session = self.session
-                assert session.destination is not None
-                rule = recipient_rule_cached(session.gw.resolver, cmd.domain,
-                                             session.destination.host)
+                rule = recipient_rule_cached(self.ctx.resolver, cmd.domain,
+                                             self.destination.host)
                 if rule is not None:
                     self._decide_recipient(cmd, rule)  # answered now, in order
                 else:
-                    session.gw.tasks.spawn(self._check_recipient(cmd),
-                                           name=f"recipient {cmd.domain}")
+                    self.ctx.tasks.spawn(self._check_recipient(cmd),
+                                         name=f"recipient {cmd.domain}")
             else:
                 self.forward(cmd)
 
     async def _check_recipient(self, cmd: CheckRecipient) -> None:
-        session = self.session
-        assert session.destination is not None and self.envelope is not None
-        rule = await recipient_rule(session.gw.resolver, cmd.domain, session.destination.host,
-                                    session.config.dns.budget)
+        rule = await recipient_rule(self.ctx.resolver, cmd.domain, self.destination.host,
+                                    self.config.dns.budget)
         self._decide_recipient(cmd, rule)
 
     def _decide_recipient(self, cmd: CheckRecipient, rule: RecipientRule) -> None:
-        session = self.session
         assert self.envelope is not None
         allow, reason, label = self._satisfies(rule)
-        m = session.gw.metrics
+        m = self.ctx.metrics
         m.child(m.recipients, "allowed" if allow else "deferred", label).inc()
         if not allow:
             self.tls.setdefault("deferred_recipients", "")
@@ -277,12 +247,13 @@ class OutboundUpgrade(TlsPhase):
     def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
         encrypted = self.machine.result in ENCRYPTED
         chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
-        required = self.session.config.policy.for_recipient(rule.domain)
+        required = self.config.policy.for_recipient(rule.domain)
         return recipient_decision(rule, encrypted, chain, required)
 
-    def remember(self) -> None:
-        """At the end of a session whose upgrade succeeded: keep its TLS session (TLS 1.3
-        tickets arrive after the handshake, so not earlier)."""
+    def _remember(self) -> None:
+        """At the handoff of an upgraded session: keep its TLS session for the next one.
+        Not at the handshake: TLS 1.3 tickets come after it, and by the handoff the peer's
+        reply to EHLO over TLS (read after any ticket) has been read."""
         ssl_object = self._ssl_object
         if ssl_object is None or self.machine.result not in ENCRYPTED:
             return
@@ -290,7 +261,7 @@ class OutboundUpgrade(TlsPhase):
             return  # the stored session is still the one to offer; reading it again costs
         session = ssl_object.session
         if session is not None and (session.has_ticket or session.id):
-            self.session.gw.tls_sessions.put(self._cache_key, session)
+            self.ctx.tls_sessions.put(self._cache_key, session)
 
     @staticmethod
     def _authenticated(plan: Plan) -> Result:
@@ -311,5 +282,6 @@ class OutboundUpgrade(TlsPhase):
         new = self.pump.replace_upstream()
         # Before any byte of the new connection can arrive: its banner is the next reply.
         self._apply(self.machine.reconnected())
-        if not await self.session.connect_leg(new):
-            self._apply(self.machine.reconnect_failed(self.session.reason or "connect"))
+        failure = await self._connect_leg(new)
+        if failure:
+            self._apply(self.machine.reconnect_failed(failure))

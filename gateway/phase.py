@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import TYPE_CHECKING
 
-from .relay import Leg
+from .config import Config
+from .context import Context
+from .relay import Leg, Pump
 from .smtp import SendClient, SendPeer, ShutdownClient, ShutdownPeer
-
-if TYPE_CHECKING:
-    from .session import Session
 
 HANDSHAKE_ERRORS = (OSError, ssl.SSLError, TimeoutError, ConnectionError)
 
 
 class TlsPhase:
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.pump = session.pump
+    """Receives the process's context, the session's config snapshot and its pump; what it
+    needs of the session beyond that comes as callbacks (see the subclasses)."""
+
+    def __init__(self, ctx: Context, config: Config, pump: Pump) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.pump = pump
         self.tls: dict[str, str] = {}  # facts for the session line
-        self._loop = asyncio.get_running_loop()
+        self.reason = ""  # why the session ended abnormally, for its line
 
     def start(self) -> None:
         """Before the pump starts: bytes go to the machine until it hands over."""
@@ -88,7 +90,7 @@ class TlsPhase:
         handshake fails.  The leg then holds what it reads until ``leg.release()``: call it
         once the outcome is acted on."""
         waiter = leg.start_tls(context, server_side, server_hostname, session)
-        async with asyncio.timeout(self.session.config.timeouts.connect):
+        async with asyncio.timeout(self.config.timeouts.connect):
             await waiter
         if self.pump.done.done() or leg.tls is None:
             return None

@@ -9,7 +9,6 @@ import logging
 import resource
 import signal
 import socket
-import time
 from pathlib import Path
 
 import uvloop
@@ -17,9 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import logs
-from .config import ClientAddress, Config, ConfigError, Endpoint, IPAddress, Listener
-from .dns import Resolver
-from .keys import RotatingContext, load_keypair, local_context
+from .config import ClientAddress, Config, ConfigError, Listener
+from .context import Context
+from .keys import RotatingContext, load_keypair
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import (
@@ -29,45 +28,27 @@ from .netfilter import (
     is_local_address,
     listening_socket,
 )
-from .outbound import SessionCache, client_context
-from .policy import Plan, static_plan
 from .session import Session
 from .tasks import TaskGroup
 
 ListenerKey = tuple[object, ...]
-STATIC_PLAN_CACHE = 10_000
-LOCAL_ADDRESS_TTL = 30.0  # seconds: addresses added to or removed from the host
 
 
 class Gateway:
     def __init__(self, config: Config, metrics: Metrics,
                  metrics_socket: str | None = None) -> None:
-        self.config = config
+        self.ctx = Context(config, metrics)  # what the sessions share
         self.metrics_socket = metrics_socket  # a worker answers its supervisor here
         self.metrics = metrics
-        self.resolver = Resolver(config.dns, metrics)
-        self.tls_client = client_context()  # built once, not per session
-        # Outbound take-over of an MTA's STARTTLS: an ephemeral local key (keys.local_context).
-        self.tls_local = local_context()
-        self.tls_sessions = SessionCache()
-        # Inbound STARTTLS with tls.key; rebuilt hourly so session-ticket keys rotate.
-        self.tls_server: RotatingContext | None = None
-        self.sessions: set[Session] = set()
-        # Local addresses of our upstream sockets: a connection *from* one of these that
-        # reaches a listener is our own traffic intercepted again (A6).
-        self.own_upstreams: set[tuple[str, int]] = set()
-        self.tasks = TaskGroup()
-        # static_plan per destination address for the current config (cleared on reload):
-        # the same few MX addresses come back all day.
-        self._static_plans: dict[IPAddress, Plan | None] = {}
-        self._local: dict[IPAddress, bool] = {}
-        self._local_since = time.monotonic()
         self._servers: dict[ListenerKey, tuple[Listener, asyncio.Server]] = {}
         self._metrics_server: asyncio.Server | None = None
         self.draining = False
-        self._idle = asyncio.Event()  # set when the last session ends (drain waits on it)
         self._reloading = asyncio.Lock()  # two quick SIGHUPs must not interleave
-        metrics.track_buffered(self.buffered)
+        metrics.track_buffered(self.ctx.buffered)
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
 
     # -- listeners ---------------------------------------------------------------------
     async def _open(self, listener: Listener) -> asyncio.Server:
@@ -76,9 +57,9 @@ class Gateway:
         try:
             # The listener is looked up at accept time: a reload that only renames it keeps
             # the socket, and sessions must see the current name.
-            key = listener.key
+            key, ctx = listener.key, self.ctx
             server = await loop.create_server(
-                lambda: Session(self, self._servers[key][0] if key in self._servers
+                lambda: Session(ctx, self._servers[key][0] if key in self._servers
                                 else listener).pump.client,
                 sock=sock)
         except BaseException:
@@ -115,49 +96,13 @@ class Gateway:
         # Same socket, possibly a new name: keep the Listener object current.
         for key, lst in wanted.items():
             self._servers[key] = (lst, self._servers[key][1])
-
-    def is_gateway_endpoint(self, ep: Endpoint) -> bool:
-        """A destination that is one of our listeners: a connection that was not redirected,
-        or was redirected to a local address at our port.  Forwarding it would loop."""
-        return any(
-            ep.port == lst.port and ep.host.version == lst.address.version
-            and (ep.host == lst.address or self.is_local(ep.host))
-            for lst, _ in self._servers.values())
-
-    def static_plan(self, address: IPAddress) -> Plan | None:
-        try:
-            return self._static_plans[address]
-        except KeyError:
-            pass
-        if len(self._static_plans) >= STATIC_PLAN_CACHE:
-            self._static_plans.clear()  # bounded: traffic from many addresses cannot grow it
-        found = self._static_plans[address] = static_plan(address, self.config.policy)
-        return found
-
-    def is_local(self, address: IPAddress) -> bool:
-        """Whether this host owns ``address``; remembered for a while (a probe costs a
-        socket and a bind, and the same few addresses come back)."""
-        now = time.monotonic()
-        if now - self._local_since > LOCAL_ADDRESS_TTL or len(self._local) > 1024:
-            self._local, self._local_since = {}, now
-        found = self._local.get(address)
-        if found is None:
-            found = self._local[address] = is_local_address(address)
-        return found
-
-    def session_ended(self, session: Session) -> None:
-        self.sessions.discard(session)
-        if not self.sessions:
-            self._idle.set()
-
-    def buffered(self) -> int:
-        return sum(s.pump.buffered() for s in self.sessions)
+        self.ctx.listening = tuple(lst for lst, _ in self._servers.values())
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         check_upstream(self.config)
         warn_open_files(self.config)
-        self.tls_server = site_context(self.config)
+        self.ctx.tls_server = site_context(self.config)
         await self._apply_listeners(self.config)
         target = self.metrics_socket or self.config.metrics.listen
         if target is not None:
@@ -188,12 +133,8 @@ class Gateway:
             event(log, "reload rejected", logging.ERROR, error=str(exc))
             return False
         warn_open_files(new)
-        if new.dns != self.config.dns:
-            # The old resolver is left to finish the queries running sessions wait on.
-            self.resolver = Resolver(new.dns, self.metrics)
-        self.config = new  # sessions already running keep the config they started with
-        self._static_plans = {}
-        self.tls_server = tls_server
+        # Sessions already running keep the config they started with.
+        self.ctx.reconfigure(new, tls_server)
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
         event(log, "reloaded", source=new.source, listeners=len(new.listeners))
@@ -205,19 +146,20 @@ class Gateway:
         for _, server in self._servers.values():
             server.close()
         deadline = self.config.timeouts.drain
-        event(log, "draining", sessions=len(self.sessions), deadline=deadline)
-        self._idle.clear()
-        if self.sessions:
+        ctx = self.ctx
+        event(log, "draining", sessions=len(ctx.sessions), deadline=deadline)
+        ctx.idle.clear()
+        if ctx.sessions:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(deadline):
-                    await self._idle.wait()
-        left = list(self.sessions)
+                    await ctx.idle.wait()
+        left = list(ctx.sessions)
         for s in left:
             s.abort()
         if left:
-            await self.tasks.cancel_all()
+            await ctx.tasks.cancel_all()
             await asyncio.sleep(0)  # the pumps' done callbacks write the summaries
-        await self.resolver.close()
+        await ctx.resolver.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))

@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from . import admission
 from .config import (
@@ -22,6 +21,7 @@ from .config import (
     Listener,
     StartTls,
 )
+from .context import Context
 from .discovery import discover, discover_cached
 from .dns import Resolver
 from .inbound import InboundOffload
@@ -41,9 +41,6 @@ from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
 from .smtp import Result, Upgrade, mta_starttls, reason_label
 
-if TYPE_CHECKING:
-    from .server import Gateway
-
 
 class Session:
     __slots__ = (
@@ -55,10 +52,10 @@ class Session:
         "client",
         "client_text",
         "config",
+        "ctx",
         "destination",
         "destination_text",
         "direction",
-        "gw",
         "listener",
         "plan",
         "pump",
@@ -68,9 +65,9 @@ class Session:
         "upstream",
     )
 
-    def __init__(self, gw: Gateway, listener: Listener) -> None:
-        self.gw = gw
-        self.config: Config = gw.config  # the config at accept time, for the whole session
+    def __init__(self, ctx: Context, listener: Listener) -> None:
+        self.ctx = ctx
+        self.config: Config = ctx.config  # the config at accept time, for the whole session
         self.listener = listener
         self.direction = listener.direction
         t = self.config.timeouts
@@ -110,7 +107,7 @@ class Session:
             return
         self.client = sock_endpoint(peer)
         self.client_text = str(self.client)
-        gw = self.gw
+        ctx = self.ctx
         try:
             self.destination = original_destination(sock, self.listener.mode)
         except InterceptError as exc:
@@ -123,27 +120,27 @@ class Session:
         self.destination_text = str(self.destination)
         own_mark = self.config.upstream.mark
         client_mark = socket_mark(sock)  # the SYN's, with net.ipv4.tcp_fwmark_accept=1
-        if own_mark and client_mark != own_mark and gw.is_local(self.client.host):
+        if own_mark and client_mark != own_mark and ctx.is_local(self.client.host):
             # From this host: ask the kernel for the connecting socket's mark (another
             # worker's upstream socket is not in our own_upstreams).
             client_mark = local_socket_mark(self.client, self.destination) or client_mark
         verdict = admission.admit(
-            active=len(gw.sessions),
+            active=len(ctx.sessions),
             max_sessions=self.config.limits.max_sessions,
             direction=self.direction,
             client=self.client,
             destination=self.destination,
             own_mark=own_mark,
             client_mark=client_mark,
-            own_upstreams=gw.own_upstreams,
-            is_gateway=gw.is_gateway_endpoint,
+            own_upstreams=ctx.own_upstreams,
+            is_gateway=ctx.is_gateway_endpoint,
         )
         if verdict is not None:
             self._refuse(verdict, "")
             return
-        gw.sessions.add(self)
-        gw.metrics.child(gw.metrics.active, self.direction).inc()
-        self._task = gw.tasks.spawn(self._run(),
+        ctx.session_started(self)
+        ctx.metrics.child(ctx.metrics.active, self.direction).inc()
+        self._task = ctx.tasks.spawn(self._run(),
                                     name=f"session {self.client_text}->{self.destination_text}")
         if self.direction is Direction.OUTBOUND:
             # After the session task's first step: the upstream connect goes out before
@@ -156,12 +153,12 @@ class Session:
         if self.plan is not None or self._discovery is not None or self.pump.done.done():
             return  # planned already, or under way, or nothing left to plan for
         assert self.destination is not None
-        gw, host = self.gw, self.destination.host
-        self.plan = gw.static_plan(host)
-        if self.plan is None and (found := discover_cached(gw.resolver, host)) is not None:
+        ctx, host = self.ctx, self.destination.host
+        self.plan = ctx.static_plan(host)
+        if self.plan is None and (found := discover_cached(ctx.resolver, host)) is not None:
             self.plan = plan(host, found, self.config.policy)
         if self.plan is None:
-            self._discovery = gw.tasks.spawn(self._discover(gw.resolver),
+            self._discovery = ctx.tasks.spawn(self._discover(ctx.resolver),
                                              name=f"discover {self.destination_text}")
 
     def _refuse(self, refusal: admission.Refusal, detail: str) -> None:
@@ -200,12 +197,19 @@ class Session:
                 self._start_planning()  # normally done already, while connecting
             passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
             if self.direction is Direction.OUTBOUND and not passthrough:
-                self.upgrade = OutboundUpgrade(self)
+                assert self.client is not None and self.destination is not None \
+                    and self.upstream is not None
+                self.upgrade = OutboundUpgrade(
+                    self.ctx, self.config, self.pump,
+                    mta_starttls=self.listener.mta_starttls_for(self.client.host),
+                    destination=self.destination, upstream=self.upstream,
+                    when_planned=self.when_planned, connect_leg=self.connect_leg)
                 self.upgrade.start()
             elif (self.direction is Direction.INBOUND
                   and self.listener.starttls is StartTls.OFFLOAD
-                  and self.gw.tls_server is not None):
-                self.upgrade = InboundOffload(self, self.gw.tls_server.get())
+                  and self.ctx.tls_server is not None):
+                self.upgrade = InboundOffload(self.ctx, self.config, self.pump,
+                                              self.ctx.tls_server.get())
                 self.upgrade.start()
             self.pump.start()
         except asyncio.CancelledError:
@@ -230,8 +234,8 @@ class Session:
         if self._discovery is not None and not self._discovery.done():
             self._discovery.cancel()
         self._unregister_own()
-        self.gw.session_ended(self)
-        self.gw.metrics.child(self.gw.metrics.active, self.direction).dec()
+        self.ctx.session_ended(self)
+        self.ctx.metrics.child(self.ctx.metrics.active, self.direction).dec()
         self._summary(end)
 
     async def _connect(self) -> bool:
@@ -246,10 +250,13 @@ class Session:
         self._failure = failure
         return False
 
-    async def connect_leg(self, leg: Leg) -> bool:
-        """A new connection to the same upstream (the opportunistic fallback)."""
+    async def connect_leg(self, leg: Leg) -> str:
+        """A new connection to the same upstream (the opportunistic fallback): "" when
+        made, else why not."""
         assert self.upstream is not None
-        return not await self._connect_one(self.upstream, leg)
+        if not await self._connect_one(self.upstream, leg):
+            return ""
+        return self.reason or "connect"
 
     async def _connect_one(self, target: Endpoint, leg: Leg) -> str:
         """Connects ``leg`` to ``target``; returns "" or the failure's metric label."""
@@ -297,15 +304,15 @@ class Session:
     def _register_own(self, addr: tuple[str, int]) -> None:
         self._unregister_own()  # a fallback connection replaces the first
         self._own_addr = addr
-        self.gw.own_upstreams.add(addr)
+        self.ctx.own_upstreams.add(addr)
 
     def _unregister_own(self) -> None:
         if self._own_addr is not None:
-            self.gw.own_upstreams.discard(self._own_addr)
+            self.ctx.own_upstreams.discard(self._own_addr)
             self._own_addr = None
 
     def _connect_failed(self, target: Endpoint, reason: str, exc: BaseException) -> None:
-        self.gw.metrics.child(self.gw.metrics.connect_failures, self.direction, reason).inc()
+        self.ctx.metrics.child(self.ctx.metrics.connect_failures, self.direction, reason).inc()
         errno_ = getattr(exc, "errno", None)
         detail = os.strerror(errno_) if errno_ else "timed out" if isinstance(
             exc, TimeoutError) else type(exc).__name__
@@ -332,6 +339,9 @@ class Session:
         """Drain deadline passed: end now."""
         self.pump.finish(End.ABORTED)
 
+    def buffered(self) -> int:
+        return self.pump.buffered()
+
     # -- the one line per session ------------------------------------------------------
     def _summary(self, outcome: str) -> None:
         duration = time.monotonic() - self.started
@@ -341,7 +351,7 @@ class Session:
             # A reset after QUIT was answered (MTAs close without waiting for our close, or
             # TLS's close_notify): the session was complete.
             outcome = End.DONE.value
-        m = self.gw.metrics
+        m = self.ctx.metrics
         d = self.direction.value
         up, down = self.pump.client.bytes_in, self.pump.upstream.bytes_in
         m.child(m.sessions, d, outcome).inc()
@@ -365,8 +375,6 @@ class Session:
             fields["plan"] = self.plan.action.value
             fields["auth"] = self.plan.auth.value
         if self.upgrade is not None:
-            if isinstance(self.upgrade, OutboundUpgrade):
-                self.upgrade.remember()
             machine = self.upgrade.machine
             if isinstance(machine, Upgrade) and (handling := mta_starttls(machine)):
                 fields["mta_starttls"] = handling
@@ -378,6 +386,6 @@ class Session:
                 if label != "none" and machine.reason:
                     fields["tls_reason"] = machine.reason
             fields.update(self.upgrade.tls)
-        if self.reason:
-            fields["reason"] = self.reason
+        if reason := self.reason or (self.upgrade.reason if self.upgrade else ""):
+            fields["reason"] = reason
         event(session_log, "session", logging.INFO, **fields)

@@ -21,8 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class GatewayProcess:
     def __init__(self, ns: Netns, workdir: Path, config: str, *, port: int = 10025,
-                 host: str = "127.0.0.1", metrics_port: int = 9125) -> None:
+                 host: str = "127.0.0.1", metrics_port: int = 9125,
+                 profile: Path | None = None) -> None:
         self.ns = ns
+        # bench/run --profile: the gateway under cProfile, its stats written here at exit
+        self.profile = profile
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "smtpgate.yaml"
@@ -34,7 +37,8 @@ class GatewayProcess:
     def start(self, timeout: float = 15.0) -> GatewayProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
-            self.proc = self.ns.popen([sys.executable, "-m", "gateway", "run", "-c",
+            profiler = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+            self.proc = self.ns.popen([sys.executable, *profiler, "-m", "gateway", "run", "-c",
                                        str(self.config_path)],
                                       stdout=log, stderr=log, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout

@@ -360,8 +360,8 @@ def test_capability_parsing_and_comparison() -> None:
 
 
 def test_tls_sessions_are_keyed_by_what_they_were_verified_against() -> None:
+    from gateway.context import SessionCache
     from gateway.dane import TLSARecord
-    from gateway.outbound import SessionCache
 
     a = Plan(Action.REQUIRE_TLS, Auth.DANE, Level.DANE, "x", sni="mx.b.test",
              tlsa=(TLSARecord(3, 1, 1, b"\1" * 32),))
