@@ -40,7 +40,7 @@ def admit(*, active: int, max_sessions: int, direction: Direction, client: Endpo
     # carries our mark, or comes from one of our own upstream sockets.
     if own_mark and client_mark == own_mark:
         return Refusal.LOOP
-    if (str(client.host), client.port) in own_upstreams:
+    if (client.host_text, client.port) in own_upstreams:
         return Refusal.LOOP
     # Not redirected at all, or redirected to ourselves: forwarding would connect to us.
     if direction is Direction.OUTBOUND and is_gateway(destination):

@@ -93,11 +93,18 @@ class LogFormat(StrEnum):
 class Endpoint:
     host: IPAddress
     port: int
+    # The host's text, once: ipaddress formats an address in Python, slowly, and a session
+    # needs it several times (netfilter passes it in from a cache of recent addresses).
+    host_text: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.host_text:
+            object.__setattr__(self, "host_text", str(self.host))
 
     def __str__(self) -> str:
         if self.host.version == 6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            return f"[{self.host_text}]:{self.port}"
+        return f"{self.host_text}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

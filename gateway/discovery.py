@@ -46,21 +46,25 @@ async def _drive(resolver: Resolver, walk: Walk[T]) -> T:
         return done.value  # type: ignore[no-any-return]
 
 
-def _replay(resolver: Resolver, walk: Walk[T]) -> tuple[bool, T | None]:
+def _replay(resolver: Resolver, key: object, walk: Walk[T]) -> tuple[bool, T | None]:
     """Answers a walk from the cache alone: (True, result), or (False, None) at the first
-    question the cache cannot answer."""
+    question the cache cannot answer.  The result is remembered under ``key`` until the
+    first answer it used expires: the same walk would give the same result until then."""
     answers = 0
+    expires = float("inf")
     try:
         question = next(walk)
         while True:
-            answer = resolver.cached(*question)
-            if answer is None:
+            found = resolver.cached_until(*question)
+            if found is None:
                 walk.close()
                 return False, None
             answers += 1
-            question = walk.send(answer)
+            expires = min(expires, found[1])
+            question = walk.send(found[0])
     except StopIteration as done:
         resolver.count_hits(answers)
+        resolver.remember(key, done.value, expires, answers)
         return True, done.value
 
 
@@ -108,9 +112,16 @@ def _distrust(answer: Answer) -> bool:
 
 def discover_cached(resolver: Resolver, address: IPAddress) -> Discovery | None:
     """The discovery from cached answers only; None when one is missing."""
-    p = _Progress(address)
-    complete, _ = _replay(resolver, _discover(p))
-    return p.result() if complete else None
+    key = ("discovery", address)
+    found = resolver.recall(key)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    return _replay(resolver, key, _discovery(_Progress(address)))[1]
+
+
+def _discovery(p: _Progress) -> Walk[Discovery]:
+    yield from _discover(p)
+    return p.result()
 
 
 async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Discovery:
@@ -196,7 +207,11 @@ class RecipientRule:
 def recipient_rule_cached(resolver: Resolver, domain: str,
                           address: IPAddress) -> RecipientRule | None:
     """The rule from cached answers only; None when one is missing."""
-    return _replay(resolver, _recipient_rule(domain, address))[1]
+    key = ("recipient", domain, address)
+    found = resolver.recall(key)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    return _replay(resolver, key, _recipient_rule(domain, address))[1]
 
 
 async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,

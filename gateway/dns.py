@@ -145,6 +145,10 @@ class Resolver:
         self.clock = clock
         self.stats = CacheStats()
         self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        # Results computed from cached answers alone (a discovery, a recipient rule), until
+        # the first of those answers expires: the same few destinations come back all day,
+        # and replaying their walk costs more than the rest of planning (docs/performance.md).
+        self._memo: dict[object, tuple[object, float, int]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Task[Answer]] = {}
         self._sem = asyncio.Semaphore(config.max_queries)
         self._tasks = TaskGroup()
@@ -159,6 +163,11 @@ class Resolver:
         return min(max(answer.ttl, c.min_ttl), c.max_ttl)
 
     def cached(self, name: str, rdtype: str) -> Answer | None:
+        found = self.cached_until(name, rdtype)
+        return found[0] if found is not None else None
+
+    def cached_until(self, name: str, rdtype: str) -> tuple[Answer, float] | None:
+        """A cached answer and when it expires (``clock`` time)."""
         key = (_norm(name), rdtype)
         entry = self._cache.get(key)
         if entry is None:
@@ -166,7 +175,27 @@ class Resolver:
         if entry.expires <= self.clock():
             del self._cache[key]
             return None
-        return entry.answer
+        return entry.answer, entry.expires
+
+    def remember(self, key: object, value: object, expires: float, answers: int) -> None:
+        """``value`` was computed from ``answers`` cached answers, the first of which
+        expires at ``expires``: ``recall(key)`` gives it until then."""
+        if len(self._memo) >= self.config.cache.max_entries:
+            self._memo.clear()  # bounded; the next sessions compute their results again
+        self._memo[key] = (value, expires, answers)
+
+    def recall(self, key: object) -> object | None:
+        """What ``remember`` kept under ``key``, if none of its answers expired; counted as
+        the cache hits it stands for."""
+        found = self._memo.get(key)
+        if found is None:
+            return None
+        value, expires, answers = found
+        if expires <= self.clock():
+            del self._memo[key]
+            return None
+        self.count_hits(answers)
+        return value
 
     def count_hits(self, n: int) -> None:
         """Answers taken with ``cached`` (a discovery replayed from the cache)."""
@@ -185,6 +214,7 @@ class Resolver:
 
     def flush(self) -> None:
         self._cache.clear()
+        self._memo.clear()
 
     # -- lookups -------------------------------------------------------------------------
     async def lookup(self, name: str, rdtype: str) -> Answer:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from .config import LogFormat
 
@@ -19,15 +19,7 @@ class _JsonFormatter(logging.Formatter):
     _stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:  # one strftime per second, not per line
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                              time.gmtime(second))
-        doc: dict[str, Any] = {
-            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
+        doc = self.head(record.created, record.levelname.lower(), record.name)
         fields = getattr(record, "fields", None)
         if fields is not None:
             doc["event"] = record.getMessage()
@@ -36,7 +28,20 @@ class _JsonFormatter(logging.Formatter):
             doc["msg"] = record.getMessage()
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, separators=(",", ":"), default=str)
+        return _dumps(doc)
+
+    def head(self, created: float, level: str, logger: str) -> dict[str, Any]:
+        second = int(created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                              time.gmtime(second))
+        return {"ts": f"{self._stamp}.{int((created - second) * 1000):03d}Z",
+                "level": level, "logger": logger}
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+# The handler the session line may be written to directly (see session_line), or None.
+_direct: tuple[logging.StreamHandler[Any], _JsonFormatter] | None = None
 
 
 class _TextFormatter(logging.Formatter):
@@ -58,8 +63,31 @@ def _quote(value: object) -> str:
     return json.dumps(s) if (" " in s or '"' in s or not s) else s
 
 
+def session_line(fields: dict[str, object]) -> None:
+    """The one line per session (``event=session`` on ``smtpgate.session`` at INFO).
+
+    Once per session, so on the hot path: with the JSON format and nothing but our own
+    handler on the way, the line the formatter would make is written to the handler's
+    stream directly, without a LogRecord and the handler machinery (about a third of the
+    session line's cost, docs/performance.md).  Otherwise through ``logging``."""
+    if not session_log.isEnabledFor(logging.INFO):
+        return
+    direct = _direct
+    if direct is None or session_log.handlers or len(log.handlers) != 1:
+        session_log.log(logging.INFO, "session", extra={"fields": fields})
+        return
+    handler, formatter = direct
+    doc = formatter.head(time.time(), "info", "smtpgate.session")
+    doc["event"] = "session"
+    doc.update(fields)
+    stream = handler.stream
+    stream.write(_dumps(doc) + "\n")
+    stream.flush()
+
+
 def setup(fmt: LogFormat, level: str) -> None:
     """Idempotent: a reload may switch format or level."""
+    global _direct
     # Per record, logging would walk the stack for the caller's file and line and look up
     # thread and process names; neither formatter prints them, and the summary line is
     # written once per session (the logging HOWTO's "Optimization" section).
@@ -81,8 +109,12 @@ def setup(fmt: LogFormat, level: str) -> None:
     else:
         # Follow the current stderr (tests swap it; setStream would flush a closed one).
         handler.stream = sys.stderr  # type: ignore[attr-defined]
-    handler.setFormatter(_JsonFormatter() if fmt is LogFormat.JSON else _TextFormatter())
+    formatter = _JsonFormatter() if fmt is LogFormat.JSON else _TextFormatter()
+    handler.setFormatter(formatter)
     root.setLevel(level)
+    plain = not (handler.filters or root.filters or session_log.filters)
+    _direct = (cast("logging.StreamHandler[Any]", handler), formatter) \
+        if isinstance(formatter, _JsonFormatter) and plain else None
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO,

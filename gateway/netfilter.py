@@ -33,17 +33,35 @@ class InterceptError(Exception):
     """The connection cannot be attributed to an original destination."""
 
 
+# Recent addresses, parsed and formatted once: a session needs its client's and its
+# destination's, and the same MTAs and MX hosts come back all day.  Bounded.
+_ADDRESSES: dict[bytes | str, tuple[IPAddress, str]] = {}
+_ADDRESSES_MAX = 4096
+
+
+def _address(key: bytes | str) -> tuple[IPAddress, str]:
+    found = _ADDRESSES.get(key)
+    if found is None:
+        if len(_ADDRESSES) >= _ADDRESSES_MAX:
+            _ADDRESSES.clear()
+        ip = ipaddress.ip_address(key.split("%", 1)[0] if isinstance(key, str) else key)
+        found = _ADDRESSES[key] = (ip, str(ip))
+    return found
+
+
 def _endpoint(family: int, raw: bytes) -> Endpoint:
     if family == socket.AF_INET:
         port, packed = struct.unpack_from("!2xH4s", raw)
-        return Endpoint(ipaddress.IPv4Address(packed), port)
-    port, packed = struct.unpack_from("!2xH4x16s", raw)
-    return Endpoint(ipaddress.IPv6Address(packed), port)
+    else:
+        port, packed = struct.unpack_from("!2xH4x16s", raw)
+    ip, text = _address(packed)
+    return Endpoint(ip, port, text)
 
 
 def sock_endpoint(addr: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
     """socket-module address tuple → Endpoint (scope ids are dropped: global addresses only)."""
-    return Endpoint(ipaddress.ip_address(addr[0].split("%", 1)[0]), addr[1])
+    ip, text = _address(addr[0])
+    return Endpoint(ip, addr[1], text)
 
 
 def original_destination(sock: socket.socket, mode: InterceptMode) -> Endpoint:
@@ -154,7 +172,7 @@ async def connect(sock: socket.socket, destination: Endpoint,
     """
     loop = asyncio.get_running_loop()
     with contextlib.suppress(BlockingIOError):  # EINPROGRESS: the normal case
-        sock.connect((str(destination.host), destination.port))
+        sock.connect((destination.host_text, destination.port))
     on_bound(sock.getsockname()[:2])
     fd = sock.fileno()
     writable: asyncio.Future[None] = loop.create_future()

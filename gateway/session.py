@@ -25,7 +25,7 @@ from .context import Context
 from .discovery import discover, discover_cached
 from .dns import Resolver
 from .inbound import InboundOffload
-from .logs import event, session_log
+from .logs import event, session_line, session_log
 from .netfilter import (
     InterceptError,
     connect,
@@ -388,4 +388,4 @@ class Session:
             fields.update(self.upgrade.tls)
         if reason := self.reason or (self.upgrade.reason if self.upgrade else ""):
             fields["reason"] = reason
-        event(session_log, "session", logging.INFO, **fields)
+        session_line(fields)

@@ -89,3 +89,27 @@ def test_out_of_files_is_not_blamed_on_the_upstream() -> None:
     reply = unreachable_reply("resources: 203.0.113.2:25 (Too many open files)", "resources")
     assert reply == (b"421 4.3.2 smtpgate: out of local resources: resources: "
                      b"203.0.113.2:25 (Too many open files)\r\n")
+
+
+@pytest.mark.parametrize("text", ["203.0.113.5", "2001:db8::5", "2001:db8:0:0:1::1",
+                                  "::ffff:192.0.2.1", "fe80::1%eth0"])
+def test_endpoints_from_sockets_say_what_ipaddress_says(text: str) -> None:
+    """The address cache (netfilter) formats an address once; its text must be exactly
+    the text an Endpoint made anywhere else has, or admission's own-upstream check and
+    the log would disagree with the config."""
+    import socket
+
+    from gateway.netfilter import _endpoint, sock_endpoint
+
+    plain = text.split("%", maxsplit=1)[0]
+    made = Endpoint(ipaddress.ip_address(plain), 25)
+    for _ in range(2):  # parsed, then from the cache
+        got = sock_endpoint((text, 25) if ":" not in text else (text, 25, 0, 0))
+        assert (got, str(got), got.host_text) == (made, str(made), str(made.host))
+    family = socket.AF_INET6 if made.host.version == 6 else socket.AF_INET
+    raw = (socket.AF_INET.to_bytes(2, "little") + (25).to_bytes(2, "big") + made.host.packed
+           + bytes(8)) if family == socket.AF_INET else (
+        socket.AF_INET6.to_bytes(2, "little") + (25).to_bytes(2, "big") + bytes(4)
+        + made.host.packed + bytes(4))
+    got = _endpoint(family, raw)
+    assert (got, str(got)) == (made, str(made))

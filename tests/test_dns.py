@@ -12,10 +12,12 @@ import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdatatype
 import pytest
 import uvloop
 
 from gateway.config import DnsCache, DnsConfig, Endpoint
+from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
 from gateway.dns import Resolver, Status, classify
 from tests.fakedns import FakeDns, Reply, answer
 
@@ -269,3 +271,51 @@ def test_concurrent_queries_are_capped() -> None:
         await r.close()
 
     run(with_fake(slow, body))
+
+
+def test_a_result_from_cached_answers_lasts_until_the_first_of_them_expires() -> None:
+    """discover_cached/recipient_rule_cached remember their result (the walk is the costly
+    part of planning a session) exactly as long as every answer it was built from."""
+    now = [1000.0]
+    count = {"n": 0}
+    address = ipaddress.ip_address("203.0.113.2")
+
+    async def handler(query: dns.message.QueryMessage, transport: str) -> Reply:
+        count["n"] += 1
+        name, rdtype = query.question[0].name.to_text(), query.question[0].rdtype
+        if rdtype == dns.rdatatype.PTR:
+            return answer(query, f"{name} 100 IN PTR mx.b.test.", ad=True)
+        if rdtype == dns.rdatatype.A:
+            return answer(query, f"{name} 20 IN A 203.0.113.2", ad=True)  # the shortest
+        if rdtype == dns.rdatatype.MX:
+            return answer(query, f"{name} 100 IN MX 10 mx.b.test.", ad=True)
+        return answer(query, f"{name} 100 IN TLSA 3 1 1 {'ab' * 32}", ad=True)
+
+    async def body(fake: FakeDns) -> None:
+        r = Resolver(cfg(fake.port), clock=lambda: now[0])
+        walked = await discover(r, address, 2.0)
+        rule = await recipient_rule(r, "b.test", address, 2.0)
+        assert walked.records and rule.records  # the walk found the key both ways
+        sent, hits = count["n"], r.stats.hits
+        first = discover_cached(r, address)
+        assert first is not None and first.records == walked.records
+        assert discover_cached(r, address) is first  # remembered, not walked again
+        assert recipient_rule_cached(r, "b.test", address) == rule
+        again = recipient_rule_cached(r, "b.test", address)
+        assert again is not None and again.records == rule.records
+        assert count["n"] == sent
+        # Each call stands for the answers it used: PTR, A, TLSA; MX, A, TLSA.
+        assert r.stats.hits == hits + 4 * 3
+        now[0] += 19  # just before the A answer (TTL 20) expires
+        assert discover_cached(r, address) is first
+        now[0] += 2  # the A answer expired: nothing built from it is given out
+        assert discover_cached(r, address) is None
+        assert recipient_rule_cached(r, "b.test", address) is None
+        await discover(r, address, 2.0)  # A asked again
+        assert count["n"] == sent + 1
+        assert discover_cached(r, address) is not None
+        r.flush()
+        assert discover_cached(r, address) is None
+        await r.close()
+
+    run(with_fake(handler, body))

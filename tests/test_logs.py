@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -27,3 +28,27 @@ def test_session_line(fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> Non
     else:
         assert err[0].endswith('smtpgate.session: session client=198.51.100.2:4000 '
                                'outcome=relayed reason="two words" bytes_up=12')
+
+
+@pytest.mark.parametrize("fmt", list(LogFormat))
+def test_the_session_line_written_directly_is_the_line_logging_writes(
+        fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> None:
+    """session_line() skips the logging machinery for JSON; what it writes must not differ
+    (but for the millisecond stamp) from the line through logging, nor in text format."""
+    logs.setup(fmt, "INFO")
+    fields: dict[str, object] = {"direction": "outbound", "client": "[2001:db8::5]:4000",
+                                 "outcome": "relayed", "bytes_up": 12, "duration": 0.125,
+                                 "reason": 'a "quoted" word'}
+    logs.session_line(fields)
+    logs.event(logs.session_log, "session", logging.INFO, **fields)
+    logs.setup(fmt, "WARNING")
+    logs.session_line(fields)  # below the level: nothing
+    logs.setup(fmt, "INFO")
+    direct, through = capsys.readouterr().err.splitlines()
+    if fmt is LogFormat.JSON:
+        a, b = json.loads(direct), json.loads(through)
+        for doc in (a, b):  # the same form; the instant may differ
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc.pop("ts"))
+        assert a == b and list(a) == list(b)
+    else:
+        assert direct.split(" ", 2)[2] == through.split(" ", 2)[2]
