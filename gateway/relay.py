@@ -61,6 +61,7 @@ class Leg(asyncio.Protocol):
 
     # Slots: two legs per session, thousands of sessions held idle.
     __slots__ = (
+        "_flight",
         "_gated",
         "_handshake",
         "_paused_by_partner",
@@ -91,6 +92,7 @@ class Leg(asyncio.Protocol):
         self.tls: TlsLayer | None = None
         self._handshake: asyncio.Future[None] | None = None
         self._gated = False  # handshake done, its outcome not yet acted on
+        self._flight = b""  # the handshake's last flight, sent with the first record after it
         self._paused_by_partner = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -179,7 +181,15 @@ class Leg(asyncio.Protocol):
             if not self.tls.established:
                 return  # a failed handshake: nothing can be said on it
             data = self.tls.send(data)
+            if self._flight:
+                data, self._flight = self._flight + data, b""
         t.write(data)
+
+    def _send_flight(self) -> None:
+        t = self.transport
+        if self._flight and t is not None:
+            t.write(self._flight)
+            self._flight = b""
 
     def write_eof(self, close_notify: bool = True) -> None:
         """Half-close toward this leg's peer, after what is buffered; reading goes on.  On
@@ -189,6 +199,7 @@ class Leg(asyncio.Protocol):
         if self.wrote_eof or t is None or t.is_closing():
             return
         self.wrote_eof = True
+        self._send_flight()
         if self.tls is not None and close_notify:
             t.write(self.tls.close_notify())
         t.write_eof()
@@ -198,6 +209,7 @@ class Leg(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
+        self._send_flight()
         if self.tls is not None and not self.wrote_eof:
             t.write(self.tls.close_notify())
         t.close()
@@ -231,9 +243,18 @@ class Leg(asyncio.Protocol):
             if self._handshake is None:
                 plain, out = tls.receive(data)
             else:
-                t.write(tls.handshake(data))
+                flight = tls.handshake(data)
                 if not tls.established:
+                    t.write(flight)
                     return b""
+                # A client's last flight (TLS 1.3: its Finished) goes out with its first
+                # record, in one write and one segment: after STARTTLS the client speaks
+                # next.  A server's goes at once: a TLS 1.2 client waits for its Finished,
+                # and a client that reads its tickets before it speaks must get them.
+                if tls.obj.server_side:
+                    t.write(flight)
+                else:
+                    self._flight = flight
                 # Done: the caller acts on the outcome before any byte of the new session.
                 waiter, self._handshake = self._handshake, None
                 self._gated = True
@@ -249,6 +270,7 @@ class Leg(asyncio.Protocol):
                 self.pump.finish(self.pump.reset_by(self))
             return b""
         if out:
+            self._send_flight()
             t.write(out)
         return plain
 

@@ -207,12 +207,17 @@ def test_half_close_toward_a_tls_leg_is_close_notify_then_fin_and_reading_goes_o
             tls_server.append(server_ctx.wrap_socket(r.server, server_side=True))
 
         waiter = up.start_tls(client_ctx, False, "mx.b.test")
-        await asyncio.gather(waiter, asyncio.get_running_loop().run_in_executor(None,
-                                                                                handshake))
+        # The server's handshake ends with the client's Finished, which the gateway sends
+        # with its first record (relay.Leg._flight): here the MTA's ".".
+        handshaken = asyncio.get_running_loop().run_in_executor(None, handshake)
+        await waiter
         up.release()
-        srv = tls_server[0]
 
         def server() -> None:
+            deadline = time.monotonic() + 5
+            while not tls_server and time.monotonic() < deadline:
+                time.sleep(0.01)
+            srv = tls_server[0]
             data = b""
             while chunk := srv.recv(4096):  # b"" at the gateway's close_notify
                 data += chunk
@@ -230,11 +235,62 @@ def test_half_close_toward_a_tls_leg_is_close_notify_then_fin_and_reading_goes_o
             assert data == b"250 2.0.0 Ok: queued\r\n221 2.0.0 Bye\r\n"
 
         await in_threads(server, client, limit=10)
+        await handshaken
         assert await asyncio.wait_for(r.pump.done, 5) is End.DONE
         r.client.close()
-        srv.close()
+        tls_server[0].close()
 
     run(main())
+
+
+def test_the_clients_finished_goes_with_its_first_record(tmp_path: Path) -> None:
+    """TLS 1.3: after STARTTLS the client speaks first, so its Finished is held and goes
+    out with its first record, one write: the segment that ends the server's handshake
+    carries the command too (one wakeup and one read fewer on each side)."""
+    paths = certs.write_pki(tmp_path, certs.make_leaf(None, ["mx.b.test"]))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(paths["cert"], paths["key"])
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname, client_ctx.verify_mode = False, ssl.CERT_NONE
+    read_at_once: list[bytes] = []
+
+    async def main() -> None:
+        r = await rig()
+        up = r.pump.upstream
+        assert up.transport is not None
+        up.transport.pause_reading()  # as at STARTTLS
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+
+        def server() -> None:
+            r.server.settimeout(5)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        r.server.sendall(outgoing.read())
+                incoming.write(r.server.recv(65536))
+            try:  # nothing more read: only what came with the handshake's last segment
+                read_at_once.append(tls.read(4096))
+            except ssl.SSLWantReadError:
+                read_at_once.append(b"")
+
+        peer = threading.Thread(target=server, daemon=True)
+        peer.start()
+        await up.start_tls(client_ctx, False, "mx.b.test")
+        up.release()
+        assert up.tls is not None and up.tls.obj.version() == "TLSv1.3"
+        await asyncio.sleep(0.2)  # were the Finished sent at once, it would be read by now
+        up.write(b"EHLO gw.example\r\n")
+        await asyncio.get_running_loop().run_in_executor(None, peer.join, 5)
+        r.pump.finish(End.ABORTED)
+        r.client.close()
+        r.server.close()
+
+    run(main())
+    assert read_at_once == [b"EHLO gw.example\r\n"]
 
 
 def test_half_close_keeps_session_open_until_both_sides_end() -> None:
