@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class GatewayProcess:
     def __init__(self, ns: Netns, workdir: Path, config: str, *, port: int = 10025,
                  host: str = "127.0.0.1", metrics_port: int = 9125,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, root: Path = ROOT) -> None:
         self.ns = ns
+        self.root = root  # the source tree run (bench/run --baseline: an earlier commit's)
         # bench/run --profile: the gateway under cProfile, its stats written here at exit
         self.profile = profile
         self.workdir = workdir
@@ -35,12 +36,12 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> GatewayProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(self.root), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             profiler = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
             self.proc = self.ns.popen([sys.executable, *profiler, "-m", "gateway", "run", "-c",
                                        str(self.config_path)],
-                                      stdout=log, stderr=log, env=env, cwd=ROOT)
+                                      stdout=log, stderr=log, env=env, cwd=self.root)
         deadline = time.monotonic() + timeout
         while not any(e.get("event") == "started" for e in self.events()):
             if self.proc.poll() is not None:
