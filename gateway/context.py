@@ -71,6 +71,7 @@ class Context:
     and keeps it (a reload changes only sessions that start after it)."""
 
     def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.loop = asyncio.get_running_loop()  # built inside the process's running loop
         self.config = config
         self.metrics = metrics
         self.resolver = Resolver(config.dns, metrics)

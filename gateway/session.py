@@ -9,7 +9,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 
 from . import admission
 from .config import (
@@ -22,8 +21,6 @@ from .config import (
     StartTls,
 )
 from .context import Context
-from .discovery import discover, discover_cached
-from .dns import Resolver
 from .inbound import InboundOffload
 from .logs import event, session_line, session_log
 from .netfilter import (
@@ -36,7 +33,8 @@ from .netfilter import (
     upstream_socket,
 )
 from .outbound import OutboundUpgrade
-from .policy import Action, Plan, plan
+from .planning import Planner
+from .policy import Action, Plan
 from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
 from .smtp import Result, Upgrade, mta_starttls, reason_label
@@ -44,7 +42,6 @@ from .smtp import Result, Upgrade, mta_starttls, reason_label
 
 class Session:
     __slots__ = (
-        "_discovery",
         "_ended",
         "_failure",
         "_own_addr",
@@ -57,7 +54,7 @@ class Session:
         "destination_text",
         "direction",
         "listener",
-        "plan",
+        "planner",
         "pump",
         "reason",
         "started",
@@ -84,9 +81,8 @@ class Session:
         self.destination_text = "-"
         self._own_addr: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.plan: Plan | None = None
+        self.planner: Planner | None = None  # outbound only
         self.upgrade: OutboundUpgrade | InboundOffload | None = None
-        self._discovery: asyncio.Task[None] | None = None
         self._ended = False
         self._failure = ""  # the last connect failure's label
 
@@ -143,23 +139,18 @@ class Session:
         self._task = ctx.tasks.spawn(self._run(),
                                     name=f"session {self.client_text}->{self.destination_text}")
         if self.direction is Direction.OUTBOUND:
+            self.planner = Planner(ctx, self.config, self.destination)
             # After the session task's first step: the upstream connect goes out before
             # any planning work is done, and planning runs while the SYN is in flight.
-            asyncio.get_running_loop().call_soon(self._start_planning)
+            ctx.loop.call_soon(self._start_planning)
 
     def _start_planning(self) -> None:
-        """The plan from the config or from cached DNS answers at once; otherwise a
-        discovery task beside the connect and the peer's banner (no latency added)."""
-        if self.plan is not None or self._discovery is not None or self.pump.done.done():
-            return  # planned already, or under way, or nothing left to plan for
-        assert self.destination is not None
-        ctx, host = self.ctx, self.destination.host
-        self.plan = ctx.static_plan(host)
-        if self.plan is None and (found := discover_cached(ctx.resolver, host)) is not None:
-            self.plan = plan(host, found, self.config.policy)
-        if self.plan is None:
-            self._discovery = ctx.tasks.spawn(self._discover(ctx.resolver),
-                                             name=f"discover {self.destination_text}")
+        if self.planner is not None and not self.pump.done.done():
+            self.planner.start()  # unless nothing is left to plan for
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.planner.plan if self.planner is not None else None
 
     def _refuse(self, refusal: admission.Refusal, detail: str) -> None:
         transport = self.pump.client.transport
@@ -176,11 +167,6 @@ class Session:
         assert self.destination is not None
         return (self.destination,)
 
-    async def _discover(self, resolver: Resolver) -> None:
-        assert self.destination is not None
-        found = await discover(resolver, self.destination.host, self.config.dns.budget)
-        self.plan = plan(self.destination.host, found, self.config.policy)
-
     async def _run(self) -> None:
         """Connects and starts the pump, then returns: an idle session holds no task and
         no coroutine frame (measured: a large part of its memory); the pump's ``done``
@@ -193,17 +179,19 @@ class Session:
                 self._signal_failure()
                 self._end("upstream_failed")
                 return
-            if self.direction is Direction.OUTBOUND:
-                self._start_planning()  # normally done already, while connecting
-            passthrough = self.plan is not None and self.plan.action is Action.PASSTHROUGH
-            if self.direction is Direction.OUTBOUND and not passthrough:
+            planner = self.planner
+            if planner is not None:
+                planner.start()  # normally done already, while connecting
+            passthrough = planner is not None and planner.plan is not None \
+                and planner.plan.action is Action.PASSTHROUGH
+            if planner is not None and not passthrough:
                 assert self.client is not None and self.destination is not None \
                     and self.upstream is not None
                 self.upgrade = OutboundUpgrade(
                     self.ctx, self.config, self.pump,
                     mta_starttls=self.listener.mta_starttls_for(self.client.host),
                     destination=self.destination, upstream=self.upstream,
-                    when_planned=self.when_planned, connect_leg=self.connect_leg)
+                    when_planned=planner.when_planned, connect_leg=self.connect_leg)
                 self.upgrade.start()
             elif (self.direction is Direction.INBOUND
                   and self.listener.starttls is StartTls.OFFLOAD
@@ -231,8 +219,8 @@ class Session:
         if self._ended:
             return
         self._ended = True
-        if self._discovery is not None and not self._discovery.done():
-            self._discovery.cancel()
+        if self.planner is not None:
+            self.planner.cancel()
         self._unregister_own()
         self.ctx.session_ended(self)
         self.ctx.metrics.child(self.ctx.metrics.active, self.direction).dec()
@@ -291,15 +279,6 @@ class Session:
             self._connect_failed(target, failure, exc)
             return failure
         return ""
-
-    def when_planned(self, callback: Callable[[Plan | None], None]) -> None:
-        """Calls back with the plan once discovery is done (None if it broke)."""
-        self._start_planning()  # normally done already, right after accept
-        task = self._discovery
-        if task is None or task.done():
-            asyncio.get_running_loop().call_soon(callback, self.plan)
-            return
-        task.add_done_callback(lambda _: callback(self.plan))
 
     def _register_own(self, addr: tuple[str, int]) -> None:
         self._unregister_own()  # a fallback connection replaces the first
