@@ -32,7 +32,7 @@ from .discovery import discover
 from .dns import Answer, Resolver
 from .netfilter import upstream_socket
 from .outbound import presented_chain
-from .policy import Action, Auth, Plan, plan
+from .policy import Action, Auth, Plan, plan, verify_peer
 from .smtp import (
     Command,
     Defer,
@@ -48,6 +48,7 @@ from .smtp import (
     SendPeer,
     StartTls,
     Upgrade,
+    authenticated,
     capabilities,
 )
 
@@ -204,19 +205,18 @@ def _cn(prefix: str, name: x509.Name) -> str:
 
 
 def verify(p: Plan, chain: list[bytes]) -> tuple[bool, Result, str, str]:
-    """(ok, result, reason, detail): the session's verification of a presented chain."""
-    if p.auth is Auth.DANE:
-        v = dane.verify(chain, p.tlsa, [p.sni] if p.sni else [])
-        if v.ok:
-            return True, Result.DANE, v.reason, f"TLSA {v.record} at depth {v.depth}"
-        return False, Result.DEFERRED, v.reason, _verdict_detail(v, f"{len(p.tlsa)} usable TLSA")
-    if p.auth is Auth.FINGERPRINT:
-        v = dane.fingerprint_matches(chain, p.fingerprints)
-        if v.ok:
-            return True, Result.FINGERPRINT, v.reason, f"pinned {v.detail}"
-        return (False, Result.DEFERRED, v.reason,
-                _verdict_detail(v, f"{len(p.fingerprints)} pinned"))
-    return True, Result.TLS, "unauthenticated", "the plan asks for no authentication"
+    """(ok, result, reason, detail): the session's own verification (``verify_peer``) of
+    a presented chain, with what to print of it."""
+    v = verify_peer(p, chain)
+    if v is None:
+        return True, Result.TLS, "unauthenticated", "the plan asks for no authentication"
+    if v.ok:
+        detail = (f"TLSA {v.record} at depth {v.depth}" if p.auth is Auth.DANE
+                  else f"pinned {v.detail}")
+        return True, authenticated(p.auth), v.reason, detail
+    against = (f"{len(p.tlsa)} usable TLSA" if p.auth is Auth.DANE
+               else f"{len(p.fingerprints)} pinned")
+    return False, Result.DEFERRED, v.reason, _verdict_detail(v, against)
 
 
 def _verdict_detail(v: dane.Verdict, against: str) -> str:

@@ -9,14 +9,13 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import dane
 from .config import Config, Endpoint, Level, MtaStartTls
 from .context import Context, SessionCache
 from .discovery import RecipientRule, recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
-from .policy import Action, Auth, Plan, recipient_decision
+from .policy import Action, Auth, Plan, recipient_decision, verify_peer
 from .relay import End, Leg, Pump
 from .smtp import (
     ENCRYPTED,
@@ -32,6 +31,7 @@ from .smtp import (
     StartTls,
     StartTlsMta,
     Upgrade,
+    authenticated,
 )
 
 # What the upgrade asks of its session: the plan once known (None if discovery broke), and
@@ -157,7 +157,7 @@ class OutboundUpgrade(TlsPhase):
         self._ssl_object = ssl_object
         if ssl_object.session_reused:
             # Only sessions verified against this very TLSA set (or pins) are offered.
-            ok, result = True, self._authenticated(plan)
+            ok, result = True, authenticated(plan.auth)
             reason = "resumed" if plan.auth is Auth.NONE else "resumed verified session"
         else:
             try:
@@ -264,19 +264,11 @@ class OutboundUpgrade(TlsPhase):
             self.ctx.tls_sessions.put(self._cache_key, session)
 
     @staticmethod
-    def _authenticated(plan: Plan) -> Result:
-        return {Auth.DANE: Result.DANE, Auth.FINGERPRINT: Result.FINGERPRINT}.get(
-            plan.auth, Result.TLS)
-
-    @staticmethod
     def _verify(plan: Plan, chain: list[bytes]) -> tuple[bool, Result, str]:
-        if plan.auth is Auth.DANE:
-            v = dane.verify(chain, plan.tlsa, plan.names)
-            return v.ok, Result.DANE if v.ok else Result.DEFERRED, v.reason
-        if plan.auth is Auth.FINGERPRINT:
-            v = dane.fingerprint_matches(chain, plan.fingerprints)
-            return v.ok, Result.FINGERPRINT if v.ok else Result.DEFERRED, v.reason
-        return True, Result.TLS, "unauthenticated"
+        v = verify_peer(plan, chain)
+        if v is None:
+            return True, Result.TLS, "unauthenticated"
+        return v.ok, authenticated(plan.auth) if v.ok else Result.DEFERRED, v.reason
 
     async def _reconnect(self) -> None:
         new = self.pump.replace_upstream()

@@ -200,3 +200,15 @@ def recipient_decision(rule: RecipientRule, encrypted: bool, chain: list[bytes],
         return True, "", "dane"
     return False, f"peer key does not match the TLSA of {rule.host} ({v.reason})", \
         "key_mismatch"
+
+
+def verify_peer(plan: Plan, chain: list[bytes]) -> dane.Verdict | None:
+    """What a presented chain proves against the plan: DANE against its TLSA records with
+    every reference identifier it accepts (``plan.names``: the TLSA base domain and the MX
+    host it was reached from), or its pins; None when the plan asks for no authentication.
+    The one verification: the session and ``smtpgate check`` both call it."""
+    if plan.auth is Auth.DANE:
+        return dane.verify(chain, plan.tlsa, plan.names)
+    if plan.auth is Auth.FINGERPRINT:
+        return dane.fingerprint_matches(chain, plan.fingerprints)
+    return None

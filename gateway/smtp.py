@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .config import MtaStartTls
-from .policy import Action, Plan
+from .policy import Action, Auth, Plan
 
 MAX_LINE = 4096  # RFC 5321 says 512 for replies and commands; be lenient, but bounded
 MAX_REPLY_LINES = 200
@@ -221,6 +221,11 @@ class Result(Enum):
     PLAINTEXT = "plaintext"  # opportunistic plan, no TLS to be had
     PASSTHROUGH = "passthrough"  # plan none, or nothing to protect
     DEFERRED = "deferred"  # 4xx to the MTA
+
+
+def authenticated(auth: Auth) -> Result:
+    """The result of a session whose peer proved what ``auth`` asked for."""
+    return {Auth.DANE: Result.DANE, Auth.FINGERPRINT: Result.FINGERPRINT}.get(auth, Result.TLS)
 
 
 # The results where the gateway made the hop TLS itself (END_TO_END is the MTA's own).

@@ -20,7 +20,7 @@ from gateway.config import DnsConfig, Level, PolicyConfig, PolicyEntry
 from gateway.dane import TLSARecord
 from gateway.discovery import Discovery, discover
 from gateway.dns import Answer, Resolver, Status
-from gateway.policy import Action, Auth, plan
+from gateway.policy import Action, Auth, Plan, plan
 
 D = ipaddress.ip_address("203.0.113.2")
 PTR = "2.113.0.203.in-addr.arpa."
@@ -300,3 +300,29 @@ def test_recipient_policy_matching() -> None:
     assert cfg.for_recipient("mail.bank.example") is Level.DANE_ONLY
     assert cfg.for_recipient("PARTNER.example.") is Level.ENCRYPT
     assert cfg.for_recipient("sub.partner.example") is None
+
+
+def test_check_and_session_verify_a_dane_ta_peer_behind_a_cname_alike() -> None:
+    """One verification (policy.verify_peer) for the session and `smtpgate check`: a DANE-TA
+    peer reached through a CNAME whose certificate names the MX host, not the TLSA base
+    domain, passes both (RFC 7672 3.2.3: both are reference identifiers).  `check` once
+    checked the SNI name alone and reported a mismatch the session accepted."""
+    from gateway import check, dane
+    from gateway.outbound import OutboundUpgrade
+    from gateway.smtp import Result
+    from tests import certs
+
+    root = certs.make_root()
+    leaf = certs.make_leaf(root, ["mx.b.test"])
+    chain = [leaf.der, root.der]
+    ta = dane.tlsa_record(root.der, usage=2, selector=1, mtype=1)
+    p = Plan(Action.REQUIRE_TLS, Auth.DANE, Level.DANE, "dane", sni="mx.cdn.test",
+             tlsa=(ta,), names=("mx.cdn.test", "mx.b.test"))
+    assert not dane.verify(chain, p.tlsa, [p.sni]).ok  # the SNI name alone: a mismatch
+    ok, result, reason, detail = check.verify(p, chain)
+    assert (ok, result, reason) == (True, Result.DANE, "dane-ta match"), detail
+    assert OutboundUpgrade._verify(p, chain) == (True, Result.DANE, "dane-ta match")
+    other = certs.make_leaf(root, ["elsewhere.test"])  # a name neither accepts
+    assert check.verify(p, [other.der, root.der])[:3] == (False, Result.DEFERRED,
+                                                           "name mismatch")
+    assert OutboundUpgrade._verify(p, [other.der, root.der])[:2] == (False, Result.DEFERRED)
