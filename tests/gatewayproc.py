@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.netlab import Netns, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# The samples of one metric family: a counter's _total, a histogram's _bucket/_sum/_count.
+_SAMPLE_SUFFIXES = ("_total", "_created", "_bucket", "_sum", "_count", "_info")
 
 
 class GatewayProcess:
@@ -129,11 +131,22 @@ class GatewayProcess:
         return body.decode()
 
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value (0.0 when absent), e.g. metric("smtpgate_sessions_total", ...)."""
+        """A sample's value, e.g. metric("smtpgate_sessions_total", outcome="relayed").
+
+        0.0 for a series the metric has not got (a label value never counted yet).  A
+        metric the gateway does not export at all raises: a renamed or misspelt metric must
+        fail the check that reads it, not read as 0."""
+        known = False
         for family in text_string_to_metric_families(self.scrape()):
+            if name != family.name and not (name.startswith(family.name + "_") and name[
+                    len(family.name):] in _SAMPLE_SUFFIXES):
+                continue
+            known = True
             for s in family.samples:
                 if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                     return float(s.value)
+        if not known:
+            raise KeyError(f"the gateway exports no metric {name!r}")
         return 0.0
 
     def open_fds(self) -> int:

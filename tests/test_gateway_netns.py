@@ -214,6 +214,11 @@ def test_redirect_recovers_destination_and_relays_byte_exact(
     assert gw.metric("smtpgate_sessions_total", direction="outbound", outcome="relayed") == 1
     assert gw.metric("smtpgate_relayed_bytes_total", direction="outbound",
                      stream="client_to_upstream") == size
+    # A series not counted yet reads 0; a metric the gateway does not export is an error
+    # (a renamed metric must fail the checks that read it).
+    assert gw.metric("smtpgate_sessions_total", direction="outbound", outcome="aborted") == 0
+    with pytest.raises(KeyError, match="smtpgate_session_total"):
+        gw.metric("smtpgate_session_total", direction="outbound", outcome="relayed")
 
 
 def test_upstream_sockets_carry_the_mark(lab: Lab, gateway: Callable[..., GatewayProcess]
