@@ -361,6 +361,9 @@ class PeerRecord:
         default_factory=lambda: defaultdict(list))
     counts: Counter[tuple[str, Channel]] = field(default_factory=Counter)
     handshakes: Counter[str] = field(default_factory=Counter)
+    # Sessions whose TLS handshake began (the ClientHello arrived): a wrong-key or reset
+    # trial that never got there would pass whatever the gateway does.
+    reached_tls: set[int] = field(default_factory=set)
 
     def note(self, sid: int, what: str, channel: Channel) -> None:
         self.events[sid].append((what, channel))
@@ -424,6 +427,7 @@ class AdversarialPeer:
                     if attack is PeerAttack.RESET_HANDSHAKE:
                         await reader.readexactly(5)  # a TLS record header: the ClientHello
                         rec.handshakes["reset in handshake"] += 1
+                        rec.reached_tls.add(sid)
                         rst(writer)
                         return
                     wrong = attack is PeerAttack.WRONG_KEY
@@ -432,7 +436,10 @@ class AdversarialPeer:
                                                ssl_handshake_timeout=15)
                     except (ssl.SSLError, OSError, ConnectionError, TimeoutError):
                         rec.handshakes[f"{attack} failed"] += 1
+                        if attack is PeerAttack.WRONG_KEY:
+                            rec.reached_tls.add(sid)  # the key was shown, then refused
                         return
+                    rec.reached_tls.add(sid)
                     channel = Channel.WRONG if wrong else Channel.MATCHING
                     rec.handshakes[str(channel)] += 1
                     if attack is PeerAttack.RESET_AFTER_TLS:
@@ -795,6 +802,12 @@ def test_no_downgrade_under_randomized_attacks(world: World) -> None:
         if t.honest or (t.dns in PTR_MODES and t.outcome == "delivered"):
             continue
         assert t.outcome == "closed" or t.outcome.startswith("4"), (t, report)
+    # The handshake attacks took effect: under honest DNS every wrong-key and reset trial
+    # got as far as the handshake (else they would pass whatever the gateway does).
+    for t in all_trials:
+        if t.dns is DnsMode.HONEST and t.attack in (
+                PeerAttack.WRONG_KEY, PeerAttack.RESET_HANDSHAKE, PeerAttack.RESET_AFTER_TLS):
+            assert t.sid in rec.reached_tls, (t, report)
     # The attacks took effect: each DNS mode gave the plan it must give.
     for mode, seen in plans.items():
         assert set(seen) == {EXPECTED_PLAN[DnsMode(mode)]}, (mode, seen, report)

@@ -277,25 +277,27 @@ class Wire:
         self.sock.close()
 
 
-def send_as(w: Wire, data: bytes, mode: str, first: bytes = b"") -> None:
+def send_as(w: Wire, data: bytes, mode: str, first: bytes = b"") -> bool:
     """``first`` then ``data``: in one segment, in two ("split"), in two 50 ms apart
-    ("later"), or one byte per segment ("bytewise", ``first`` included)."""
+    ("later"), or one byte per segment ("bytewise", ``first`` included).  Whether any of
+    ``data`` went out (a gateway that notices the first injected byte may close at once,
+    and the rest is refused)."""
     if mode == "segment" or not data:
-        w.send(first + data)
-    elif mode in ("split", "later"):
+        return bool(w.send(first + data)) and bool(data)
+    if mode in ("split", "later"):
         if first and not w.send(first):
-            return
+            return False
         if mode == "later":
             time.sleep(LATER)
-        w.send(data)
-    elif mode == "bytewise":
+        return bool(w.send(data))
+    if mode == "bytewise":
         whole = first + data
         for i in range(len(whole)):
             if not w.send(whole[i:i + 1]):
-                return
+                return i > len(first)
             time.sleep(BYTE_GAP)
-    else:
-        raise ValueError(mode)
+        return True
+    raise ValueError(mode)
 
 
 def verb(line: bytes) -> bytes:
@@ -335,6 +337,8 @@ class Served:
     replies: list[tuple[bytes, bytes]] = field(default_factory=list)  # (verb, reply)
     contents: list[bytes] = field(default_factory=list)  # DATA content / BDAT chunks
     starttls_at: int = -1  # where in wire.raw_in the bytes after the STARTTLS line begin
+    injected: bool = False  # some of the script's injection went out (a trial that never
+    # sent any would pass whatever the gateway does)
 
     @property
     def after_starttls(self) -> bytes:
@@ -367,7 +371,7 @@ def serve(out: Served) -> None:
 
     banner = b"220 " + s.name + b" ESMTP fake\r\n"
     out.replies.append((b"", banner))
-    send_as(w, s.after_banner, s.early_mode, banner)
+    out.injected |= send_as(w, s.after_banner, s.early_mode, banner)
     after_ehlo = s.after_ehlo  # once, behind the first EHLO reply
     while (line := w.line()) is not None:
         v = verb(line)
@@ -377,7 +381,7 @@ def serve(out: Served) -> None:
             starttls = [b"STARTTLS"] if s.context is not None and not w.secure else []
             text = ehlo_reply(s.name, [*s.caps, *starttls])
             out.replies.append((v, text))
-            send_as(w, after_ehlo, s.early_mode, text)
+            out.injected |= send_as(w, after_ehlo, s.early_mode, text)
             after_ehlo = b""
         elif v == b"HELO":
             answer(v, b"250 " + s.name + b"\r\n")
@@ -387,9 +391,9 @@ def serve(out: Served) -> None:
             if s.mode == "after-hello":
                 w.send(READY)
                 w.fill()  # the ClientHello
-                w.send(s.inject)
+                out.injected |= bool(s.inject) and bool(w.send(s.inject))
             else:
-                send_as(w, s.inject, s.mode, READY)
+                out.injected |= send_as(w, s.inject, s.mode, READY)
             if not w.start_tls(s.context, server_side=True):
                 return
         elif v == b"DATA":
@@ -728,6 +732,10 @@ def judge_outbound(mta: Wire, conns: list[Served], s: dict[str, Any], policy: st
     if not conns:
         return ["the peer was never reached"]
     first = conns[0]
+    script = first.script
+    if injected and (script.inject or script.after_banner or script.after_ehlo) \
+            and not any(c.injected for c in conns):
+        problems.append("the injection was never sent: the trial proves nothing")
     banner = first.replies[0][1]
     ehlo = next((t for v, t in first.replies if v == b"EHLO"), b"")
     got = bytes(mta.plain_in)
