@@ -26,10 +26,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from . import dane
+from .answers import Answer
 from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
 from .context import client_context
 from .discovery import discover
-from .dns import Answer, Resolver
+from .dns import Resolver
 from .netfilter import upstream_socket
 from .outbound import presented_chain
 from .policy import Action, Auth, Plan, plan, verify_peer

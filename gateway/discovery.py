@@ -10,8 +10,9 @@ was secure up to it (bogus, SERVFAIL, timeout, budget spent): the policy defers 
 than fall back to plaintext (A3).  Trouble before anything secure was seen (the PTR lookup
 itself) is no evidence that the peer asked for DANE, so it is not doubt.
 
-Both walks are written sans-I/O: generators that yield each question ``(name, rdtype)`` and
-receive its ``Answer``.  ``_drive`` answers them from the resolver (awaiting the network);
+The walks themselves are pure (``gateway.walks``): generators that yield each question
+``(name, rdtype)`` and receive its ``Answer``.  ``_drive`` answers them from the resolver
+(awaiting the network);
 ``_replay`` answers them from the cache alone and gives up at the first miss, so a session
 to a destination seen recently is planned in one callback right after accept, without a
 task or a timer.
@@ -20,20 +21,20 @@ task or a timer.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-from collections.abc import Generator
-from dataclasses import dataclass, field
-from typing import TypeVar
 
+from .answers import failed
 from .config import IPAddress
-from .dane import TLSARecord
-from .dns import Answer, Resolver, Status, failed
-
-MAX_PTR_NAMES = 3  # a PTR RRset with dozens of names is not worth a query each
-
-T = TypeVar("T")
-Question = tuple[str, str]
-Walk = Generator[Question, Answer, T]
+from .dns import Resolver
+from .walks import (
+    Discovery,
+    Progress,
+    RecipientRule,
+    T,
+    Walk,
+    discover_walk,
+    discovery_walk,
+    recipient_walk,
+)
 
 
 async def _drive(resolver: Resolver, walk: Walk[T]) -> T:
@@ -68,68 +69,21 @@ def _replay(resolver: Resolver, key: object, walk: Walk[T]) -> tuple[bool, T | N
         return True, done.value
 
 
-@dataclass(frozen=True, slots=True)
-class Discovery:
-    address: IPAddress
-    steps: tuple[Answer, ...]
-    host: str | None = None  # forward-confirmed name of the address
-    host_secure: bool = False  # PTR and forward lookups both secure
-    tlsa: Answer | None = None  # the TLSA answer DANE would use
-    tlsa_base: str | None = None  # the name the TLSA was found at (the SNI name)
-    records: tuple[TLSARecord, ...] = ()  # from a secure, non-empty TLSA RRset
-    doubt: str | None = None
-
-    @property
-    def usable(self) -> tuple[TLSARecord, ...]:
-        return tuple(r for r in self.records if r.usable)
-
-
-@dataclass
-class _Progress:
-    address: IPAddress
-    steps: list[Answer] = field(default_factory=list)
-    host: str | None = None
-    host_secure: bool = False
-    secure_so_far: bool = False
-    tlsa: Answer | None = None
-    tlsa_base: str | None = None
-    records: tuple[TLSARecord, ...] = ()
-    doubt: str | None = None
-    asking: tuple[str, str] | None = None  # the lookup in progress (for a budget timeout)
-
-    def result(self) -> Discovery:
-        return Discovery(self.address, tuple(self.steps), self.host, self.host_secure,
-                         self.tlsa, self.tlsa_base, self.records, self.doubt)
-
-
-def reverse_name(address: IPAddress) -> str:
-    return address.reverse_pointer + "."
-
-
-def _distrust(answer: Answer) -> bool:
-    return answer.status in (Status.BOGUS, Status.FAILED)
-
-
 def discover_cached(resolver: Resolver, address: IPAddress) -> Discovery | None:
     """The discovery from cached answers only; None when one is missing."""
     key = ("discovery", address)
     found = resolver.recall(key)
     if found is not None:
         return found  # type: ignore[return-value]
-    return _replay(resolver, key, _discovery(_Progress(address)))[1]
-
-
-def _discovery(p: _Progress) -> Walk[Discovery]:
-    yield from _discover(p)
-    return p.result()
+    return _replay(resolver, key, discovery_walk(Progress(address)))[1]
 
 
 async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Discovery:
     """Never raises for DNS trouble and never takes longer than ``budget`` seconds."""
-    p = _Progress(address)
+    p = Progress(address)
     try:
         async with asyncio.timeout(budget):
-            await _drive(resolver, _discover(p))
+            await _drive(resolver, discover_walk(p))
     except TimeoutError:
         assert p.asking is not None
         name, rdtype = p.asking
@@ -139,71 +93,6 @@ async def discover(resolver: Resolver, address: IPAddress, budget: float) -> Dis
     return p.result()
 
 
-def _ask(p: _Progress, name: str, rdtype: str) -> Walk[Answer]:
-    p.asking = (name, rdtype)
-    answer = yield p.asking
-    p.steps.append(answer)
-    return answer
-
-
-def _discover(p: _Progress) -> Walk[None]:
-    ptr = yield from _ask(p, reverse_name(p.address), "PTR")
-    if not ptr.exists:
-        return
-    p.secure_so_far = ptr.status is Status.SECURE
-    rdtype = "AAAA" if p.address.version == 6 else "A"
-    names = sorted({r.target.to_text().lower() for r in ptr.records})[:MAX_PTR_NAMES]
-    forward: Answer | None = None
-    trouble: Answer | None = None
-    for name in names:
-        answer = yield from _ask(p, name, rdtype)
-        if _distrust(answer):
-            trouble = answer
-            continue
-        if answer.exists and any(ipaddress.ip_address(r.address) == p.address
-                                 for r in answer.records):
-            forward = answer
-            p.host = name
-            break
-    if forward is None:
-        if trouble is not None and p.secure_so_far:
-            p.doubt = f"{trouble.rdtype} lookup of {trouble.name} is {trouble.status}"
-        return
-    p.host_secure = p.secure_so_far = ptr.status is Status.SECURE \
-        and forward.status is Status.SECURE
-    if not p.host_secure:
-        return  # DANE needs a secure path to the host name (RFC 7672 2.2.2)
-    assert p.host is not None
-    bases = [forward.canonical, p.host] if forward.cnames else [p.host]
-    for base in bases:
-        tlsa = yield from _ask(p, f"_25._tcp.{base}", "TLSA")
-        if _distrust(tlsa):
-            p.doubt = f"TLSA lookup of {tlsa.name} is {tlsa.status}"
-            return
-        if tlsa.status is not Status.SECURE:
-            return  # an unsigned TLSA zone publishes nothing DANE can use
-        if tlsa.exists:
-            p.tlsa, p.tlsa_base = tlsa, base.rstrip(".")
-            p.records = tuple(TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert))
-                              for r in tlsa.records)
-            return
-        # secure absence at the expanded name: try the original name (RFC 7672 2.2.2)
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientRule:
-    """What a recipient domain asks of a session to this destination (RFC 7672 2.2, bound
-    to the recipient: the domain's DNSSEC-validated MX host that *is* this destination).
-
-    ``host`` is None when the domain asks nothing of it; ``records`` are the usable TLSA of
-    that MX host; ``doubt`` says why a lookup that mattered could not be trusted."""
-
-    domain: str
-    host: str | None = None
-    records: tuple[TLSARecord, ...] = ()
-    doubt: str | None = None
-
-
 def recipient_rule_cached(resolver: Resolver, domain: str,
                           address: IPAddress) -> RecipientRule | None:
     """The rule from cached answers only; None when one is missing."""
@@ -211,7 +100,7 @@ def recipient_rule_cached(resolver: Resolver, domain: str,
     found = resolver.recall(key)
     if found is not None:
         return found  # type: ignore[return-value]
-    return _replay(resolver, key, _recipient_rule(domain, address))[1]
+    return _replay(resolver, key, recipient_walk(domain, address))[1]
 
 
 async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
@@ -219,35 +108,8 @@ async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
     """Never raises for DNS trouble; bounded by ``budget``."""
     try:
         async with asyncio.timeout(budget):
-            return await _drive(resolver, _recipient_rule(domain, address))
+            return await _drive(resolver, recipient_walk(domain, address))
     except TimeoutError:
         return RecipientRule(domain, doubt=f"lookups for {domain} did not finish in {budget}s")
 
 
-def _recipient_rule(domain: str, address: IPAddress) -> Walk[RecipientRule]:
-    mx = yield (domain, "MX")
-    if _distrust(mx):
-        return RecipientRule(domain, doubt=f"MX lookup of {domain} is {mx.status}")
-    if mx.status is not Status.SECURE or not mx.exists:
-        # Unsigned, or no MX (implicit MX is the domain itself): the domain asks nothing
-        # that DNSSEC could vouch for at this level; the PTR-based plan still applies.
-        hosts = [domain.rstrip(".") + "."] if mx.status is Status.SECURE and mx.absent else []
-    else:
-        hosts = sorted({r.exchange.to_text().lower() for r in mx.records})
-    rdtype = "AAAA" if address.version == 6 else "A"
-    for host in hosts[:10]:
-        addresses = yield (host, rdtype)
-        if _distrust(addresses):
-            return RecipientRule(domain, doubt=f"{rdtype} lookup of MX {host} is "
-                                               f"{addresses.status}")
-        if addresses.status is not Status.SECURE or not any(
-                ipaddress.ip_address(r.address) == address for r in addresses.records):
-            continue
-        tlsa = yield (f"_25._tcp.{host}", "TLSA")
-        if _distrust(tlsa):
-            return RecipientRule(domain, host, doubt=f"TLSA lookup of {host} is {tlsa.status}")
-        if tlsa.status is Status.SECURE and tlsa.exists:
-            records = tuple(TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert))
-                            for r in tlsa.records)
-            return RecipientRule(domain, host.rstrip("."), tuple(r for r in records if r.usable))
-    return RecipientRule(domain)

@@ -70,7 +70,7 @@ from .dane import TLSARecord, tlsa_owner, tlsa_record
 from .logs import event, log
 
 if TYPE_CHECKING:
-    from .dns import Answer
+    from .answers import Answer
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -675,7 +675,7 @@ NO_RECORD = "no record for the next key"
 
 def tlsa_problem(answer: Answer, want: TLSARecord) -> str | None:
     """None when ``answer`` is a secure TLSA RRset holding ``want``; else what is wrong."""
-    from .dns import Status
+    from .answers import Status
 
     if answer.status is not Status.SECURE:
         return f"not secure ({answer.status})"

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import Config, Endpoint, Level, MtaStartTls
 from .context import Context, SessionCache
-from .discovery import RecipientRule, recipient_rule, recipient_rule_cached
+from .discovery import recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
@@ -33,6 +33,7 @@ from .smtp import (
     Upgrade,
     authenticated,
 )
+from .walks import RecipientRule
 
 # What the upgrade asks of its session: the plan once known (None if discovery broke), and
 # a new connection to the same upstream ("" when made, else why not).

@@ -27,7 +27,7 @@ from enum import StrEnum
 from . import dane
 from .config import IPAddress, Level, PolicyConfig, PolicyEntry
 from .dane import TLSARecord
-from .discovery import Discovery, RecipientRule
+from .walks import Discovery, RecipientRule
 
 
 class Action(StrEnum):

@@ -17,17 +17,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway.answers import Answer, Status
 from gateway.config import DnsCache, DnsConfig, Endpoint, PolicyConfig
-from gateway.discovery import (
-    Discovery,
-    RecipientRule,
-    discover,
-    discover_cached,
-    recipient_rule,
-    recipient_rule_cached,
-)
-from gateway.dns import Answer, Resolver, Status
+from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
+from gateway.dns import Resolver
 from gateway.policy import Action, Auth, plan
+from gateway.walks import Discovery, RecipientRule
 from tests import dnslab, netlab
 from tests.dnslab import DnsWorld
 from tests.netlab import Lab

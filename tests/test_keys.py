@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway import dane, keys
+from gateway.answers import Answer, Status
 from gateway.config import ConfigError, Endpoint
-from gateway.dns import Answer, Status
 from gateway.keys import KeyPair, load_keypair, server_context
 from gateway.outbound import presented_chain
 from tests.certs import expired, make_intermediate, make_leaf, make_root, write_pki

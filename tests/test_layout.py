@@ -84,3 +84,25 @@ def test_the_session_layers_point_down() -> None:
     for phase in ("phase", "outbound", "inbound", "planning"):
         assert not edges[phase] & {"session", "server"}, phase
     assert "server" not in edges["session"]
+
+
+def reach(edges: dict[str, set[str]], start: str) -> set[str]:
+    """Every package module ``start`` loads, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for dep in edges[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+def test_the_pure_core_loads_no_shell() -> None:
+    """The decisions (policy, the discovery walks, DNS answers, DANE, the SMTP machines)
+    load nothing that does I/O: no resolver, no event-loop code, no sockets."""
+    edges = graph()
+    shell = {"dns", "discovery", "tasks", "metrics", "relay", "tls", "session", "server",
+             "netfilter", "context", "planning", "phase", "outbound", "inbound", "workers"}
+    for pure in ("policy", "walks", "answers", "dane", "smtp", "envelope", "admission"):
+        assert not reach(edges, pure) & shell, (pure, reach(edges, pure) & shell)

@@ -16,11 +16,13 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from gateway.answers import Answer, Status
 from gateway.config import DnsConfig, Level, PolicyConfig, PolicyEntry
 from gateway.dane import TLSARecord
-from gateway.discovery import Discovery, discover
-from gateway.dns import Answer, Resolver, Status
+from gateway.discovery import discover
+from gateway.dns import Resolver
 from gateway.policy import Action, Auth, Plan, plan
+from gateway.walks import Discovery
 
 D = ipaddress.ip_address("203.0.113.2")
 PTR = "2.113.0.203.in-addr.arpa."
@@ -246,8 +248,8 @@ def _chain_and_records() -> tuple[list[bytes], TLSARecord, TLSARecord]:
 
 
 def test_recipient_decision_table() -> None:
-    from gateway.discovery import RecipientRule
     from gateway.policy import recipient_decision
+    from gateway.walks import RecipientRule
 
     chain, good, wrong = _chain_and_records()
     rules = {
@@ -278,8 +280,8 @@ def test_recipient_decision_table() -> None:
 
 
 def test_recipient_policy_from_the_config() -> None:
-    from gateway.discovery import RecipientRule
     from gateway.policy import recipient_decision
+    from gateway.walks import RecipientRule
 
     chain, good, _ = _chain_and_records()
     nothing = RecipientRule("bank.example")
