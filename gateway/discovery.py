@@ -1,21 +1,11 @@
-"""Who is behind a destination address, and has it published a key?
+"""Who is behind a destination address, and what does a recipient's domain ask of it: the
+walks of ``gateway.walks`` (what they ask and why, ``doubt`` included), driven.
 
-PTR(D) → H, kept only when A/AAAA(H) contains D (a PTR alone is a claim by whoever runs the
-reverse zone); then TLSA at ``_25._tcp.H`` (RFC 7672 2.2), at the CNAME-expanded name first
-when H's addresses came through a secure CNAME, then at H.  Every answer is kept, with its
-status, for the log and for ``smtpgate check``.
-
-``doubt`` is set when an answer that DANE depends on could not be trusted *after* the chain
-was secure up to it (bogus, SERVFAIL, timeout, budget spent): the policy defers there rather
-than fall back to plaintext (A3).  Trouble before anything secure was seen (the PTR lookup
-itself) is no evidence that the peer asked for DANE, so it is not doubt.
-
-The walks themselves are pure (``gateway.walks``): generators that yield each question
-``(name, rdtype)`` and receive its ``Answer``.  ``_drive`` answers them from the resolver
-(awaiting the network);
-``_replay`` answers them from the cache alone and gives up at the first miss, so a session
-to a destination seen recently is planned in one callback right after accept, without a
-task or a timer.
+A walk is a generator that yields each question ``(name, rdtype)`` and receives its
+``Answer``.  ``_drive`` answers them from the resolver (awaiting the network, within the
+budget); ``_replay`` answers them from the cache alone and gives up at the first miss, so a
+session to a destination seen recently is planned in one callback right after accept,
+without a task or a timer, and its result is remembered until its first answer expires.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ can drive asyncio code against the lab without spawning helper processes.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -369,6 +370,25 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # sockaddr_in
     port = struct.unpack("!H", raw[2:4])[0]
     return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_close(conn: socket.socket | asyncio.BaseTransport | asyncio.StreamWriter) -> None:
+    """Closes with a TCP RST (SO_LINGER on, linger time 0), not a FIN: a peer that resets.
+    A socket, or an asyncio transport or stream writer (aborted)."""
+    sock = conn if isinstance(conn, socket.socket) else conn.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    if isinstance(conn, socket.socket):
+        with contextlib.suppress(OSError):
+            conn.close()
+    elif isinstance(conn, asyncio.StreamWriter):
+        conn.transport.abort()
+    else:
+        conn.abort()  # type: ignore[attr-defined]
 
 
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:

@@ -70,7 +70,7 @@ from gateway.dane import tlsa_record
 from tests import certs, dnslab, netlab
 from tests.dnslab import DNS_V4, DNS_V6, DnsWorld
 from tests.gatewayproc import GatewayProcess
-from tests.netlab import MTA_V4, PEER_V4, Lab
+from tests.netlab import MTA_V4, PEER_V4, Lab, reset_close
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -338,14 +338,6 @@ class Channel(StrEnum):
     WRONG = "tls-wrong-key"
 
 
-def rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 def server_context(tmp: Path, leaf: certs.Issued, name: str) -> ssl.SSLContext:
     paths = certs.write_pki(tmp / name, leaf)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -428,7 +420,7 @@ class AdversarialPeer:
                         await reader.readexactly(5)  # a TLS record header: the ClientHello
                         rec.handshakes["reset in handshake"] += 1
                         rec.reached_tls.add(sid)
-                        rst(writer)
+                        reset_close(writer)
                         return
                     wrong = attack is PeerAttack.WRONG_KEY
                     try:
@@ -443,7 +435,7 @@ class AdversarialPeer:
                     channel = Channel.WRONG if wrong else Channel.MATCHING
                     rec.handshakes[str(channel)] += 1
                     if attack is PeerAttack.RESET_AFTER_TLS:
-                        rst(writer)
+                        reset_close(writer)
                         return
                     mail, rcpts = False, 0
                     continue  # nothing to say: the client speaks first after TLS

@@ -42,7 +42,6 @@ import secrets
 import selectors
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -57,7 +56,7 @@ from gateway.dane import tlsa_record
 from tests import certs, dnslab, netlab, postfix_instance
 from tests.dnslab import DnsWorld
 from tests.gatewayproc import GatewayProcess
-from tests.netlab import PEER_V4, Lab, Netns
+from tests.netlab import PEER_V4, Lab, Netns, reset_close
 from tests.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -73,14 +72,6 @@ AFTER_DOT = ("after_dot", "after_reply")
 OBSERVER_PORT = 2525
 BODY_BYTES = 48_000
 MID_BODY = 16_000  # the mid-body fault comes after this much content has passed
-_RST = struct.pack("ii", 1, 0)
-
-
-def reset(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 # -- the gateway, killable ----------------------------------------------------------------
@@ -140,8 +131,8 @@ class Link:
         try:
             self._loop()
         finally:
-            reset(self.down)
-            reset(self.up)
+            reset_close(self.down)
+            reset_close(self.up)
             self.finished.set()
 
     def _loop(self) -> None:
@@ -221,7 +212,7 @@ class PeerTap:
             try:
                 up = self.ns.connect("127.0.0.1", 25)
             except OSError:
-                reset(down)
+                reset_close(down)
                 continue
             with self.lock:
                 self.links = [lk for lk in self.links if not lk.finished.is_set()]
@@ -306,7 +297,7 @@ class Observer:
             try:
                 up = self.ns.connect(PEER_V4, 25, timeout=10)
             except OSError:
-                reset(down)  # the gateway is restarting: the MTA defers
+                reset_close(down)  # the gateway is restarting: the MTA defers
                 continue
             d = Dialogue()
             self.links = [lk for lk in self.links if not lk.finished.is_set()]

@@ -29,6 +29,7 @@ from tests.netlab import (
     PEER_V4_ALT,
     PEER_V6,
     Lab,
+    reset_close,
 )
 
 pytestmark = pytest.mark.netns
@@ -581,8 +582,7 @@ def test_client_reset_during_a_slow_connect_ends_the_session_at_once(
     assert gw.metric("smtpgate_sessions_active", direction="outbound") == 5
     t0 = time.monotonic()
     for c in clients:
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        c.close()  # RST
+        reset_close(c)
     sessions = gw.wait_sessions(5, timeout=5)
     assert time.monotonic() - t0 < 5
     assert {s["outcome"] for s in sessions} == {"client_reset"}

@@ -19,6 +19,7 @@ import uvloop
 
 from gateway.relay import End, Pump
 from tests import certs
+from tests.netlab import reset_close
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -317,8 +318,7 @@ def test_half_close_keeps_session_open_until_both_sides_end() -> None:
 def test_reset_is_mirrored() -> None:
     async def main() -> None:
         r = await rig()
-        r.server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        r.server.close()  # RST
+        reset_close(r.server)
         assert await asyncio.wait_for(r.pump.done, 5) is End.UPSTREAM_RESET
         r.client.settimeout(5)
         with pytest.raises(ConnectionResetError):
@@ -337,8 +337,7 @@ def test_a_client_reset_after_its_quit_went_out_ends_like_a_close() -> None:
         r = await rig()
         r.pump.quit_sent = lambda: True  # as the envelope tracker says after QUIT
         loop = asyncio.get_running_loop()
-        r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-        r.client.close()  # RST
+        reset_close(r.client)
         r.server.settimeout(5)
         assert await loop.run_in_executor(None, r.server.recv, 10) == b""  # a FIN
         assert not r.pump.done.done()  # the peer still may say its last words

@@ -29,7 +29,6 @@ import random
 import re
 import resource
 import socket
-import struct
 import sys
 import threading
 import time
@@ -54,6 +53,7 @@ from tests.netlab import (
     PEER_V6,
     Lab,
     Netns,
+    reset_close,
 )
 from tests.postfix_instance import SmtpSink, smtp_source
 
@@ -64,7 +64,6 @@ if (_why := netlab.netns_usable()) is not None:
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-LINGER_RESET = struct.pack("ii", 1, 0)
 IP_FREEBIND = 15  # linux/in.h; also lets an IPv6 socket bind an address not on an interface
 # Distinct peers for the series test (10,000: ~15 s here); SMTPGATE_PEERS=2000 for a quick run.
 PEERS = int(os.environ.get("SMTPGATE_PEERS", "10000"))
@@ -251,9 +250,7 @@ class PeerProtocol(asyncio.Protocol):
                 self.transport.close()
                 return
             if verb == b"RESET":
-                self.transport.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-                self.transport.abort()  # SO_LINGER 0: the close is a TCP reset
+                reset_close(self.transport)
                 return
             self.transport.write(b"250 ok\r\n")
         if len(self.buf) > self.MAX_LINE:
@@ -337,8 +334,7 @@ class Conn:
         return await self.line() == b""
 
     def reset(self) -> None:
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        self.sock.close()
+        reset_close(self.sock)
 
     def close(self) -> None:
         self.sock.close()
