@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import ipaddress
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from . import __version__
-from .config import ConfigError, IPAddress, load
+from .config import ConfigError, Endpoint, IPAddress, load, parse_endpoint
+from .dane import tlsa_owner, tlsa_record
+from .keyfiles import CERT_MODE, KEY_MODE, KeyFileError, promote, write_atomic
+from .keygen import (
+    DEFAULT_DAYS,
+    NO_RECORD,
+    RSA_DEFAULT_BITS,
+    check_published,
+    generate_key,
+    host_name,
+    self_signed,
+    tlsa_lines,
+)
+from .keys import RSA_MIN_BITS, describe_key, load_keypair, read_certificates
 
 DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.yaml"
 
@@ -30,8 +48,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    import asyncio
-
     from .check import check
     from .config import Config
 
@@ -137,6 +153,242 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the site's key: keygen, tlsa, rollover ------------------------------------------------
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2  # the key commands' exit codes
+
+
+
+def _err(message: str) -> None:
+    print(f"smtpgate: {message}", file=sys.stderr, flush=True)
+
+
+def _hosts(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    hosts = _hosts(args.host)
+    key_path, cert_path = Path(args.key), Path(args.cert)
+    if key_path.resolve() == cert_path.resolve():
+        _err("--key and --cert must be different files")
+        return EXIT_USAGE
+    if args.type == "ec" and args.bits is not None:
+        _err("--bits is for RSA keys (--type rsa); the EC key is P-256")
+        return EXIT_USAGE
+    bits = args.bits if args.bits is not None else RSA_DEFAULT_BITS
+    if not args.force:
+        for p in (key_path, cert_path):
+            if p.exists() or p.is_symlink():
+                _err(f"{p} exists: not overwritten (--force replaces it)")
+                return EXIT_REFUSED
+    key = generate_key(args.type, bits)
+    cert = self_signed(key, hosts, args.days)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    try:
+        write_atomic(key_path, key_pem, KEY_MODE, overwrite=args.force)
+    except FileExistsError:
+        _err(f"{key_path} exists: not overwritten (--force replaces it)")
+        return EXIT_REFUSED
+    except OSError as exc:
+        _err(f"cannot write {key_path}: {exc.strerror}")
+        return EXIT_USAGE
+    try:
+        write_atomic(cert_path, cert_pem, CERT_MODE, overwrite=args.force)
+    except OSError as exc:
+        if not args.force:  # the key just made is useless without its certificate
+            with contextlib.suppress(OSError):
+                key_path.unlink()
+        if isinstance(exc, FileExistsError):
+            _err(f"{cert_path} exists: not overwritten (--force replaces it)")
+            return EXIT_REFUSED
+        _err(f"cannot write {cert_path}: {exc.strerror}")
+        return EXIT_USAGE
+    print(f"wrote {key_path} ({describe_key(key)}, mode 0600) and {cert_path} "
+          f"(self-signed, {', '.join(hosts)}, until {cert.not_valid_after_utc:%Y-%m-%d}); "
+          "publish:", file=sys.stderr, flush=True)
+    for line in tlsa_lines(cert.public_bytes(serialization.Encoding.DER), hosts):
+        print(line)
+    return EXIT_OK
+
+
+def _leaf_der(path: str) -> bytes:
+    return read_certificates(path)[0].public_bytes(serialization.Encoding.DER)
+
+
+def _cmd_tlsa(args: argparse.Namespace) -> int:
+    hosts = _hosts(args.host)
+    try:
+        ders = [_leaf_der(args.cert)]
+        if args.next_cert:
+            ders.append(_leaf_der(args.next_cert))
+        records = [tlsa_record(d) for d in ders]
+    except (KeyFileError, ValueError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if len(records) == 2 and records[0] == records[1]:
+        print("smtpgate: note: the next certificate has the current key: one record each",
+              file=sys.stderr, flush=True)
+        records = records[:1]
+    for host in hosts:
+        for record in records:
+            print(record.to_zone(tlsa_owner(host)))
+    return EXIT_OK
+
+
+def _cmd_rollover(args: argparse.Namespace) -> int:
+    hosts = _hosts(args.host)
+    paths = [Path(p) for p in (args.key, args.cert, args.next_key, args.next_cert)]
+    key, cert, next_key, next_cert = paths
+    resolved = [p.resolve() for p in paths]
+    olds = [r.with_name(r.name + ".old") for r in resolved[:2]]
+    if len(set(resolved)) != 4 or set(olds) & set(resolved):
+        _err("--key, --cert, --next-key, --next-cert (and the .old files) must be four "
+             "different files")
+        return EXIT_USAGE
+    for p, opt in ((key, "--key"), (cert, "--cert")):
+        if not p.exists():
+            _err(f"{opt} {p} does not exist: nothing to roll over (configure the next "
+                 "files as tls.key and tls.cert instead)")
+            return EXIT_USAGE
+    try:
+        nxt = load_keypair(next_key, next_cert, "rollover", "--next-key",
+                           cert_path_name="--next-cert")
+    except ConfigError as exc:
+        _err(f"rollover refused: {exc.message}")
+        return EXIT_USAGE
+    for w in nxt.warnings:
+        print(f"smtpgate: warning: {w}", file=sys.stderr, flush=True)
+    ttl = None
+    if args.force:
+        print(f"smtpgate: warning: --force: DNS not checked; DANE clients will refuse the "
+              f"new key until every host publishes it: "
+              f"{nxt.tlsa.to_zone(tlsa_owner(hosts[0]))}", file=sys.stderr, flush=True)
+    else:
+        results = asyncio.run(check_published(hosts, nxt.tlsa, args.resolver))
+        problems = [(h, a, p) for h, a, p in results if p is not None]
+        for host, answer, problem in problems:
+            _err(f"rollover refused: {host}: {problem}: DNS ({args.resolver}) returned "
+                 f"{answer.describe()}")
+        if any(p == NO_RECORD for _, _, p in problems):
+            _err(f"publish {nxt.tlsa} at _25._tcp.<host> next to the current record "
+                 "(smtpgate tlsa --next-cert), wait for its TTL, then run rollover again")
+        if any(p != NO_RECORD for _, _, p in problems):
+            _err("the TLSA records must validate (DNSSEC-signed zone, DS in the parent, a "
+                 "validating resolver): DANE clients ignore or refuse anything else")
+        if problems:
+            return EXIT_REFUSED
+        ttl = max(a.ttl for _, a, _ in results)
+    try:
+        old_key, old_cert = promote(key, cert, next_key, next_cert)
+    except (OSError, KeyFileError) as exc:
+        _err(f"rollover failed while moving files: {exc}")
+        return EXIT_REFUSED
+    try:
+        now = load_keypair(key, cert, "rollover", "--key", cert_path_name="--cert")
+    except ConfigError as exc:
+        _err(f"after the rollover: {exc.message}")
+        return EXIT_REFUSED
+    if now.tlsa != nxt.tlsa:
+        _err(f"after the rollover {key} is not the key that was checked: its record is "
+             f"{now.tlsa}, expected {nxt.tlsa}")
+        return EXIT_REFUSED
+    print(f"rolled over: {key} and {cert} now hold the next key ({nxt.tlsa}); the "
+          f"previous pair is {old_key} and {old_cert}")
+    if ttl is not None:
+        print(f"the TLSA TTL is {ttl} s: resolvers may hold an RRset without the next key "
+              "for that long after it was published; reload the gateway (SIGHUP) only once "
+              "that has passed since you published it")
+    else:
+        print("reload the gateway (SIGHUP) to serve the new key")
+    print("keep the old key's TLSA record for at least its TTL after the reload, then "
+          "remove it")
+    return EXIT_OK
+
+
+def _resolver_arg(text: str) -> Endpoint:
+    try:
+        return parse_endpoint(text, "--resolver", "")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
+
+
+def _days(text: str) -> int:
+    if text.isdigit() and 1 <= int(text) <= 36500:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"not a number of days in 1..36500: {text!r}")
+
+
+def _rsa_bits(text: str) -> int:
+    if text.isdigit() and RSA_MIN_BITS <= int(text) <= 16384 and int(text) % 8 == 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        f"not an RSA size in bits ({RSA_MIN_BITS}..16384, a multiple of 8): {text!r}")
+
+
+_EXITS = "Exit 0 when done, 1 when refused, 2 for unusable input."
+
+
+def _key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``keygen``, ``tlsa`` and ``rollover``: the site's key (gateway.keygen, gateway.keyfiles)."""
+    kg = sub.add_parser(
+        "keygen", help="make the site's key and a self-signed certificate",
+        description="Write a new private key (PEM, mode 0600 from the start) and a "
+                    "self-signed certificate for the hosts (CN = the first, every host a "
+                    "SAN dNSName), then print the TLSA 3 1 1 record to publish for each host. "
+                    "DANE-EE checks only the key; the certificate keeps TLS clients happy. "
+                    "Existing files are not overwritten without --force. " + _EXITS)
+    kg.add_argument("--key", required=True, metavar="PATH", help="private key file to write")
+    kg.add_argument("--cert", required=True, metavar="PATH", help="certificate file to write")
+    kg.add_argument("--type", choices=("ec", "rsa"), default="ec",
+                    help="ec: ECDSA P-256 (default); rsa: for peers without ECDSA")
+    kg.add_argument("--bits", type=_rsa_bits, metavar="N",
+                    help=f"RSA key size (default {RSA_DEFAULT_BITS})")
+    kg.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
+                    help="MX host name this key serves (repeat for several)")
+    kg.add_argument("--days", type=_days, default=DEFAULT_DAYS,
+                    help=f"certificate validity (default {DEFAULT_DAYS})")
+    kg.add_argument("--force", action="store_true", help="replace existing files")
+    kg.set_defaults(func=_cmd_keygen)
+
+    tl = sub.add_parser(
+        "tlsa", help="print the TLSA records to publish",
+        description="Print '_25._tcp.<host>. IN TLSA 3 1 1 <hex>' for the key of the "
+                    "certificate and, with --next-cert, for the next key too: one line per "
+                    "host per key. Before a rollover both must be published, for at least "
+                    "the record's TTL. " + _EXITS)
+    tl.add_argument("--cert", required=True, metavar="PATH", help="current certificate")
+    tl.add_argument("--next-cert", metavar="PATH", help="next certificate (rollover)")
+    tl.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
+                    help="MX host name (repeat for several)")
+    tl.set_defaults(func=_cmd_tlsa)
+
+    ro = sub.add_parser(
+        "rollover", help="make the next key the current one, once DNS publishes it",
+        description="Check that _25._tcp.<host> TLSA is DNSSEC-secure and contains the "
+                    "next key's 3 1 1 record for every --host, then move the next key and "
+                    "certificate over the current ones (renames: every file is always "
+                    "complete) and keep the previous pair as PATH.old. Reload the gateway "
+                    "(SIGHUP) afterwards. Refused, naming the host and what DNS returned, "
+                    "when DNS is not ready. " + _EXITS)
+    ro.add_argument("--key", required=True, metavar="PATH", help="current key file")
+    ro.add_argument("--cert", required=True, metavar="PATH", help="current certificate file")
+    ro.add_argument("--next-key", required=True, metavar="PATH", help="next key file")
+    ro.add_argument("--next-cert", required=True, metavar="PATH",
+                    help="next certificate file")
+    ro.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
+                    help="MX host name whose TLSA must hold the next key (repeat for several)")
+    ro.add_argument("--resolver", type=_resolver_arg, metavar="IP:PORT",
+                    default=Endpoint(ipaddress.ip_address("127.0.0.1"), 53),
+                    help="validating resolver to ask; its AD bit is believed "
+                         "(default 127.0.0.1:53)")
+    ro.add_argument("--force", action="store_true",
+                    help="skip the DNS check (DANE clients refuse mail until DNS catches up)")
+    ro.set_defaults(func=_cmd_rollover)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smtpgate",
@@ -182,9 +434,7 @@ def parser() -> argparse.ArgumentParser:
                           "(default: 10)")
     chk.set_defaults(func=_cmd_check)
 
-    from .keys import add_commands
-
-    add_commands(sub)  # keygen, tlsa, rollover
+    _key_commands(sub)
 
     fw = sub.add_parser("firewall", help="print, apply or remove the interception rules",
                         description="Print the nftables or iptables rules (and the ip rule / "

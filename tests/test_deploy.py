@@ -46,7 +46,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from gateway import cli, keys
+from gateway import cli, keygen, keys
 from gateway.config import ConfigError, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,8 +386,8 @@ def test_credentials_drop_in_matches_the_config_it_documents() -> None:
 
 
 def _write_pair(directory: Path) -> tuple[Path, Path]:
-    key = keys.generate_key()
-    cert = keys.self_signed(key, ["mx.example.com"])
+    key = keygen.generate_key()
+    cert = keygen.self_signed(key, ["mx.example.com"])
     key_path, cert_path = directory / "tls.key", directory / "tls.crt"
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.PKCS8,

@@ -8,7 +8,6 @@ client that could not have connected anyway.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import ipaddress
@@ -31,7 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway import dane, keys
+from gateway import cli, dane, keyfiles, keys
+from gateway import keygen as generation
 from gateway.answers import Answer, Status
 from gateway.config import ConfigError, Endpoint
 from gateway.keys import KeyPair, load_keypair, server_context
@@ -42,9 +42,8 @@ HOST = "mx.example.com"
 
 
 def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """A command as ``smtpgate`` runs it: add_commands on a fresh parser."""
-    parser = argparse.ArgumentParser(prog="smtpgate")
-    keys.add_commands(parser.add_subparsers(dest="command", required=True))
+    """A command as ``smtpgate`` runs it: the CLI's own parser."""
+    parser = cli.parser()
     args = parser.parse_args(list(argv))
     code = args.func(args)
     out, err = capsys.readouterr()
@@ -112,7 +111,7 @@ def test_keygen_writes_a_0600_ec_key_and_prints_tlsa(tmp_path: Path,
 
 def test_a_host_name_too_long_for_a_cn_goes_in_the_san_only() -> None:
     long_host = ".".join(["a" * 40, "b" * 40, "example.com"])
-    cert = keys.self_signed(keys.generate_key(), [long_host, HOST])
+    cert = generation.self_signed(generation.generate_key(), [long_host, HOST])
     assert len(cert.subject) == 0
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert san.critical and san.value.get_values_for_type(x509.DNSName) == [long_host, HOST]
@@ -326,20 +325,20 @@ def test_load_keypair_refuses_encrypted_small_and_odd_keys(tmp_path: Path,
     key, cert = site
     k = serialization.load_pem_private_key(key.read_bytes(), None)
     enc = tmp_path / "enc.key"
-    keys.write_atomic(enc, k.private_bytes(
+    keyfiles.write_atomic(enc, k.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret")), 0o600)
     assert refused(enc, cert).message == (
         f"key file {enc}: encrypted with a passphrase, which the gateway cannot ask for: "
         "store it unencrypted, mode 0600")
     small = tmp_path / "small.key"
-    keys.write_atomic(small, rsa.generate_private_key(65537, 1024).private_bytes(
+    keyfiles.write_atomic(small, rsa.generate_private_key(65537, 1024).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()), 0o600)
     assert refused(small, cert).message == (
         f"key file {small}: RSA key of 1024 bits is too small: at least 2048")
     p192 = tmp_path / "p192.key"
-    keys.write_atomic(p192, ec.generate_private_key(ec.SECP192R1()).private_bytes(
+    keyfiles.write_atomic(p192, ec.generate_private_key(ec.SECP192R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()), 0o600)
     assert "keys are not supported" in refused(p192, cert).message
@@ -382,7 +381,7 @@ def test_a_mismatch_during_a_rollover_is_read_again(site: tuple[Path, Path],
     def flaky(key_path: str, cert_path: str) -> KeyPair:
         reads.append(key_path)
         if len(reads) == 1:
-            raise keys.KeyFileError(f"key file {key_path} does not match certificate "
+            raise keyfiles.KeyFileError(f"key file {key_path} does not match certificate "
                                     f"{cert_path}")
         return real(key_path, cert_path)
 
@@ -722,7 +721,7 @@ def test_promote_across_file_systems(tmp_path: Path, capsys: pytest.CaptureFixtu
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    keys.promote(p["key"], p["cert"], p["next_key"], p["next_cert"])
+    keyfiles.promote(p["key"], p["cert"], p["next_key"], p["next_cert"])
     assert p["key"].read_bytes() == nkey and mode(p["key"]) == 0o600
     assert not p["next_key"].exists()
 
@@ -741,7 +740,7 @@ def test_promote_undoes_the_key_when_the_certificate_cannot_move(
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="Input/output error"):
-        keys.promote(p["key"], p["cert"], p["next_key"], p["next_cert"])
+        keyfiles.promote(p["key"], p["cert"], p["next_key"], p["next_cert"])
     assert {k: v.read_bytes() for k, v in p.items()} == before
     load_keypair(p["key"], p["cert"], "c.yaml", "tls.key")
 
@@ -759,19 +758,19 @@ def _answer(status: Status, *records: str) -> Answer:
 def test_tlsa_problem() -> None:
     want = dane.TLSARecord(3, 1, 1, bytes(range(32)))
     other = "3 1 1 " + "ff" * 32
-    assert keys.tlsa_problem(_answer(Status.SECURE, other, str(want)), want) is None
-    assert keys.tlsa_problem(_answer(Status.SECURE, other), want) == "no record for the next key"
-    assert keys.tlsa_problem(_answer(Status.SECURE), want) == "no record for the next key"
+    assert generation.tlsa_problem(_answer(Status.SECURE, other, str(want)), want) is None
+    missing = "no record for the next key"
+    assert generation.tlsa_problem(_answer(Status.SECURE, other), want) == missing
+    assert generation.tlsa_problem(_answer(Status.SECURE), want) == missing
     # The same digest under another usage/selector is not the record asked for.
-    assert keys.tlsa_problem(_answer(Status.SECURE, "2 1 1 " + want.data.hex()), want)
-    assert keys.tlsa_problem(_answer(Status.INSECURE, str(want)), want) == (
+    assert generation.tlsa_problem(_answer(Status.SECURE, "2 1 1 " + want.data.hex()), want)
+    assert generation.tlsa_problem(_answer(Status.INSECURE, str(want)), want) == (
         "not secure (insecure)")
-    assert keys.tlsa_problem(_answer(Status.BOGUS), want) == "not secure (bogus)"
+    assert generation.tlsa_problem(_answer(Status.BOGUS), want) == "not secure (bogus)"
 
 
 def test_resolver_argument(capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="smtpgate")
-    keys.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = cli.parser()
     base = ["rollover", "--key", "k", "--cert", "c", "--next-key", "nk", "--next-cert", "nc",
             "--host", HOST]
     assert parser.parse_args(base).resolver == Endpoint(
@@ -784,8 +783,7 @@ def test_resolver_argument(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("cmd", ["keygen", "tlsa", "rollover"])
 def test_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="smtpgate")
-    keys.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = cli.parser()
     with pytest.raises(SystemExit) as exc:
         parser.parse_args([cmd, "--help"])
     assert exc.value.code == 0

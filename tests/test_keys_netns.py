@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway import keys
+from gateway import keyfiles, keygen, keys
 from gateway.dane import tlsa_record
 from tests import dnslab, netlab
 from tests.dnslab import DnsWorld
@@ -56,14 +56,14 @@ class Site:
 
     @staticmethod
     def _make(key_path: Path, cert_path: Path) -> str:
-        key = keys.generate_key()
-        cert = keys.self_signed(key, HOSTS)
-        keys.write_atomic(key_path, key.private_bytes(
+        key = keygen.generate_key()
+        cert = keygen.self_signed(key, HOSTS)
+        keyfiles.write_atomic(key_path, key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()), keys.KEY_MODE)
+            serialization.NoEncryption()), keyfiles.KEY_MODE)
         der = cert.public_bytes(serialization.Encoding.DER)
-        keys.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM),
-                          keys.CERT_MODE)
+        keyfiles.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM),
+                          keyfiles.CERT_MODE)
         return str(tlsa_record(der))  # "3 1 1 <hex>"
 
     def files(self) -> dict[str, bytes]:
