@@ -331,6 +331,11 @@ def _rsa_bits(text: str) -> int:
 _EXITS = "Exit 0 when done, 1 when refused, 2 for unusable input."
 
 
+def _hosts_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
+                   help=help)
+
+
 def _key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``keygen``, ``tlsa`` and ``rollover``: the site's key (gateway.keygen, gateway.keyfiles)."""
     kg = sub.add_parser(
@@ -346,8 +351,7 @@ def _key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     help="ec: ECDSA P-256 (default); rsa: for peers without ECDSA")
     kg.add_argument("--bits", type=_rsa_bits, metavar="N",
                     help=f"RSA key size (default {RSA_DEFAULT_BITS})")
-    kg.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
-                    help="MX host name this key serves (repeat for several)")
+    _hosts_option(kg, "MX host name this key serves (repeat for several)")
     kg.add_argument("--days", type=_days, default=DEFAULT_DAYS,
                     help=f"certificate validity (default {DEFAULT_DAYS})")
     kg.add_argument("--force", action="store_true", help="replace existing files")
@@ -361,8 +365,7 @@ def _key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                     "the record's TTL. " + _EXITS)
     tl.add_argument("--cert", required=True, metavar="PATH", help="current certificate")
     tl.add_argument("--next-cert", metavar="PATH", help="next certificate (rollover)")
-    tl.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
-                    help="MX host name (repeat for several)")
+    _hosts_option(tl, "MX host name (repeat for several)")
     tl.set_defaults(func=_cmd_tlsa)
 
     ro = sub.add_parser(
@@ -378,8 +381,7 @@ def _key_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ro.add_argument("--next-key", required=True, metavar="PATH", help="next key file")
     ro.add_argument("--next-cert", required=True, metavar="PATH",
                     help="next certificate file")
-    ro.add_argument("--host", required=True, action="append", type=host_name, metavar="NAME",
-                    help="MX host name whose TLSA must hold the next key (repeat for several)")
+    _hosts_option(ro, "MX host name whose TLSA must hold the next key (repeat for several)")
     ro.add_argument("--resolver", type=_resolver_arg, metavar="IP:PORT",
                     default=Endpoint(ipaddress.ip_address("127.0.0.1"), 53),
                     help="validating resolver to ask; its AD bit is believed "

@@ -247,10 +247,13 @@ class Leg(asyncio.Protocol):
                 if not tls.established:
                     t.write(flight)
                     return b""
-                # A client's last flight (TLS 1.3: its Finished) goes out with its first
-                # record, in one write and one segment: after STARTTLS the client speaks
-                # next.  A server's goes at once: a TLS 1.2 client waits for its Finished,
-                # and a client that reads its tickets before it speaks must get them.
+                # A client's last flight (TLS 1.3: its Finished) goes out with the first
+                # record the shell writes while acting on the outcome (after STARTTLS the
+                # client speaks next), in one write and one segment; at the latest at
+                # release(), so a peer never waits on it (the take-over speaks to the peer
+                # only once the MTA has greeted over its own TLS).  A server's goes at once:
+                # a TLS 1.2 client waits for its Finished, and a client that reads its
+                # tickets before it speaks must get them.
                 if tls.obj.server_side:
                     t.write(flight)
                 else:
@@ -288,6 +291,7 @@ class Leg(asyncio.Protocol):
         if self.detached:
             return  # the handshake failed, or the connection was replaced since
         self._gated = False
+        self._send_flight()  # nothing was written while acting on the outcome
         while self.held and not self.pump.done.done():
             self._deliver(self.held.pop(0))
         if self.tls is not None and self.tls.peer_closed:

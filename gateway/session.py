@@ -248,7 +248,7 @@ class Session:
 
     async def _connect_one(self, target: Endpoint, leg: Leg) -> str:
         """Connects ``leg`` to ``target``; returns "" or the failure's metric label."""
-        loop = asyncio.get_running_loop()
+        loop = self.ctx.loop
         cfg = self.config
         source = cfg.upstream.source_ipv6 if target.host.version == 6 \
             else cfg.upstream.source_ipv4

@@ -244,10 +244,14 @@ def test_half_close_toward_a_tls_leg_is_close_notify_then_fin_and_reading_goes_o
     run(main())
 
 
-def test_the_clients_finished_goes_with_its_first_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [b"EHLO gw.example\r\n", b""],
+                         ids=["with-the-first-record", "alone-at-release"])
+def test_the_clients_finished_goes_with_its_first_record(tmp_path: Path,
+                                                          command: bytes) -> None:
     """TLS 1.3: after STARTTLS the client speaks first, so its Finished is held and goes
-    out with its first record, one write: the segment that ends the server's handshake
-    carries the command too (one wakeup and one read fewer on each side)."""
+    out with the first record written while the outcome is acted on, one write: the
+    segment that ends the server's handshake carries the command too (one wakeup and one
+    read fewer on each side).  Nothing written by then: release() sends it alone."""
     paths = certs.write_pki(tmp_path, certs.make_leaf(None, ["mx.b.test"]))
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(paths["cert"], paths["key"])
@@ -281,17 +285,18 @@ def test_the_clients_finished_goes_with_its_first_record(tmp_path: Path) -> None
         peer = threading.Thread(target=server, daemon=True)
         peer.start()
         await up.start_tls(client_ctx, False, "mx.b.test")
-        up.release()
         assert up.tls is not None and up.tls.obj.version() == "TLSv1.3"
         await asyncio.sleep(0.2)  # were the Finished sent at once, it would be read by now
-        up.write(b"EHLO gw.example\r\n")
+        # As the shell does: act on the outcome (the first command, if any), then release.
+        up.write(command)
+        up.release()
         await asyncio.get_running_loop().run_in_executor(None, peer.join, 5)
         r.pump.finish(End.ABORTED)
         r.client.close()
         r.server.close()
 
     run(main())
-    assert read_at_once == [b"EHLO gw.example\r\n"]
+    assert read_at_once == [command]  # the server's handshake ended, with the command if any
 
 
 def test_half_close_keeps_session_open_until_both_sides_end() -> None:
