@@ -80,9 +80,13 @@ def session_line(fields: dict[str, object]) -> None:
     doc = formatter.head(time.time(), "info", "smtpgate.session")
     doc["event"] = "session"
     doc.update(fields)
-    stream = handler.stream
-    stream.write(_dumps(doc) + "\n")
-    stream.flush()
+    try:
+        handler.stream.write(_dumps(doc) + "\n")
+        handler.stream.flush()
+    except (OSError, ValueError):
+        # A stream that cannot be written (a closed or broken stderr): what logging does
+        # with it (handleError), never an exception out of the session's end.
+        session_log.log(logging.INFO, "session", extra={"fields": fields})
 
 
 def setup(fmt: LogFormat, level: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 
 import pytest
 
@@ -30,12 +32,34 @@ def test_session_line(fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> Non
                                'outcome=relayed reason="two words" bytes_up=12')
 
 
+@contextlib.contextmanager
+def our_handler_only() -> Iterator[None]:
+    """The gateway's logger as in the gateway: our handler alone (pytest attaches capture
+    handlers while a test runs; with them session_line goes through logging, and the
+    direct line would go untested)."""
+    logger = logging.getLogger("smtpgate")
+    foreign = [h for h in logger.handlers if not getattr(h, "_smtpgate", False)]
+    for h in foreign:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in foreign:
+            logger.addHandler(h)
+
+
 @pytest.mark.parametrize("fmt", list(LogFormat))
 def test_the_session_line_written_directly_is_the_line_logging_writes(
         fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> None:
+    with our_handler_only():
+        _direct_line_is_logging_line(fmt, capsys)
+
+
+def _direct_line_is_logging_line(fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> None:
     """session_line() skips the logging machinery for JSON; what it writes must not differ
     (but for the millisecond stamp) from the line through logging, nor in text format."""
     logs.setup(fmt, "INFO")
+    assert (logs._direct is not None) == (fmt is LogFormat.JSON)  # the path under test
     fields: dict[str, object] = {"direction": "outbound", "client": "[2001:db8::5]:4000",
                                  "outcome": "relayed", "bytes_up": 12, "duration": 0.125,
                                  "reason": 'a "quoted" word'}
@@ -52,3 +76,27 @@ def test_the_session_line_written_directly_is_the_line_logging_writes(
         assert a == b and list(a) == list(b)
     else:
         assert direct.split(" ", 2)[2] == through.split(" ", 2)[2]
+
+
+def test_a_session_line_to_a_broken_stream_does_not_raise(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Written directly, the line meets a broken stderr as logging would: reported by
+    logging's handleError, not raised into the session's end."""
+
+    class Broken:
+        def write(self, _: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    logs.setup(LogFormat.JSON, "INFO")
+    assert logs._direct is not None  # the direct path is the one under test
+    with our_handler_only():
+        [handler] = logging.getLogger("smtpgate").handlers
+        handler.stream = Broken()  # type: ignore[attr-defined]
+        try:
+            logs.session_line({"outcome": "relayed"})
+        finally:
+            logs.setup(LogFormat.JSON, "INFO")  # back to the (captured) stderr
+    assert "Logging error" in capsys.readouterr().err
