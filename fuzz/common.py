@@ -23,10 +23,8 @@ TARGETS = {"gateway.smtp", "gateway.envelope", "gateway.dane", "gateway.proxypro
 _OTHERS = {f"gateway.{m.name}" for m in pkgutil.iter_modules(
     [str(Path(__file__).resolve().parent.parent / "gateway")])} - TARGETS
 with atheris.instrument_imports(include=["gateway"], exclude=sorted(_OTHERS)):
-    from gateway import dane, envelope, proxyproto, smtp  # the harnesses' targets
-
     # The shell's part for the machines, as the property tests play it.
-    from tests.machines import (
+    from gatelab.machines import (
         PLANS,
         TLS_OK,
         TLS_OUTCOMES,
@@ -41,6 +39,7 @@ with atheris.instrument_imports(include=["gateway"], exclude=sorted(_OTHERS)):
         upgrade_run,
         whole,
     )
+    from gateway import dane, envelope, proxyproto, smtp  # the harnesses' targets
 
 TestOneInput = Callable[[bytes], None]
 __all__ = ["PLANS", "TLS_OK", "TLS_OUTCOMES", "Cutter", "Played", "TestOneInput",

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from gatelab import certs, dnslab, netlab, postfix_instance
+from gatelab.dnslab import DnsWorld
+from gatelab.netlab import Lab
+from gatelab.postfix_instance import PostfixInstance, receiver_settings, tls_receiver_settings
 from gateway.dane import tlsa_data, tlsa_record
-from tests import certs, dnslab, netlab, postfix_instance
-from tests.dnslab import DnsWorld
-from tests.netlab import Lab
-from tests.postfix_instance import PostfixInstance, receiver_settings, tls_receiver_settings
 
 pytestmark = pytest.mark.netns
 

@@ -92,3 +92,14 @@ def test_commands_say_nothing_on_stderr_that_they_did_not_mean(tmp_path: Path) -
         said = r.stderr.startswith("wrote ") and "Warning" not in r.stderr \
             if args[0] == "keygen" else r.stderr == ""
         assert said, (args, r.stderr)
+
+
+def test_demo_without_the_lab_says_where_it_comes_from(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An installed gateway without the lab (the container image): a clear error, not a
+    traceback.  The demo itself is the README's first command (scripts/fresh-check)."""
+    monkeypatch.setitem(sys.modules, "gatelab.sitelab", None)  # import fails as when absent
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "gatelab" in err and "scripts/demo" in err, err
+

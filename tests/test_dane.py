@@ -1,5 +1,5 @@
 """DANE matching (gateway/dane.py): record generation, EE/TA semantics, fingerprints,
-and - in a lab - a real Postfix receiver offering STARTTLS with a tests.certs chain,
+and - in a lab - a real Postfix receiver offering STARTTLS with a gatelab.certs chain,
 checked by OpenSSL's own DANE implementation against our generated records."""
 
 from __future__ import annotations
@@ -15,17 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gateway.dane import (
-    Reason,
-    TLSARecord,
-    Verdict,
-    fingerprint_matches,
-    tlsa_data,
-    tlsa_owner,
-    tlsa_record,
-    verify,
-)
-from tests.certs import (
+from gatelab.certs import (
     Issued,
     KeyType,
     expired,
@@ -37,6 +27,16 @@ from tests.certs import (
     utcnow,
     write_chain_file,
     write_pki,
+)
+from gateway.dane import (
+    Reason,
+    TLSARecord,
+    Verdict,
+    fingerprint_matches,
+    tlsa_data,
+    tlsa_owner,
+    tlsa_record,
+    verify,
 )
 
 MX = "mx.example.net"
@@ -440,8 +440,8 @@ def test_write_chain_file(tmp_path: Path, pki: PKI) -> None:
 
 @pytest.fixture
 def lab() -> Iterator[object]:
-    from tests.netlab import Lab, netns_usable, reap_stale_namespaces
-    from tests.postfix_instance import postfix_usable
+    from gatelab.netlab import Lab, netns_usable, reap_stale_namespaces
+    from gatelab.postfix_instance import postfix_usable
 
     reason = netns_usable() or postfix_usable()
     if reason:
@@ -456,8 +456,8 @@ def lab() -> Iterator[object]:
 def test_postfix_receiver_starttls_verified_by_openssl_dane(
     lab: object, tmp_path: Path, pki: PKI
 ) -> None:
-    from tests.netlab import PEER_V4, Lab
-    from tests.postfix_instance import PostfixInstance, tls_receiver_settings
+    from gatelab.netlab import PEER_V4, Lab
+    from gatelab.postfix_instance import PostfixInstance, tls_receiver_settings
 
     assert isinstance(lab, Lab)
     chain_file = write_chain_file(tmp_path / "mx-chain.pem", pki.leaf, pki.inter)

@@ -17,15 +17,15 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gatelab import dnslab, netlab
+from gatelab.dnslab import DnsWorld
+from gatelab.netlab import Lab
 from gateway.answers import Answer, Status
 from gateway.config import DnsCache, DnsConfig, Endpoint, PolicyConfig
 from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
 from gateway.dns import Resolver
 from gateway.policy import Action, Auth, plan
 from gateway.walks import Discovery, RecipientRule
-from tests import dnslab, netlab
-from tests.dnslab import DnsWorld
-from tests.netlab import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -326,7 +326,7 @@ def test_check_without_resolver_config_uses_loopback(tmp_path: Path) -> None:
 def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
     """The running gateway discovers each outbound destination beside the connect and logs
     the plan with the session (acted on once the STARTTLS upgrade exists)."""
-    from tests.gatewayproc import GatewayProcess
+    from gatelab.gatewayproc import GatewayProcess
     from tests.test_gateway_netns import Peer, config
 
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as world:

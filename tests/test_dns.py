@@ -16,11 +16,11 @@ import dns.rdatatype
 import pytest
 import uvloop
 
+from gatelab.fakedns import FakeDns, Reply, answer
 from gateway.answers import Status, classify
 from gateway.config import DnsCache, DnsConfig, Endpoint
 from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
 from gateway.dns import Resolver
-from tests.fakedns import FakeDns, Reply, answer
 
 
 def q(name: str, rdtype: str) -> dns.message.QueryMessage:

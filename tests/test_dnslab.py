@@ -13,7 +13,7 @@ from pathlib import Path
 import dns.rdatatype
 import pytest
 
-from tests.dnslab import (
+from gatelab.dnslab import (
     DNS_V4,
     DNS_V6,
     DnsWorld,
@@ -21,7 +21,7 @@ from tests.dnslab import (
     ptr_name,
     reverse_zone,
 )
-from tests.netlab import NETNS_RUN_DIR, PEER_V4, PEER_V6, Lab, netns_usable
+from gatelab.netlab import NETNS_RUN_DIR, PEER_V4, PEER_V6, Lab, netns_usable
 
 pytestmark = pytest.mark.netns
 

@@ -66,11 +66,11 @@ import dns.rrset
 import pytest
 import uvloop
 
+from gatelab import certs, dnslab, netlab
+from gatelab.dnslab import DNS_V4, DNS_V6, DnsWorld
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import MTA_V4, PEER_V4, Lab, reset_close
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, netlab
-from tests.dnslab import DNS_V4, DNS_V6, DnsWorld
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import MTA_V4, PEER_V4, Lab, reset_close
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -52,12 +52,12 @@ from typing import cast
 
 import pytest
 
+from gatelab import certs, dnslab, netlab, postfix_instance
+from gatelab.dnslab import DnsWorld
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import PEER_V4, Lab, Netns, reset_close
+from gatelab.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, netlab, postfix_instance
-from tests.dnslab import DnsWorld
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import PEER_V4, Lab, Netns, reset_close
-from tests.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -18,11 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import firewall as fw
-from gateway.config import parse
-from tests import netlab
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import (
+from gatelab import netlab
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import (
     GW_MTA_IF,
     GW_PEER_IF,
     GW_PEER_V4,
@@ -34,6 +32,8 @@ from tests.netlab import (
     Lab,
     Netns,
 )
+from gateway import firewall as fw
+from gateway.config import parse
 
 pytestmark = pytest.mark.netns
 

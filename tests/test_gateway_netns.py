@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import netlab
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import (
+from gatelab import netlab
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import (
     GW_PEER_V4,
     GW_PEER_V6,
     MTA_V4,

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from gatelab import certs, dnslab, netlab, postfix_instance
+from gatelab.dnslab import DnsWorld
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import GW_PEER_V4, MTA_V4, Lab
+from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, netlab, postfix_instance
-from tests.dnslab import DnsWorld
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import GW_PEER_V4, MTA_V4, Lab
-from tests.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -80,11 +80,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gatelab import certs, netlab, postfix_instance
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import GW_PEER_IF, MTA_V4, Lab
+from gatelab.postfix_instance import PostfixInstance, receiver_settings
 from gateway.keys import TICKET_LIFETIME
-from tests import certs, netlab, postfix_instance
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import GW_PEER_IF, MTA_V4, Lab
-from tests.postfix_instance import PostfixInstance, receiver_settings
 from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

@@ -63,9 +63,9 @@ import dns.message
 import dns.rcode
 import pytest
 
-from tests import certs, netlab
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
+from gatelab import certs, netlab
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
 
 pytestmark = pytest.mark.netns
 

@@ -30,13 +30,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gatelab.certs import expired, make_intermediate, make_leaf, make_root, write_pki
 from gateway import cli, dane, keyfiles, keys
 from gateway import keygen as generation
 from gateway.answers import Answer, Status
 from gateway.config import ConfigError, Endpoint
 from gateway.keys import KeyPair, load_keypair, server_context
 from gateway.outbound import presented_chain
-from tests.certs import expired, make_intermediate, make_leaf, make_root, write_pki
 
 HOST = "mx.example.com"
 

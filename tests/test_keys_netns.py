@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from gatelab import dnslab, netlab
+from gatelab.dnslab import DnsWorld
+from gatelab.netlab import Lab
 from gateway import keyfiles, keygen, keys
 from gateway.dane import tlsa_record
-from tests import dnslab, netlab
-from tests.dnslab import DnsWorld
-from tests.netlab import Lab
 
 pytestmark = pytest.mark.netns
 

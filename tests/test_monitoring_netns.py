@@ -27,9 +27,9 @@ from urllib.parse import urlencode
 import pytest
 import yaml
 
-from tests import netlab
+from gatelab import netlab
+from gatelab.netlab import Netns
 from tests import test_upgrade_netns as upgrade  # skips here too without DNS lab or Postfix
-from tests.netlab import Netns
 from tests.test_monitoring import (
     ALERTS,
     alert_rules,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import (
+from gatelab.netlab import (
     GW_MTA_V4,
     GW_MTA_V6,
     GW_PEER_V4,
@@ -32,7 +32,7 @@ from tests.netlab import (
     original_dst,
     reap_stale_namespaces,
 )
-from tests.postfix_instance import (
+from gatelab.postfix_instance import (
     PostfixInstance,
     SmtpSink,
     null_client_settings,

@@ -240,8 +240,8 @@ def test_an_insecure_name_cannot_weaken_the_default(default: Level, name_level: 
 # -- the recipient dimension (RFC 7672, bound to the recipient domain's MX) -----------------
 
 def _chain_and_records() -> tuple[list[bytes], TLSARecord, TLSARecord]:
+    from gatelab import certs
     from gateway.dane import tlsa_record
-    from tests import certs
 
     leaf = certs.make_leaf(None, ["mx.b.test"])
     return [leaf.der], tlsa_record(leaf.der), TLSARecord(3, 1, 1, b"\x5a" * 32)
@@ -309,10 +309,10 @@ def test_check_and_session_verify_a_dane_ta_peer_behind_a_cname_alike() -> None:
     peer reached through a CNAME whose certificate names the MX host, not the TLSA base
     domain, passes both (RFC 7672 3.2.3: both are reference identifiers).  `check` once
     checked the SNI name alone and reported a mismatch the session accepted."""
+    from gatelab import certs
     from gateway import check, dane
     from gateway.outbound import OutboundUpgrade
     from gateway.smtp import Result
-    from tests import certs
 
     root = certs.make_root()
     leaf = certs.make_leaf(root, ["mx.b.test"])

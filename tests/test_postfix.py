@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import netlab, postfix_instance
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import PEER_V4, PEER_V4_ALT, PEER_V6, Lab
-from tests.postfix_instance import PostfixInstance, SmtpSink, null_client_settings, smtp_source
+from gatelab import netlab, postfix_instance
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import PEER_V4, PEER_V4_ALT, PEER_V6, Lab
+from gatelab.postfix_instance import PostfixInstance, SmtpSink, null_client_settings, smtp_source
 from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

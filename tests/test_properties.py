@@ -30,6 +30,20 @@ import uvloop
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gatelab.certs import make_leaf, make_root
+from gatelab.machines import (
+    PLANS,
+    TLS_OUTCOMES,
+    UNASKED,
+    Cutter,
+    a4_normalized,
+    held_never_sent_without_tls,
+    limits,
+    offload_run,
+    same_offload,
+    upgrade_run,
+    whole,
+)
 from gateway import dane, smtp
 from gateway.envelope import (
     CheckRecipient,
@@ -57,20 +71,6 @@ from gateway.smtp import (
     lost_capabilities,
     take_line,
     verb,
-)
-from tests.certs import make_leaf, make_root
-from tests.machines import (
-    PLANS,
-    TLS_OUTCOMES,
-    UNASKED,
-    Cutter,
-    a4_normalized,
-    held_never_sent_without_tls,
-    limits,
-    offload_run,
-    same_offload,
-    upgrade_run,
-    whole,
 )
 
 settings.register_profile(

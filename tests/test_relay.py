@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from gatelab import certs
+from gatelab.netlab import reset_close
 from gateway.relay import End, Pump
-from tests import certs
-from tests.netlab import reset_close
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

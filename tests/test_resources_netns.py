@@ -41,9 +41,9 @@ from typing import Any, TypeVar, cast
 import pytest
 import uvloop
 
-from tests import netlab, postfix_instance
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import (
+from gatelab import netlab, postfix_instance
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import (
     GW_MTA_IF,
     GW_PEER_V4,
     GW_PEER_V6,
@@ -55,7 +55,7 @@ from tests.netlab import (
     Netns,
     reset_close,
 )
-from tests.postfix_instance import SmtpSink, smtp_source
+from gatelab.postfix_instance import SmtpSink, smtp_source
 
 pytestmark = pytest.mark.netns
 

@@ -1,4 +1,4 @@
-"""The whole mission as a user would see it: four mail sites (tests/sitelab.py) with real
+"""The whole mission as a user would see it: four mail sites (gatelab/sitelab.py) with real
 Postfix, real DNSSEC (NSD + Unbound), both gateways installed by ``smtpgate firewall``.
 
 Each scenario is checked three ways: the receiving MTA's mailbox, an MTA's log, and a
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import dnslab, netlab, postfix_instance
-from tests.sitelab import (
+from gatelab import dnslab, netlab, postfix_instance
+from gatelab.sitelab import (
     B_MTA,
     B_TTL,
     C_PUB,

@@ -51,9 +51,9 @@ from typing import Any
 
 import pytest
 
-from tests import certs, netlab
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import PEER_V4, PEER_V4_ALT, Lab
+from gatelab import certs, netlab
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
 from tests.test_injection_netns import (
     EHLO_LINE,
     END_OF_DATA,

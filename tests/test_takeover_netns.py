@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 
+from gatelab import certs, dnslab, exim_client, netlab, postfix_instance
+from gatelab.capture import Capture
+from gatelab.dnslab import DnsWorld
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import GW_MTA_V4, HOST_IF, PEER_V4, PEER_V6, Lab, Netns
+from gatelab.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 from gateway.dane import tlsa_record
-from tests import certs, dnslab, exim_client, netlab, postfix_instance
-from tests.capture import Capture
-from tests.dnslab import DnsWorld
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import GW_MTA_V4, HOST_IF, PEER_V4, PEER_V6, Lab, Netns
-from tests.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]

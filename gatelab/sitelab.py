@@ -25,7 +25,7 @@ replacing its TLSA is seen quickly (the gateways' DNS cache is capped to it too)
 Optionally (``SiteLab(work, with_prometheus=True)``) a Prometheus in inet scrapes both
 gateways' exporters, which listen on the edges' public addresses.
 
-``python -m tests.sitelab`` (``scripts/demo``) builds the lab, runs three scenarios and
+``smtpgate demo`` (``scripts/demo``) builds the lab, runs three scenarios and
 prints how each message travelled.
 """
 
@@ -46,18 +46,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gateway.dane import tlsa_record
-from tests import certs
-from tests.capture import Capture
-from tests.dnslab import DnsWorld, ptr_name, reverse_zone
-from tests.gatewayproc import GatewayProcess
-from tests.netlab import Netns, _link_ready, delete_all
-from tests.postfix_instance import (
+from gatelab import certs
+from gatelab.capture import Capture
+from gatelab.dnslab import DnsWorld, ptr_name, reverse_zone
+from gatelab.gatewayproc import GatewayProcess
+from gatelab.netlab import Netns, _link_ready, delete_all
+from gatelab.postfix_instance import (
     PostfixInstance,
     null_client_settings,
     receiver_settings,
     tls_receiver_settings,
 )
+from gateway.dane import tlsa_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -562,10 +562,3 @@ def demo(keep: bool = False, out: Any = sys.stdout) -> int:
           file=out)
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="smtpgate's four-site demo lab (root)")
-    parser.add_argument("--keep", action="store_true", help="leave the lab up until Enter")
-    sys.exit(demo(parser.parse_args().keep))

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.netlab import Netns, stop_process, wait_port
+from gatelab.netlab import Netns, stop_process, wait_port
 
 POSTFIX_ETC = Path("/etc/postfix")
 POSTFIX_SHARE = Path("/usr/share/postfix")
@@ -619,7 +619,7 @@ def tls_receiver_settings(
     myhostname: str = "mx.example.net",
 ) -> dict[str, str]:
     """receiver_settings() plus opportunistic STARTTLS with the key and chain in
-    ``chain_file`` (key first, then leaf and issuers: tests.certs.write_chain_file()).
+    ``chain_file`` (key first, then leaf and issuers: gatelab.certs.write_chain_file()).
     TLS connections are logged (loglevel 1) and noted in the Received: header, so a
     delivered message shows whether and how it came in over TLS."""
     settings = receiver_settings(listen, domain=domain, myhostname=myhostname)

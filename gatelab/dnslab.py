@@ -81,7 +81,7 @@ import dns.rdtypes.ANY.DNSKEY
 import dns.rdtypes.ANY.SOA
 import dns.zone
 
-from tests.netlab import CommandError, Lab, Netns, wait_port
+from gatelab.netlab import CommandError, Lab, Netns, wait_port
 
 # Where DnsWorld.on_lab() puts the authoritative server (on the peer's eth0).
 DNS_V4 = "203.0.113.53"
@@ -942,7 +942,7 @@ def _alive(pid: int) -> bool:
 @atexit.register
 def _stop_leftovers() -> None:
     # Safety net for worlds not stopped by their owner (interrupted run). Registered
-    # after tests.netlab's handler, so it runs before the namespaces are deleted.
+    # after gatelab.netlab's handler, so it runs before the namespaces are deleted.
     with _live_lock:
         leftovers = list(_live)
     for world in leftovers:

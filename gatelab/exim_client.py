@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.netlab import Netns
+from gatelab.netlab import Netns
 
 EXIM_ROOT = Path("/var/lib/smtpgate-tests/exim4")
 EXIM = EXIM_ROOT / "usr/sbin/exim4"

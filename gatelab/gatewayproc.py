@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.netlab import Netns, wait_port
+from gatelab.netlab import Netns, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # The samples of one metric family: a counter's _total, a histogram's _bucket/_sum/_count.

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.netlab import Netns
+from gatelab.netlab import Netns
 
 
 class Capture:
