@@ -1,18 +1,33 @@
 """A small in-process DNS server for faults a real resolver will not produce on demand:
 drops, stalls, truncation, garbage, an AD bit it has no business setting.  UDP and TCP on
-loopback; ``handler`` decides per query."""
+loopback; ``handler`` decides per query.
+
+On the caller's event loop (``await FakeDns(handler).start()``), or, for a test whose own
+code is not asyncio, on a thread of its own inside a lab namespace, where a gateway finds it
+as its resolver::
+
+    resolver = FakeDns(knows_nothing()).serve_in(lab.gw)  # 127.0.0.1:53 in gw
+    ...
+    resolver.close()
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
+
+if TYPE_CHECKING:
+    from gatelab.netlab import Netns
 
 # The handler returns a response message, raw bytes, or None to drop the query.
 Reply = dns.message.Message | bytes | None
@@ -36,6 +51,22 @@ def answer(query: dns.message.QueryMessage, *records: str, ad: bool = False,
     return r
 
 
+def knows_nothing(delay: float = 0.0, failing: str = "tripwire") -> Handler:
+    """A resolver that knows nothing: NXDOMAIN without AD for every name (a recipient domain
+    then asks nothing of a session), SERVFAIL for names containing ``failing`` (a recipient
+    there is refused 450 by the gateway); each answer ``delay`` seconds late."""
+
+    async def handle(query: dns.message.QueryMessage, transport: str) -> Reply:
+        name = query.question[0].name.to_text().lower()
+        r = dns.message.make_response(query)
+        r.set_rcode(dns.rcode.SERVFAIL if failing in name else dns.rcode.NXDOMAIN)
+        if delay:
+            await asyncio.sleep(delay)
+        return r
+
+    return handle
+
+
 def _split(text: str) -> list[Any]:
     name, ttl, cls, rdtype, rdata = text.split(None, 4)
     return [name, int(ttl), cls, rdtype, rdata]
@@ -49,8 +80,13 @@ class FakeDns:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # serve_in()'s, on its thread
+        self._thread: threading.Thread | None = None
 
-    async def start(self, host: str = "127.0.0.1") -> FakeDns:
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    ns: Netns | None = None) -> FakeDns:
+        """Serves UDP and TCP on ``host:port`` (port 0: a free one, see ``self.port``), in
+        the namespace ``ns`` when given."""
         loop = asyncio.get_running_loop()
         fake = self
 
@@ -61,11 +97,47 @@ class FakeDns:
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 fake._spawn(fake._serve_udp(data, addr))
 
-        await loop.create_datagram_endpoint(Udp, local_addr=(host, 0))
+        if ns is None:
+            await loop.create_datagram_endpoint(Udp, local_addr=(host, port))
+        else:
+            udp = ns.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                            socket.SOCK_DGRAM)
+            udp.bind((host, port))
+            await loop.create_datagram_endpoint(Udp, sock=udp)
         assert self._udp is not None
         self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(self._serve_tcp, host, self.port)  # noqa: TID251
+        if ns is None:
+            self._tcp = await asyncio.start_server(  # noqa: TID251
+                self._serve_tcp, host, self.port)
+        else:
+            self._tcp = await asyncio.start_server(  # noqa: TID251
+                self._serve_tcp, sock=ns.listen(host, self.port))
         return self
+
+    def serve_in(self, ns: Netns, host: str = "127.0.0.1", port: int = 53) -> FakeDns:
+        """Starts serving ``host:port`` in ``ns`` on an event loop of its own (a thread);
+        :meth:`close` stops it."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True, name="fakedns")
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(host, port, ns), loop).result(10)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stops what :meth:`serve_in` started (the server, then its loop and thread)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name="fakedns query")
@@ -73,7 +145,10 @@ class FakeDns:
         task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, data: bytes, transport: str) -> bytes | None:
-        query = dns.message.from_wire(data)
+        try:
+            query = dns.message.from_wire(data)
+        except dns.exception.DNSException:
+            return None  # not a DNS message: no answer
         assert isinstance(query, dns.message.QueryMessage)
         q = query.question[0]
         self.queries.append((q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype),
@@ -101,6 +176,10 @@ class FakeDns:
 
     def count(self, name: str, rdtype: str) -> int:
         return sum(1 for n, t, _ in self.queries if (n, t) == (name, rdtype))
+
+    def names(self, since: int = 0) -> list[str]:
+        """The names asked for, in order, from the ``since``-th query on."""
+        return [n for n, _, _ in self.queries[since:]]
 
     async def stop(self) -> None:
         if self._udp is not None:

@@ -16,7 +16,7 @@ import dns.rdatatype
 import pytest
 import uvloop
 
-from gatelab.fakedns import FakeDns, Reply, answer
+from gatelab.fakedns import FakeDns, Handler, Reply, answer
 from gateway.answers import Status, classify
 from gateway.config import DnsCache, DnsConfig, Endpoint
 from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
@@ -106,9 +106,6 @@ def cfg(port: int, **kw: Any) -> DnsConfig:
     cache = kw.pop("cache", DnsCache(min_ttl=0))
     return DnsConfig(resolvers=(Endpoint(ipaddress.ip_address("127.0.0.1"), port),),
                      timeout=kw.pop("timeout", 0.5), cache=cache, **kw)
-
-
-Handler = Callable[[dns.message.QueryMessage, str], Awaitable[Reply]]
 
 
 async def with_fake(handler: Handler,

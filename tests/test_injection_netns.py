@@ -59,11 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dns.message
-import dns.rcode
 import pytest
 
 from gatelab import certs, netlab
+from gatelab.fakedns import FakeDns, knows_nothing
 from gatelab.gatewayproc import GatewayProcess
 from gatelab.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
 
@@ -497,46 +496,6 @@ class FakeServer:
         self._thread.join(5)
 
 
-class FakeDns:
-    """A resolver on 127.0.0.1:53 in ``ns`` that knows nothing: NXDOMAIN without AD for
-    every name (a recipient domain then asks nothing of the session), SERVFAIL for names
-    containing ``tripwire`` (a recipient there would be refused 450 by the gateway).  The
-    queries are recorded: a lookup is the gateway acting on a RCPT."""
-
-    def __init__(self, ns: Netns, delay: float = 0.0) -> None:
-        self.sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 53))
-        self.delay = delay
-        self.queries: list[str] = []
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="fake dns")
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(4096)
-            except OSError:
-                return
-            try:
-                query = dns.message.from_wire(data)
-            except Exception:
-                continue
-            name = query.question[0].name.to_text().lower() if query.question else ""
-            self.queries.append(name)
-            r = dns.message.make_response(query)
-            r.set_rcode(dns.rcode.SERVFAIL if "tripwire" in name else dns.rcode.NXDOMAIN)
-            if self.delay:
-                time.sleep(self.delay)
-            with contextlib.suppress(OSError):
-                self.sock.sendto(r.to_wire(), addr)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
-
-
 class SessionLog:
     """The gateway's session lines, read incrementally, in order per destination.  Trials
     to one destination run one after the other, so its next line is the trial's (not found
@@ -644,7 +603,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", GW_PEER_IF, "-p", "tcp",
                              "--dport", "25", "-j", "REDIRECT", "--to-ports",
                              str(INBOUND_PORT)], v6=v6)
-        dns_ = FakeDns(lab.gw)
+        dns_ = FakeDns(knows_nothing()).serve_in(lab.gw)
         stack.callback(dns_.close)
         honest = Script(context=peer_ctx)
         peers = {}

@@ -52,12 +52,12 @@ from typing import Any
 import pytest
 
 from gatelab import certs, netlab
+from gatelab.fakedns import FakeDns, knows_nothing
 from gatelab.gatewayproc import GatewayProcess
 from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
 from tests.test_injection_netns import (
     EHLO_LINE,
     END_OF_DATA,
-    FakeDns,
     FakeServer,
     Script,
     Served,
@@ -183,7 +183,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lab.redirect_port25(10025)
         # A short delay: a RCPT waits for its lookup while the pipelined BDAT behind it
         # arrives, so the tracker's holding path is crossed too.
-        resolver = FakeDns(lab.gw, delay=0.01)
+        resolver = FakeDns(knows_nothing(delay=0.01)).serve_in(lab.gw)
         stack.callback(resolver.close)
         peers = {}
         for mode, host in MODES.items():
@@ -308,7 +308,7 @@ def run_mode(w: World, mode: str, trials: list[tuple[Variant, str]], since: int)
         c = sender(w, dst, v, how, (f"r@{domains[0]}".encode(), f"r@{domains[1]}".encode()))
         s = w.log.next(f"{dst}:25", timeout=20)
         conns = peer.settle(mark, timeout=20)
-        problems = judge(mode, v, c, conns=conns, s=s, queries=w.dns.queries[since:],
+        problems = judge(mode, v, c, conns=conns, s=s, queries=w.dns.names(since),
                          domains=domains)
         if problems:
             failures.append(f"{mode}/{v.name}/{how}: {'; '.join(problems)}")
@@ -349,7 +349,7 @@ def test_the_detectors_see_a_command_the_gateway_does_act_on(world: World) -> No
     v = Variant("control", data=b"Subject: control\r\n\r\nx" + END_OF_DATA)
     c = sender(world, MODES["tls"], v, "segment", (b"y@tripwire.test", b"r@control.test"))
     s = world.log.next(f"{MODES['tls']}:25", timeout=20)
-    problems = judge("tls", v, c, conns=peer.settle(mark), s=s, queries=list(world.dns.queries),
+    problems = judge("tls", v, c, conns=peer.settle(mark), s=s, queries=world.dns.names(),
                      domains=("tripwire.test", "control.test"))
     assert b"450 4.7.5 smtpgate: cannot trust DNS" in c.plain_in, bytes(c.plain_in)
     assert any("looked up" in p for p in problems), problems
