@@ -3,11 +3,13 @@ and its Prometheus endpoint read back by the tests."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,58 @@ class GatewayProcess:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+class LogFollower:
+    """The gateway's JSON log read incrementally: each read takes only the lines appended
+    since the last one (re-reading thousands of lines after each of a thousand reloads would
+    cost more than the reloads).  Thread-safe."""
+
+    def __init__(self, gw: GatewayProcess) -> None:
+        self.gw = gw
+        self._offset = 0
+        self._partial = b""
+        self._sessions: dict[str, collections.deque[dict[str, Any]]] = \
+            collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def new(self) -> list[dict[str, Any]]:
+        """The lines written since the last read."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            with self.gw.log_path.open("rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+                if doc.get("event") == "session":
+                    self._sessions[doc["destination"]].append(doc)
+        return out
+
+    def next_session(self, destination: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next session line to ``destination`` (``host:port``) not yet taken.  Sessions
+        to one destination that run one after the other are taken in their order (not
+        found by client address: where REDIRECT's NAT finds its reply tuple taken by an
+        earlier connection, the gateway sees another source port than the client used)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._read()
+                if self._sessions[destination]:
+                    return self._sessions[destination].popleft()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no session line:\n{self.gw.log_text()[-2000:]}")
+            time.sleep(0.005)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import os
 import re
 import socket
@@ -63,7 +62,7 @@ import pytest
 
 from gatelab import certs, netlab
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, LogFollower
 from gatelab.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
 
 pytestmark = pytest.mark.netns
@@ -496,44 +495,6 @@ class FakeServer:
         self._thread.join(5)
 
 
-class SessionLog:
-    """The gateway's session lines, read incrementally, in order per destination.  Trials
-    to one destination run one after the other, so its next line is the trial's (not found
-    by client address: where REDIRECT's NAT finds its reply tuple taken by an earlier
-    connection, the gateway sees another source port than the client used)."""
-
-    def __init__(self, gw: GatewayProcess) -> None:
-        self.gw = gw
-        self._pos = 0
-        self._lines: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
-            collections.deque)
-        self._lock = threading.Lock()
-
-    def _read(self) -> None:
-        with self.gw.log_path.open("rb") as f:
-            f.seek(self._pos)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self._pos += end
-        for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if doc.get("event") == "session":
-                    self._lines[doc["destination"]].append(doc)
-
-    def next(self, destination: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The next session line for ``destination`` (``host:port``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                self._read()
-                if self._lines[destination]:
-                    return self._lines[destination].popleft()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no session line:\n{self.gw.log_text()[-2000:]}")
-            time.sleep(0.005)
-
-
 def tls_server_context(work: Path, leaf: certs.Issued, name: str) -> ssl.SSLContext:
     key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -558,7 +519,7 @@ def tls_client_context() -> ssl.SSLContext:
 class World:
     lab: Lab
     gw: GatewayProcess
-    log: SessionLog
+    log: LogFollower
     peer_ctx: ssl.SSLContext
     client_ctx: ssl.SSLContext
     peers: dict[str, FakeServer]  # by address: PEER_V4 encrypt, PEER_V4_ALT pins, MAY_PEER
@@ -617,7 +578,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         gw = stack.enter_context(GatewayProcess(
             lab.gw, work, gateway_config(fingerprint, work / "site-key.pem",
                                          work / "site-cert.pem")))
-        yield World(lab, gw, SessionLog(gw), peer_ctx, tls_client_context(), peers, mta, dns_)
+        yield World(lab, gw, LogFollower(gw), peer_ctx, tls_client_context(), peers, mta, dns_)
 
 
 # -- trials -------------------------------------------------------------------------------
@@ -738,7 +699,7 @@ def outbound_trial(w: World, policy: str, script: Script, envelope_mode: str = "
     server = w.peers[POLICY_PEER[policy]]
     mark = server.arm(script)
     mta = mta_session(w, POLICY_PEER[policy], envelope_mode)
-    s = w.log.next(f"{POLICY_PEER[policy]}:25")
+    s = w.log.next_session(f"{POLICY_PEER[policy]}:25")
     conns = server.settle(mark)
     return judge_outbound(mta, conns, s, policy, injected), outcome_of(s)
 
@@ -861,7 +822,7 @@ def judge_inbound_injection(c: Wire, legacy: list[Served], s: dict[str, Any]) ->
 def inbound_injection_trial(w: World, inject: bytes, mode: str) -> tuple[list[str], str]:
     mark = w.mta.arm()
     c = inbound_client(w, inject, mode)
-    s = w.log.next(f"{MTA_V4}:25")
+    s = w.log.next_session(f"{MTA_V4}:25")
     legacy = w.mta.settle(mark)
     return judge_inbound_injection(c, legacy, s), outcome_of(s)
 
@@ -943,7 +904,7 @@ def pipelined_trial(w: World, steps: list[tuple[bytes, int]], mode: str) -> tupl
         list[str], str]:
     mark = w.mta.arm()
     c = pipelined_client(w, steps, mode)
-    s = w.log.next(f"{MTA_V4}:25")
+    s = w.log.next_session(f"{MTA_V4}:25")
     return judge_pipelined(c, w.mta.settle(mark), s), outcome_of(s)
 
 
@@ -959,7 +920,7 @@ def unasked_trial(w: World, mode: str) -> tuple[list[str], str]:
     # (the stream has no other clock), so "before STARTTLS" must mean before.
     c = pipelined_client(w, [(CLIENT_EHLO, 1), (b"STARTTLS\r\n", 1)], mode,
                          pause=len(stale) * BYTE_GAP + 0.2 if mode == "bytewise" else 0.0)
-    s = w.log.next(f"{MTA_V4}:25")
+    s = w.log.next_session(f"{MTA_V4}:25")
     [m] = w.mta.settle(mark)
     problems = []
     if stale in c.tls_in:
@@ -993,7 +954,7 @@ def e2e_trial(w: World, commands: bytes, response: bytes, mode: str) -> tuple[li
             c.reply()
     finally:
         c.finish()
-    s = w.log.next(f"{PEER_V4}:25")
+    s = w.log.next_session(f"{PEER_V4}:25")
     [p] = server.settle(mark)
     problems = []
     if bytes(p.wire.raw_in) != bytes(c.raw_out):
@@ -1022,7 +983,7 @@ def takeover_trial(w: World, commands: bytes, mode: str) -> tuple[list[str], str
         reply = c.reply() or b""
     finally:
         c.finish()
-    s = w.log.next(f"{PEER_V4}:25")
+    s = w.log.next_session(f"{PEER_V4}:25")
     served = server.settle(mark)
     problems = []
     if not SMTPGATE_421.fullmatch(reply) or b"4.7.0" not in reply:
@@ -1119,7 +1080,7 @@ def test_regression_a_reply_pushed_before_starttls_never_reaches_the_mta(world: 
     server = world.peers[PEER_V4]
     mark = server.arm(Script(context=world.peer_ctx, after_ehlo=fake))
     mta = mta_session(world, PEER_V4)
-    s = world.log.next(f"{PEER_V4}:25")
+    s = world.log.next_session(f"{PEER_V4}:25")
     conns = server.settle(mark)
     assert bytes(mta.plain_in).endswith(
         b"421 4.7.0 smtpgate: peer protocol error: unsolicited reply 250\r\n"), mta.plain_in
@@ -1148,7 +1109,7 @@ def test_a_peer_breaking_framing_after_the_upgrade_ends_the_session_with_resets(
     mark = server.arm(Script(context=world.peer_ctx,
                              mail_reply=b"250 " + b"x" * 5000 + b"\r\n"))
     mta = mta_session(world, PEER_V4)
-    s = world.log.next(f"{PEER_V4}:25")
+    s = world.log.next_session(f"{PEER_V4}:25")
     [conn] = server.settle(mark)
     assert conn.wire.secure  # the hop was upgraded: the tracker read the long line
     assert b"x" * 100 not in mta.plain_in  # the MTA never got it as a reply

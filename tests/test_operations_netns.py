@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import random
 import re
@@ -47,7 +46,7 @@ import uvloop
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, LogFollower
 from gatelab.netlab import PEER_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 from gateway.dane import tlsa_record
@@ -71,33 +70,6 @@ if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
 
 RELOADS = trials(500, 1000)
 CONCURRENCY = 8
-
-
-class LogFollower:
-    """The gateway's JSON log read incrementally (re-reading thousands of lines after each of
-    a thousand reloads would cost more than the reloads)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self._partial = b""
-
-    def new(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self.offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
 
 
 # -- reloads under load ----------------------------------------------------------------------
@@ -206,7 +178,7 @@ def test_reloads_under_load_fail_no_session(
             errors.append(exc)
 
     with GatewayProcess(lab.gw, tmp_path / "gw", configs[0]) as gw:
-        follower = LogFollower(gw.log_path)
+        follower = LogFollower(gw)
         follower.new()
         loader = threading.Thread(target=run_load, name="load", daemon=True)
         loader.start()

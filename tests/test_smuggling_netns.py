@@ -53,7 +53,7 @@ import pytest
 
 from gatelab import certs, netlab
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, LogFollower
 from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
 from tests.test_injection_netns import (
     EHLO_LINE,
@@ -61,7 +61,6 @@ from tests.test_injection_netns import (
     FakeServer,
     Script,
     Served,
-    SessionLog,
     Wire,
     send_as,
     tls_server_context,
@@ -149,7 +148,7 @@ BDAT_VARIANTS: dict[str, list[bytes]] = {
 class World:
     lab: Lab
     gw: GatewayProcess
-    log: SessionLog
+    log: LogFollower
     peers: dict[str, FakeServer]  # by mode
     dns: FakeDns
     ids: Iterator[int] = field(default_factory=lambda: iter(range(1, 1_000_000)))
@@ -191,7 +190,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             peers[mode] = FakeServer(lab.peer, host, script)
             stack.callback(peers[mode].close)
         gw = stack.enter_context(GatewayProcess(lab.gw, work, gateway_config()))
-        yield World(lab, gw, SessionLog(gw), peers, resolver)
+        yield World(lab, gw, LogFollower(gw), peers, resolver)
 
 
 @dataclass
@@ -306,7 +305,7 @@ def run_mode(w: World, mode: str, trials: list[tuple[Variant, str]], since: int)
         domains = (f"first-{n}.test", f"second-{n}.test")
         mark = peer.arm()
         c = sender(w, dst, v, how, (f"r@{domains[0]}".encode(), f"r@{domains[1]}".encode()))
-        s = w.log.next(f"{dst}:25", timeout=20)
+        s = w.log.next_session(f"{dst}:25", timeout=20)
         conns = peer.settle(mark, timeout=20)
         problems = judge(mode, v, c, conns=conns, s=s, queries=w.dns.names(since),
                          domains=domains)
@@ -348,7 +347,7 @@ def test_the_detectors_see_a_command_the_gateway_does_act_on(world: World) -> No
     mark = peer.arm()
     v = Variant("control", data=b"Subject: control\r\n\r\nx" + END_OF_DATA)
     c = sender(world, MODES["tls"], v, "segment", (b"y@tripwire.test", b"r@control.test"))
-    s = world.log.next(f"{MODES['tls']}:25", timeout=20)
+    s = world.log.next_session(f"{MODES['tls']}:25", timeout=20)
     problems = judge("tls", v, c, conns=peer.settle(mark), s=s, queries=world.dns.names(),
                      domains=("tripwire.test", "control.test"))
     assert b"450 4.7.5 smtpgate: cannot trust DNS" in c.plain_in, bytes(c.plain_in)
