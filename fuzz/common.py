@@ -19,7 +19,8 @@ import atheris  # type: ignore[import-untyped]  # ships no type information
 
 # The modules under test are instrumented, so coverage guides the fuzzer through their code
 # (not the libraries they call, nor the rest of the gateway: instrumenting costs startup).
-TARGETS = {"gateway.smtp", "gateway.envelope", "gateway.dane", "gateway.proxyproto"}
+TARGETS = {"gateway.smtp", "gateway.commands", "gateway.upgrade", "gateway.offload",
+           "gateway.envelope", "gateway.dane", "gateway.proxyproto"}
 _OTHERS = {f"gateway.{m.name}" for m in pkgutil.iter_modules(
     [str(Path(__file__).resolve().parent.parent / "gateway")])} - TARGETS
 with atheris.instrument_imports(include=["gateway"], exclude=sorted(_OTHERS)):
@@ -39,12 +40,15 @@ with atheris.instrument_imports(include=["gateway"], exclude=sorted(_OTHERS)):
         upgrade_run,
         whole,
     )
-    from gateway import dane, envelope, proxyproto, smtp  # the harnesses' targets
+
+    # the harnesses' targets
+    from gateway import commands, dane, envelope, offload, proxyproto, smtp, upgrade
 
 TestOneInput = Callable[[bytes], None]
 __all__ = ["PLANS", "TLS_OK", "TLS_OUTCOMES", "Cutter", "Played", "TestOneInput",
-           "a4_normalized", "cut", "dane", "envelope", "held_never_sent_without_tls", "limits",
-           "main", "offload_run", "proxyproto", "same_offload", "smtp", "upgrade_run", "whole"]
+           "a4_normalized", "commands", "cut", "dane", "envelope", "held_never_sent_without_tls",
+           "limits", "main", "offload", "offload_run", "proxyproto", "same_offload", "smtp",
+           "upgrade", "upgrade_run", "whole"]
 
 
 def main(test_one_input: TestOneInput, seeds: Callable[[], Sequence[bytes]]) -> None:

@@ -4,7 +4,7 @@ envelope tracker (gateway.envelope.Envelope) on a conversation.  Input: one byte
 read size, the limits and whether recipients of domains starting with "d" are refused; then
 turns separated by NUL, the MTA's and the peer's in alternation.
 
-Invariants: only ProtocolError is raised; lines come out whole, in order, within the limit;
+Invariants: only RemoteProtocolError is raised; lines come out whole, in order, within the limit;
 a recipient's domain is lower case without a trailing dot; the tracker's output per side is
 the same whole and cut at the read size; with every recipient allowed, the bytes forwarded
 to the peer followed by what the tracker still holds are exactly the MTA's bytes (A2).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import common
 from common import cut, limits, whole
 
-from gateway import smtp
 from gateway.envelope import (
     CheckRecipient,
     Envelope,
@@ -24,16 +23,16 @@ from gateway.envelope import (
     ToPeer,
     recipient_domain,
 )
-from gateway.smtp import ProtocolError, take_line, verb
+from gateway.smtp import Limits, RemoteProtocolError, take_line, verb
 
 
-def lines(stream: bytes) -> None:
+def lines(stream: bytes, lim: Limits) -> None:
     buffer = bytearray(stream)
     taken = bytearray()
     try:
-        while (line := take_line(buffer)) is not None:
+        while (line := take_line(buffer, lim)) is not None:
             assert line.endswith(b"\n") and line.count(b"\n") == 1
-            assert len(line) <= smtp.MAX_LINE + 1, "line over the limit"
+            assert len(line) <= lim.line + 1, "line over the limit"
             taken += line
             assert verb(line) == verb(line).upper()
             found = recipient_domain(line)
@@ -41,8 +40,8 @@ def lines(stream: bytes) -> None:
                 address, domain = found
                 assert "@" in address and domain == domain.lower()
                 assert not domain.endswith("."), domain
-    except ProtocolError:
-        assert len(buffer) > smtp.MAX_LINE or buffer.find(b"\n") > smtp.MAX_LINE
+    except RemoteProtocolError:
+        assert len(buffer) > lim.line or buffer.find(b"\n") > lim.line
     assert bytes(taken) + bytes(buffer) == stream, "bytes lost or invented"
 
 
@@ -50,11 +49,11 @@ Sides = tuple[bytes, bytes, list[CheckRecipient]]
 
 
 def envelope(script: list[tuple[str, bytes]], chop: common.Cutter,
-             refuse: bool) -> tuple[Sides, Envelope, bool]:
+             refuse: bool, lim: Limits) -> tuple[Sides, Envelope, bool]:
     """Per side: what reached the peer, what reached the MTA, the recipients asked about;
-    and whether the peer's bytes broke framing (ProtocolError).  Recipients are decided when
+    and whether the peer's bytes broke framing (RemoteProtocolError).  Recipients are decided when
     the turn is over (the shell's lookup), so the decision does not move with the reads."""
-    env = Envelope()
+    env = Envelope(limits=lim)
     out: list[EnvelopeCommand] = []
     broken = False
     try:
@@ -67,7 +66,7 @@ def envelope(script: list[tuple[str, bytes]], chop: common.Cutter,
             for c in asked:
                 allow = not (refuse and c.domain.startswith("d"))
                 out.extend(env.recipient(c.ident, allow, c.domain, "no DANE"))
-    except ProtocolError:
+    except RemoteProtocolError:
         broken = True
     sides = (b"".join(c.data for c in out if isinstance(c, ToPeer)),
              b"".join(c.data for c in out if isinstance(c, ToClient)),
@@ -82,19 +81,19 @@ def test_one_input(data: bytes) -> None:
     turns = data[1:].split(b"\x00")
     script = [("client" if i % 2 == 0 else "peer", t) for i, t in enumerate(turns)]
     client = b"".join(t for side, t in script if side == "client")
-    with limits(small):
-        lines(client)
-        expected, env, broken = envelope(script, whole, refuse)
-        got, _, broken_cut = envelope(script, lambda d: cut(d, size), refuse)
-        if not (broken or broken_cut):
-            # After a ProtocolError the session ends: what one read emitted before the
-            # error is lost with it, so only unbroken conversations compare.
-            assert got == expected, "envelope output depends on the read size"
-        sent = expected[0]
-        if not refuse:  # (a refused RCPT line is the one thing never forwarded)
-            assert client.startswith(sent), "forwarded bytes are not the MTA's, in order"
-            if not broken:
-                assert sent + bytes(env._client) == client, "the tracker lost or held bytes"
+    lim = limits(small)
+    lines(client, lim)
+    expected, env, broken = envelope(script, whole, refuse, lim)
+    got, _, broken_cut = envelope(script, lambda d: cut(d, size), refuse, lim)
+    if not (broken or broken_cut):
+        # After a RemoteProtocolError the session ends: what one read emitted before the
+        # error is lost with it, so only unbroken conversations compare.
+        assert got == expected, "envelope output depends on the read size"
+    sent = expected[0]
+    if not refuse:  # (a refused RCPT line is the one thing never forwarded)
+        assert client.startswith(sent), "forwarded bytes are not the MTA's, in order"
+        if not broken:
+            assert sent + bytes(env._client) == client, "the tracker lost or held bytes"
 
 
 def seeds() -> list[bytes]:

@@ -3,7 +3,7 @@
 edit_ehlo() (the inbound side's STARTTLS offer).  Input: the EHLO reply shown before TLS,
 NUL, the one seen after it.
 
-Invariants: only ProtocolError (while framing) is raised; keywords are upper case, one word;
+Invariants: only RemoteProtocolError (while framing) is raised; keywords are upper case, one word;
 every extension line's keyword is found; a reply loses nothing against itself and only
 what it was shown; edit_ehlo() gives one well-formed reply with the same code, the greeting
 line first, every other line kept in order except bare STARTTLS lines, STARTTLS offered
@@ -17,7 +17,7 @@ import common
 
 from gateway.smtp import (
     MATTERS,
-    ProtocolError,
+    RemoteProtocolError,
     Reply,
     ReplyReader,
     capabilities,
@@ -31,7 +31,7 @@ def parse(data: bytes) -> Reply | None:
     reader.feed(data)
     try:
         return reader.next()
-    except ProtocolError:
+    except RemoteProtocolError:
         return None
 
 

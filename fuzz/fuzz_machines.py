@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Fuzz the two STARTTLS machines of gateway.smtp on whole conversations: Upgrade (outbound;
-the peer's replies and the MTA's commands) and Offload (inbound; the MTA's replies and the
-client's commands).  Input: one byte for the read size and the limits, one for the plan and
-the TLS outcome; then turns separated by NUL, the server side's first.
+"""Fuzz the two STARTTLS machines on whole conversations: Upgrade (gateway.upgrade, outbound;
+the peer's replies and the MTA's commands) and Offload (gateway.offload, inbound; the MTA's
+replies and the client's commands).  Input: one byte for the read size and the limits, one
+for the plan and the TLS outcome; then turns separated by NUL, the server side's first.
 
 Invariants: no exception at all (a peer's garbage is a Defer/Reject, never an exception, and
 the shell's events are always ones the machine asked for); nothing after the end of the
@@ -29,7 +29,8 @@ from common import (
     whole,
 )
 
-from gateway.smtp import SendPeer, StartTlsServer
+from gateway.commands import SendPeer
+from gateway.offload import StartTlsServer
 
 
 def nothing_after_starttls_reaches_the_mta(log: list[object]) -> None:
@@ -50,17 +51,17 @@ def test_one_input(data: bytes) -> None:
     turns = data[2:].split(b"\x00")
     outbound = [("peer" if i % 2 == 0 else "client", t) for i, t in enumerate(turns)]
     inbound = [("mta" if side == "peer" else side, t) for side, t in outbound]
-    with limits(small):
-        log = upgrade_run(outbound, whole, plan, tls).log
-        assert a4_normalized(upgrade_run(outbound, lambda d: cut(d, size), plan, tls).log) == (
-            a4_normalized(log)), "upgrade commands depend on the read size"
-        if plan is PLANS[2]:
-            held_never_sent_without_tls(log)
-        log = offload_run(inbound, whole, tls[0]).log
-        cut_log = offload_run(inbound, lambda d: cut(d, size), tls[0]).log
-        assert same_offload(log, cut_log), "offload depends on the read size"
-        nothing_after_starttls_reaches_the_mta(log)
-        nothing_after_starttls_reaches_the_mta(cut_log)
+    lim = limits(small)
+    log = upgrade_run(outbound, whole, plan, tls, lim).log
+    assert a4_normalized(upgrade_run(outbound, lambda d: cut(d, size), plan, tls, lim).log) == (
+        a4_normalized(log)), "upgrade commands depend on the read size"
+    if plan is PLANS[2]:
+        held_never_sent_without_tls(log)
+    log = offload_run(inbound, whole, tls[0], lim).log
+    cut_log = offload_run(inbound, lambda d: cut(d, size), tls[0], lim).log
+    assert same_offload(log, cut_log), "offload depends on the read size"
+    nothing_after_starttls_reaches_the_mta(log)
+    nothing_after_starttls_reaches_the_mta(cut_log)
 
 
 BANNER = b"220 mx.b.test ESMTP\r\n"

@@ -2,7 +2,7 @@
 """Fuzz the SMTP reply framing (gateway.smtp.ReplyReader) and the envelope tracker's peer
 side.  Input: one byte for the read size and the limits, then the peer's byte stream.
 
-Invariants: only ProtocolError is raised; the replies (and the error) are the same whole,
+Invariants: only RemoteProtocolError is raised; the replies (and the error) are the same whole,
 cut at the read size, and byte by byte; every reply's raw bytes are a prefix of the stream in
 order and parse again to the same reply; each line and each reply stays within the limits;
 the envelope tracker passes unsolicited replies to the MTA byte for byte.
@@ -13,20 +13,19 @@ from __future__ import annotations
 import common
 from common import cut, limits, whole
 
-from gateway import smtp
 from gateway.envelope import Envelope, ToClient
-from gateway.smtp import ProtocolError, Reply, ReplyReader
+from gateway.smtp import Limits, RemoteProtocolError, Reply, ReplyReader
 
 
-def read_replies(pieces: list[bytes]) -> tuple[list[Reply], str | None]:
-    reader = ReplyReader()
+def read_replies(pieces: list[bytes], limits: Limits) -> tuple[list[Reply], str | None]:
+    reader = ReplyReader(limits)
     replies: list[Reply] = []
     for piece in pieces:
         reader.feed(piece)
         try:
             while (reply := reader.next()) is not None:
                 replies.append(reply)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             return replies, str(exc)
     return replies, None
 
@@ -35,25 +34,25 @@ def test_one_input(data: bytes) -> None:
     if not data:
         return
     size, small, stream = 1 + (data[0] & 0x3F), bool(data[0] & 0x80), data[1:]
-    with limits(small):
-        expected = read_replies(whole(stream))
-        assert read_replies(cut(stream, size)) == expected, "framing depends on read size"
-        if len(stream) <= 128:  # (byte by byte is slow; the cut size covers the rest)
-            assert read_replies(cut(stream, 1)) == expected, "framing differs byte by byte"
-        replies, _ = expected
-        assert stream.startswith(b"".join(r.raw for r in replies)), "bytes lost or invented"
-        for r in replies:
-            assert 0 <= r.code <= 999 and 1 <= len(r.lines) <= smtp.MAX_REPLY_LINES
-            assert all(len(line) <= smtp.MAX_LINE for line in r.lines), "line over the limit"
-            assert read_replies([r.raw]) == ([r], None), "a reply does not parse again"
-        # No command pending: every reply is unsolicited and goes to the MTA unchanged.
-        env = Envelope()
-        try:
-            out = env.peer_data(stream)
-        except ProtocolError:
-            return
-        assert b"".join(c.data for c in out if isinstance(c, ToClient)) == b"".join(
-            r.raw for r in replies)
+    lim = limits(small)
+    expected = read_replies(whole(stream), lim)
+    assert read_replies(cut(stream, size), lim) == expected, "framing depends on read size"
+    if len(stream) <= 128:  # (byte by byte is slow; the cut size covers the rest)
+        assert read_replies(cut(stream, 1), lim) == expected, "framing differs byte by byte"
+    replies, _ = expected
+    assert stream.startswith(b"".join(r.raw for r in replies)), "bytes lost or invented"
+    for r in replies:
+        assert 0 <= r.code <= 999 and 1 <= len(r.lines) <= lim.reply_lines
+        assert all(len(line) <= lim.line for line in r.lines), "line over the limit"
+        assert read_replies([r.raw], lim) == ([r], None), "a reply does not parse again"
+    # No command pending: every reply is unsolicited and goes to the MTA unchanged.
+    env = Envelope(limits=lim)
+    try:
+        out = env.peer_data(stream)
+    except RemoteProtocolError:
+        return
+    assert b"".join(c.data for c in out if isinstance(c, ToClient)) == b"".join(
+        r.raw for r in replies)
 
 
 def seeds() -> list[bytes]:

@@ -1,5 +1,10 @@
-"""The shell's part for the sans-I/O SMTP machines, played from bytes alone: shared by the
-property tests (tests/test_properties.py) and the fuzz harnesses (fuzz/).
+"""The shell's part for the sans-I/O SMTP machines.
+
+Two drivers.  ``transcript`` plays a script that names every event, the shell's own too, at
+one read size: the transcript tests (tests/test_upgrade.py, tests/test_offload.py,
+tests/test_envelope.py).  ``upgrade_run`` and ``offload_run`` play the machines from bytes
+alone, the shell's events coming when asked for: the property tests
+(tests/test_properties.py) and the fuzz harnesses (fuzz/).
 
 The shell's own events (the plan, the handshake, the new connection) come at the end of the
 turn in which the machine asked for them, so the commands may depend on the bytes only,
@@ -11,46 +16,73 @@ production values or shrunk, so that small inputs reach them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
-from gateway import smtp
+from gateway.commands import Relay, Result, SendClient, SendPeer
 from gateway.config import Level
+from gateway.offload import MTA_UNASKED, InboundCommand, Offload, Reject, StartTlsServer
 from gateway.policy import Action, Auth, Plan
-from gateway.smtp import (
-    STARTTLS_READY,
-    Command,
-    Defer,
-    InboundCommand,
-    NeedPlan,
-    Offload,
-    Reconnect,
-    Reject,
-    Relay,
-    Result,
-    SendClient,
-    SendPeer,
-    StartTls,
-    StartTlsMta,
-    StartTlsServer,
-    Upgrade,
-    verb,
-)
+from gateway.smtp import LIMITS, STARTTLS_READY, Limits, verb
+from gateway.upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, StartTlsMta, Upgrade
+
+# Limits small enough for short inputs to cross them.
+SMALL = Limits(line=40, reply_lines=4, held=48)
 
 
-@contextlib.contextmanager
-def limits(small: bool) -> Iterator[None]:
-    """Production limits, or limits small enough for short inputs to cross them."""
-    if not small:
-        yield
-        return
-    saved = smtp.MAX_LINE, smtp.MAX_REPLY_LINES, smtp.MAX_HELD
-    smtp.MAX_LINE, smtp.MAX_REPLY_LINES, smtp.MAX_HELD = 40, 4, 48
-    try:
-        yield
-    finally:
-        smtp.MAX_LINE, smtp.MAX_REPLY_LINES, smtp.MAX_HELD = saved
+def limits(small: bool) -> Limits:
+    """The production limits, or SMALL."""
+    return SMALL if small else LIMITS
+
+
+# A transcript's event names: bytes, cut into reads, or one of the shell's events.
+FEEDS = {"peer": "peer_data", "client": "client_data", "mta": "mta_data"}
+EVENTS = {"plan": "plan_ready", "tls": "tls_done", "mta_tls": "mta_tls_done",
+          "reconnected": "reconnected", "client_eof": "client_closed",
+          "peer_eof": "peer_closed", "mta_eof": "mta_closed"}
+
+
+def transcript(machine: Any, script: Sequence[tuple[Any, ...]], size: int, *,
+               answer: Callable[[Any], list[Any] | None] | None = None,
+               also: dict[str, Callable[[], list[Any]]] | None = None,
+               shell_copies: bool = False) -> list[Any]:
+    """The commands ``machine`` gives for ``script``, in order.
+
+    Each step is (event, *args): bytes events (FEEDS) are cut into reads of ``size``, the
+    shell's (EVENTS) are called with their args, and ``also`` names the test's own (e.g. a
+    late DNS answer).  ``answer`` sees every command and may feed the machine at once (a
+    recipient decided from the cache): what that returns follows the command.
+    ``shell_copies``: after the handoff (Relay) or a Reject the shell copies bytes itself;
+    they are folded into the Relay, so that a transcript reads the same at every size."""
+    log: list[Any] = []
+    copied = {"peer": bytearray(), "client": bytearray(), "mta": bytearray()}
+
+    def carry_out(commands: list[Any]) -> None:
+        for c in commands:
+            log.append(c)
+            more = answer(c) if answer is not None else None
+            if more:
+                carry_out(more)
+
+    for event, *args in script:
+        if event in FEEDS:
+            data: bytes = args[0]
+            for piece in cut(data, size):
+                if shell_copies and any(isinstance(c, Relay | Reject) for c in log):
+                    copied[event] += piece
+                else:
+                    carry_out(getattr(machine, FEEDS[event])(piece))
+        elif also is not None and event in also:
+            carry_out(also[event]())
+        else:
+            carry_out(getattr(machine, EVENTS[event])(*args))
+    at = next((i for i, c in enumerate(log) if isinstance(c, Relay)), None)
+    if shell_copies and at is not None:
+        end = log[at]
+        log[at] = Relay(end.to_peer + bytes(copied["client"]),
+                        end.to_client + bytes(copied["mta"] + copied["peer"]))
+    return log
 
 
 def cut(data: bytes, size: int) -> list[bytes]:
@@ -85,8 +117,8 @@ class Played:
 
 
 def upgrade_run(script: Sequence[tuple[str, bytes]], chop: Cutter, plan: Plan,
-                tls: tuple[bool, Result, str]) -> Played:
-    m = Upgrade()
+                tls: tuple[bool, Result, str], limits: Limits = LIMITS) -> Played:
+    m = Upgrade(limits=limits)
     log: list[object] = []
     end: Relay | Defer | None = None
     after = {"client": bytearray(), "peer": bytearray()}  # copied by the shell after Relay
@@ -134,8 +166,9 @@ def upgrade_run(script: Sequence[tuple[str, bytes]], chop: Cutter, plan: Plan,
     return Played(log, m.result)
 
 
-def offload_run(script: Sequence[tuple[str, bytes]], chop: Cutter, tls_ok: bool) -> Played:
-    m = Offload()
+def offload_run(script: Sequence[tuple[str, bytes]], chop: Cutter, tls_ok: bool,
+                limits: Limits = LIMITS) -> Played:
+    m = Offload(limits=limits)
     log: list[object] = []
     end: Relay | Reject | None = None
     after = {"client": bytearray(), "mta": bytearray()}
@@ -170,7 +203,7 @@ def offload_run(script: Sequence[tuple[str, bytes]], chop: Cutter, tls_ok: bool)
 # bytes would be read as the reply: A4, the reply direction).  That is decided by what has
 # arrived by then, and a later read can only bring the same bytes later, where they read as the
 # reply: so a run that ends there whole may go on when cut, and the two agree up to that point.
-UNASKED = getattr(smtp, "MTA_UNASKED", None)
+
 
 
 def a4_normalized(log: list[object]) -> list[object]:
@@ -180,7 +213,7 @@ def a4_normalized(log: list[object]) -> list[object]:
     out: list[object] = []
     for c in log:
         if isinstance(c, Defer | Reject) and (
-                "injected" in c.reason or "pipelined" in c.reason or c.reason == UNASKED):
+                "injected" in c.reason or "pipelined" in c.reason or c.reason == MTA_UNASKED):
             while out and (isinstance(out[-1], StartTls | StartTlsServer | StartTlsMta)
                            or out[-1] == SendClient(STARTTLS_READY)):
                 out.pop()
@@ -193,7 +226,7 @@ def a4_normalized(log: list[object]) -> list[object]:
 def same_offload(whole_log: list[object], cut_log: list[object]) -> bool:
     last = whole_log[-1] if whole_log else None
     whole_log, cut_log = a4_normalized(whole_log), a4_normalized(cut_log)
-    if isinstance(last, Reject) and last.reason == UNASKED:
+    if isinstance(last, Reject) and last.reason == MTA_UNASKED:
         return cut_log[:len(whole_log) - 1] == whole_log[:-1]
     return cut_log == whole_log
 

@@ -2,7 +2,7 @@
 gateway would decide them now; then, unless ``--no-connect``, a dry run of the session's
 upgrade against each address on port 25, step by step as ``posttls-finger`` prints it.
 
-The dry run is the gateway's own upgrade machine (:class:`gateway.smtp.Upgrade`) driven by a
+The dry run is the gateway's own upgrade machine (:class:`gateway.upgrade.Upgrade`) driven by a
 scripted MTA that says EHLO and then goes on without TLS: every decision (STARTTLS or not,
 defer or fall back to plaintext, a fresh plaintext connection after a failed handshake) is
 the one a real session would make.  Nothing of a mail is sent: where the gateway would
@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from . import dane
 from .answers import Answer
+from .commands import Relay, Result, SendClient, SendPeer, authenticated
 from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
 from .context import client_context
 from .discovery import discover
@@ -34,24 +35,8 @@ from .dns import Resolver
 from .netfilter import upstream_socket
 from .outbound import presented_chain
 from .policy import Action, Auth, Plan, plan, verify_peer
-from .smtp import (
-    Command,
-    Defer,
-    NeedPlan,
-    ProtocolError,
-    Reconnect,
-    Relay,
-    Reply,
-    ReplyReader,
-    Result,
-    S,
-    SendClient,
-    SendPeer,
-    StartTls,
-    Upgrade,
-    authenticated,
-    capabilities,
-)
+from .smtp import RemoteProtocolError, Reply, ReplyReader, capabilities
+from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, Upgrade, UpgradeState
 
 SMTP_PORT = 25
 DEFAULT_TIMEOUT = 10.0
@@ -289,7 +274,7 @@ class Probe:
                     self.out(f"  the MTA would get: {_printable(cmd.reply.strip())}")
                     self._quit()
                     return Outcome(Result.DEFERRED, cmd.reason)
-            if self.machine.state is S.GREETING and self.script:
+            if self.machine.state is UpgradeState.GREETING and self.script:
                 queue.extend(self.machine.client_data(self.script.popleft()))
             else:
                 queue.extend(self.machine.peer_data(self._recv()))
@@ -387,7 +372,7 @@ class Probe:
             while (reply := self.reader.next()) is not None:
                 self._print_reply(self.asked.popleft() if self.asked else "unsolicited",
                                   reply)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             self._reader_broken = True
             self.out(f"  malformed reply: {exc}")
 

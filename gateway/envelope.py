@@ -25,15 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .smtp import (
-    ReplyReader,
-    SendClient,
-    SendPeer,
-    ShutdownClient,
-    ShutdownPeer,
-    take_line,
-    verb,
-)
+from .commands import SendClient, SendPeer, ShutdownClient, ShutdownPeer
+from .smtp import LIMITS, Limits, ReplyReader, take_line, verb
 
 END_OF_DATA = b"\r\n.\r\n"
 
@@ -94,11 +87,12 @@ def defer_recipient(reason: str) -> bytes:
 @dataclass
 class Envelope:
     mode: Mode = Mode.COMMANDS
+    limits: Limits = LIMITS
     deferred: list[tuple[str, str]] = field(default_factory=list)  # (domain, reason)
     quit_answered: bool = False
     allowed: int = 0
     _client: bytearray = field(default_factory=bytearray)
-    _peer: ReplyReader = field(default_factory=ReplyReader)
+    _peer: ReplyReader = field(init=False)
     _order: deque[_Pending] = field(default_factory=deque)  # replies owed, in order
     _queue: deque[_Pending] = field(default_factory=deque)  # not yet forwarded (behind a hold)
     _tail: bytes = b""  # last bytes of DATA content, to find the end across chunks
@@ -110,6 +104,9 @@ class Envelope:
     quit_sent: bool = False  # a QUIT went to the peer: nothing the MTA says matters after it
     _peer_eof_sent: bool = False  # ShutdownPeer said
     _client_eof_sent: bool = False  # ShutdownClient said
+
+    def __post_init__(self) -> None:
+        self._peer = ReplyReader(self.limits)
 
     # -- events -------------------------------------------------------------------------
     def client_data(self, data: bytes) -> list[EnvelopeCommand]:
@@ -202,7 +199,7 @@ class Envelope:
         out: list[EnvelopeCommand] = []
         # Commands after DATA wait for its reply: only a 354 says content follows.
         while self.mode is Mode.COMMANDS and not self._await_data_reply:
-            line = take_line(self._client)
+            line = take_line(self._client, self.limits)
             if line is None:
                 break
             v = verb(line)

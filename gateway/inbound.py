@@ -1,4 +1,4 @@
-"""The inbound offload, carried out: drives ``gateway.smtp.Offload`` with the session's legs,
+"""The inbound offload, carried out: drives ``gateway.offload.Offload`` with the session's legs,
 terminates TLS toward the client with the site's key, and hands over to the byte pump.
 """
 
@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import ssl
 
+from .commands import Relay
 from .config import Config
 from .context import Context
+from .offload import InboundCommand, Offload, Reject, StartTlsServer
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .relay import End, Pump
-from .smtp import InboundCommand, Offload, Reject, Relay, StartTlsServer
 
 
 class InboundOffload(TlsPhase):
@@ -53,7 +54,8 @@ class InboundOffload(TlsPhase):
         except HANDSHAKE_ERRORS as exc:
             self.tls["verify"] = "handshake failed"
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
-            self._apply(self.machine.tls_done(False, why))  # a Reject: the pump finishes
+            if not self.pump.done.done():
+                self._apply(self.machine.tls_done(False, why))  # a Reject: the pump finishes
             return
         if ssl_object is not None:
             self.tls.update(self.facts(ssl_object))

@@ -1,4 +1,4 @@
-"""The outbound upgrade, carried out: drives ``gateway.smtp.Upgrade`` with the session's two
+"""The outbound upgrade, carried out: drives ``gateway.upgrade.Upgrade`` with the session's two
 legs, performs the TLS handshake and verification it asks for, and hands over to the byte
 pump.  Every decision is the machine's; this module only does I/O.
 """
@@ -9,6 +9,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .commands import ENCRYPTED, Relay, Result, ShutdownClient, ShutdownPeer, authenticated
 from .config import Config, Endpoint, Level, MtaStartTls
 from .context import Context, SessionCache
 from .discovery import recipient_rule, recipient_rule_cached
@@ -17,22 +18,8 @@ from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
 from .policy import Action, Auth, Plan, recipient_decision, verify_peer
 from .relay import End, Leg, Pump
-from .smtp import (
-    ENCRYPTED,
-    Command,
-    Defer,
-    NeedPlan,
-    ProtocolError,
-    Reconnect,
-    Relay,
-    Result,
-    ShutdownClient,
-    ShutdownPeer,
-    StartTls,
-    StartTlsMta,
-    Upgrade,
-    authenticated,
-)
+from .smtp import RemoteProtocolError
+from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, StartTlsMta, Upgrade
 from .walks import RecipientRule
 
 # What the upgrade asks of its session: the plan once known (None if discovery broke), and
@@ -150,7 +137,8 @@ class OutboundUpgrade(TlsPhase):
         except HANDSHAKE_ERRORS as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
-            self._apply(self.machine.tls_done(False, Result.DEFERRED, why, "4.7.0"))
+            if not self.pump.done.done():
+                self._apply(self.machine.tls_done(False, Result.DEFERRED, why, "4.7.0"))
             return
         if ssl_object is None:
             return
@@ -177,7 +165,8 @@ class OutboundUpgrade(TlsPhase):
         try:
             ssl_object = await self.handshake(leg, self.ctx.tls_local, True, None)
         except HANDSHAKE_ERRORS as exc:
-            self._apply(self.machine.mta_tls_done(False, type(exc).__name__))
+            if not self.pump.done.done():
+                self._apply(self.machine.mta_tls_done(False, type(exc).__name__))
             return
         if ssl_object is None:
             return
@@ -205,7 +194,7 @@ class OutboundUpgrade(TlsPhase):
                 commands = envelope.client_data(data) if data else envelope.client_closed()
             else:
                 commands = envelope.peer_data(data) if data else envelope.peer_closed()
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             # After the handoff the gateway has no reply of its own to give: an abnormal
             # end is a reset both ways (A1), and the reason goes to the log.
             side = "MTA" if leg is self.pump.client else "peer"
@@ -272,9 +261,13 @@ class OutboundUpgrade(TlsPhase):
         return v.ok, authenticated(plan.auth) if v.ok else Result.DEFERRED, v.reason
 
     async def _reconnect(self) -> None:
+        # The machine may have ended meanwhile (the MTA sent too much while it waited): then
+        # its events are not for it (they would be a LocalProtocolError).
+        if self.pump.done.done():
+            return
         new = self.pump.replace_upstream()
         # Before any byte of the new connection can arrive: its banner is the next reply.
         self._apply(self.machine.reconnected())
         failure = await self._connect_leg(new)
-        if failure:
+        if failure and not self.pump.done.done():
             self._apply(self.machine.reconnect_failed(failure))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from .commands import SendClient, SendPeer, ShutdownClient, ShutdownPeer
 from .config import Config
 from .context import Context
 from .relay import Leg, Pump
-from .smtp import SendClient, SendPeer, ShutdownClient, ShutdownPeer
 
 HANDSHAKE_ERRORS = (OSError, ssl.SSLError, TimeoutError, ConnectionError)
 

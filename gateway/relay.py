@@ -194,7 +194,7 @@ class Leg(asyncio.Protocol):
     def write_eof(self, close_notify: bool = True) -> None:
         """Half-close toward this leg's peer, after what is buffered; reading goes on.  On
         TLS, close_notify first unless the caller knows the peer no longer reads (see
-        ``gateway.smtp.ShutdownPeer``)."""
+        ``gateway.commands.ShutdownPeer``)."""
         t = self.transport
         if self.wrote_eof or t is None or t.is_closing():
             return

@@ -11,6 +11,7 @@ import os
 import time
 
 from . import admission
+from .commands import Result
 from .config import (
     ClientAddress,
     Config,
@@ -37,7 +38,7 @@ from .planning import Planner
 from .policy import Action, Plan
 from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
-from .smtp import Result, Upgrade, mta_starttls, reason_label
+from .upgrade import Upgrade, mta_starttls, reason_label
 
 
 class Session:

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from gatelab.machines import transcript
+from gateway.commands import ShutdownClient, ShutdownPeer
 from gateway.envelope import CheckRecipient, Envelope, EnvelopeCommand, ToClient, ToPeer
-from gateway.smtp import ShutdownClient, ShutdownPeer
 
 SIZES = (4096, 128, 16, 1)
 DENY = "mx.b.test publishes DANE; this session is not DANE-verified"
@@ -20,23 +21,16 @@ def play(script: list[tuple[Any, ...]], size: int, deny: set[str]) -> tuple[
     """Returns what reached the peer, what reached the MTA, and the recipients checked;
     recipients are decided the moment they are asked (deny: by domain)."""
     env = Envelope()
-    to_peer, to_client, checked = bytearray(), bytearray(), []
 
-    def run(cmds: list[EnvelopeCommand]) -> None:
-        for c in cmds:
-            if isinstance(c, ToPeer):
-                to_peer.extend(c.data)
-            elif isinstance(c, ToClient):
-                to_client.extend(c.data)
-            elif isinstance(c, CheckRecipient):
-                checked.append(c.address)
-                run(env.recipient(c.ident, c.domain not in deny, c.domain, DENY))
+    def decide(c: object) -> list[EnvelopeCommand] | None:
+        if not isinstance(c, CheckRecipient):
+            return None
+        return env.recipient(c.ident, c.domain not in deny, c.domain, DENY)
 
-    for side, data in script:
-        feed = env.client_data if side == "client" else env.peer_data
-        for i in range(0, len(data), size):
-            run(feed(data[i:i + size]))
-    return env, bytes(to_peer), bytes(to_client), checked
+    log = transcript(env, script, size, answer=decide)
+    return (env, b"".join(c.data for c in log if isinstance(c, ToPeer)),
+            b"".join(c.data for c in log if isinstance(c, ToClient)),
+            [c.address for c in log if isinstance(c, CheckRecipient)])
 
 
 def same(script: list[tuple[Any, ...]], deny: set[str] = frozenset()) -> tuple[  # type: ignore[assignment]
@@ -154,45 +148,39 @@ def eof_play(script: list[tuple[Any, ...]], size: int, decide_late: bool = False
         tuple[str, bytes]]:
     """The commands in order as (kind, bytes): "peer"/"client" writes merged, "shut-peer"
     (or "shut-peer-after-quit"), "shut-client".  With ``decide_late`` recipients are
-    decided at the end of the script (a DNS answer arriving after the MTA's FIN)."""
+    decided at the ("decide",) step (a DNS answer arriving after the MTA's FIN)."""
     env = Envelope()
-    log: list[tuple[str, bytes]] = []
     pending: list[CheckRecipient] = []
 
-    def run(cmds: list[EnvelopeCommand]) -> None:
-        for c in cmds:
-            kind, data = {ToPeer: "peer", ToClient: "client"}.get(type(c), ""), b""
-            if isinstance(c, ToPeer | ToClient):
-                data = c.data
-            elif isinstance(c, ShutdownPeer):
-                # After QUIT only a FIN goes (see ShutdownPeer): the kind says which.
-                kind = "shut-peer-after-quit" if c.after_quit else "shut-peer"
-            elif isinstance(c, ShutdownClient):
-                kind = "shut-client"
-            elif isinstance(c, CheckRecipient):
-                if decide_late:
-                    pending.append(c)
-                else:
-                    run(env.recipient(c.ident, True, c.domain))
-                continue
-            if log and log[-1][0] == kind and kind in ("peer", "client"):
-                log[-1] = (kind, log[-1][1] + data)
-            else:
-                log.append((kind, data))
+    def decide(c: object) -> list[EnvelopeCommand] | None:
+        if not isinstance(c, CheckRecipient):
+            return None
+        if decide_late:
+            pending.append(c)
+            return None
+        return env.recipient(c.ident, True, c.domain)
 
-    for event, *args in script:
-        if event == "client_eof":
-            run(env.client_closed())
-        elif event == "peer_eof":
-            run(env.peer_closed())
-        elif event == "decide":
-            for c in pending:
-                run(env.recipient(c.ident, True, c.domain))
-            pending.clear()
+    def late() -> list[EnvelopeCommand]:
+        out = [cmd for c in pending for cmd in env.recipient(c.ident, True, c.domain)]
+        pending.clear()
+        return out
+
+    log: list[tuple[str, bytes]] = []
+    for c in transcript(env, script, size, answer=decide, also={"decide": late}):
+        kind, data = {ToPeer: "peer", ToClient: "client"}.get(type(c), ""), b""
+        if isinstance(c, ToPeer | ToClient):
+            data = c.data
+        elif isinstance(c, ShutdownPeer):
+            # After QUIT only a FIN goes (see ShutdownPeer): the kind says which.
+            kind = "shut-peer-after-quit" if c.after_quit else "shut-peer"
+        elif isinstance(c, ShutdownClient):
+            kind = "shut-client"
         else:
-            feed = env.client_data if event == "client" else env.peer_data
-            for i in range(0, len(args[0]), size):
-                run(feed(args[0][i:i + size]))
+            continue  # a recipient asked about
+        if log and log[-1][0] == kind and kind in ("peer", "client"):
+            log[-1] = (kind, log[-1][1] + data)
+        else:
+            log.append((kind, data))
     return log
 
 

@@ -104,5 +104,15 @@ def test_the_pure_core_loads_no_shell() -> None:
     edges = graph()
     shell = {"dns", "discovery", "tasks", "metrics", "relay", "tls", "session", "server",
              "netfilter", "context", "planning", "phase", "outbound", "inbound", "workers"}
-    for pure in ("policy", "walks", "answers", "dane", "smtp", "envelope", "admission"):
+    for pure in ("policy", "walks", "answers", "dane", "smtp", "commands", "upgrade", "offload",
+                 "envelope", "admission"):
         assert not reach(edges, pure) & shell, (pure, reach(edges, pure) & shell)
+
+
+def test_the_wire_knows_no_machine() -> None:
+    """smtp.py is SMTP on the wire (framing, limits, errors): it loads nothing of the
+    package, and each machine loads the wire, never the other machine."""
+    edges = graph()
+    assert edges["smtp"] == set()
+    assert "offload" not in edges["upgrade"] and "upgrade" not in edges["offload"]
+    assert {"smtp", "commands"} <= edges["upgrade"] & edges["offload"]

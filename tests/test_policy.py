@@ -311,8 +311,8 @@ def test_check_and_session_verify_a_dane_ta_peer_behind_a_cname_alike() -> None:
     checked the SNI name alone and reported a mismatch the session accepted."""
     from gatelab import certs
     from gateway import check, dane
+    from gateway.commands import Result
     from gateway.outbound import OutboundUpgrade
-    from gateway.smtp import Result
 
     root = certs.make_root()
     leaf = certs.make_leaf(root, ["mx.b.test"])

@@ -1,6 +1,6 @@
 """Property tests (hypothesis) for the byte paths: the relay is the identity on bytes; the
 sans-I/O machines frame the same at every read size; the envelope tracker never alters what
-it forwards (A2); the parsers raise nothing but ProtocolError on any input.
+it forwards (A2); the parsers raise nothing but RemoteProtocolError on any input.
 
 Deterministic in CI: the ``ci`` profile derandomizes and bounds the examples.  For a long
 random run: ``SMTPGATE_HYPOTHESIS=long .venv/bin/pytest tests/test_properties.py``.
@@ -34,7 +34,6 @@ from gatelab.certs import make_leaf, make_root
 from gatelab.machines import (
     PLANS,
     TLS_OUTCOMES,
-    UNASKED,
     Cutter,
     a4_normalized,
     held_never_sent_without_tls,
@@ -44,7 +43,8 @@ from gatelab.machines import (
     upgrade_run,
     whole,
 )
-from gateway import dane, smtp
+from gateway import dane
+from gateway.commands import Relay, Result, SendClient, SendPeer
 from gateway.envelope import (
     CheckRecipient,
     Envelope,
@@ -53,25 +53,22 @@ from gateway.envelope import (
     ToPeer,
     recipient_domain,
 )
+from gateway.offload import MTA_UNASKED, Reject
 from gateway.policy import Plan
 from gateway.relay import End, Pump
 from gateway.smtp import (
-    Defer,
-    ProtocolError,
-    Reconnect,
-    Reject,
-    Relay,
+    LIMITS,
+    Limits,
+    RemoteProtocolError,
     Reply,
     ReplyReader,
-    Result,
-    SendClient,
-    SendPeer,
     capabilities,
     edit_ehlo,
     lost_capabilities,
     take_line,
     verb,
 )
+from gateway.upgrade import Defer, Reconnect, defer_reply
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=60, deadline=None, database=None,
@@ -252,16 +249,17 @@ def test_relay_is_the_identity_on_bytes_both_ways_with_half_close(
 
 # -- (b) framing is the same at every read size ---------------------------------------------------
 
-def read_replies(pieces: list[bytes]) -> tuple[list[Reply], str | None, bytes]:
-    """Replies framed, then the ProtocolError that ended the stream or the bytes left."""
-    reader = ReplyReader()
+def read_replies(pieces: list[bytes], limits: Limits = LIMITS
+                 ) -> tuple[list[Reply], str | None, bytes]:
+    """Replies framed, then the RemoteProtocolError that ended the stream or the bytes left."""
+    reader = ReplyReader(limits)
     replies: list[Reply] = []
     for piece in pieces:
         reader.feed(piece)
         try:
             while (reply := reader.next()) is not None:
                 replies.append(reply)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             return replies, str(exc), b""
     return replies, None, bytes(reader.buffer)
 
@@ -272,10 +270,10 @@ def read_replies(pieces: list[bytes]) -> tuple[list[Reply], str | None, bytes]:
 @example(data=b"250 " + b"x" * 60 + b"\r\n", sizes=[1], small=True)
 def test_reply_framing_is_the_same_at_every_read_size(data: bytes, sizes: list[int],
                                                       small: bool) -> None:
-    with limits(small):
-        expected = read_replies(whole(data))
-        assert read_replies(cut(data, sizes)) == expected
-        assert read_replies(bytewise(data)) == expected
+    lim = limits(small)
+    expected = read_replies(whole(data), lim)
+    assert read_replies(cut(data, sizes), lim) == expected
+    assert read_replies(bytewise(data), lim) == expected
     replies, error, rest = expected
     framed = b"".join(r.raw for r in replies)
     assert data.startswith(framed)  # no byte invented, none reordered
@@ -284,10 +282,11 @@ def test_reply_framing_is_the_same_at_every_read_size(data: bytes, sizes: list[i
 
 
 def envelope_run(script: list[tuple[str, bytes]], chop: Cutter, deny: str = "deny",
-                 at_once: bool = True) -> tuple[list[EnvelopeCommand], Envelope]:
+                 at_once: bool = True, limits: Limits = LIMITS
+                 ) -> tuple[list[EnvelopeCommand], Envelope]:
     """Domains containing ``deny`` are refused; at once (the shell's cached path), or when
     the turn is over (a lookup: then the decision does not move with the reads)."""
-    env = Envelope()
+    env = Envelope(limits=limits)
     out: list[EnvelopeCommand] = []
 
     def decide(c: CheckRecipient) -> None:
@@ -353,12 +352,12 @@ UPGRADE_SCRIPTS = turns({"peer": PEER_TURNS, "client": CLIENT_TURNS})
 def test_upgrade_framing_is_the_same_at_every_read_size(
         script: list[tuple[str, bytes]], sizes: list[int], plan: Plan,
         tls: tuple[bool, Result, str], small: bool) -> None:
-    with limits(small):
-        expected = upgrade_run(script, whole, plan, tls)
-        for chop in (lambda d: cut(d, sizes), bytewise):
-            got = upgrade_run(script, chop, plan, tls)
-            assert a4_normalized(got.log) == a4_normalized(expected.log)
-            assert got.result is expected.result
+    lim = limits(small)
+    expected = upgrade_run(script, whole, plan, tls, lim)
+    for chop in (lambda d: cut(d, sizes), bytewise):
+        got = upgrade_run(script, chop, plan, tls, lim)
+        assert a4_normalized(got.log) == a4_normalized(expected.log)
+        assert got.result is expected.result
 
 
 @PROFILE
@@ -380,15 +379,15 @@ OFFLOAD_SCRIPTS = turns({"mta": MTA_TURNS, "client": INBOUND_CLIENT_TURNS})
          sizes=[1], tls_ok=True, small=True)
 def test_offload_framing_is_the_same_at_every_read_size(
         script: list[tuple[str, bytes]], sizes: list[int], tls_ok: bool, small: bool) -> None:
-    with limits(small):
-        expected = offload_run(script, whole, tls_ok)
-        last = expected.log[-1] if expected.log else None
-        unasked = isinstance(last, Reject) and last.reason == UNASKED
-        for chop in (lambda d: cut(d, sizes), bytewise):
-            got = offload_run(script, chop, tls_ok)
-            assert same_offload(expected.log, got.log)
-            if not unasked:
-                assert got.result is expected.result
+    lim = limits(small)
+    expected = offload_run(script, whole, tls_ok, lim)
+    last = expected.log[-1] if expected.log else None
+    unasked = isinstance(last, Reject) and last.reason == MTA_UNASKED
+    for chop in (lambda d: cut(d, sizes), bytewise):
+        got = offload_run(script, chop, tls_ok, lim)
+        assert same_offload(expected.log, got.log)
+        if not unasked:
+            assert got.result is expected.result
 
 
 # -- (c) the envelope tracker forwards the client's bytes unaltered (A2) --------------------------
@@ -406,14 +405,14 @@ def test_envelope_forwards_exactly_the_client_bytes_when_all_recipients_pass(
     assert env.deferred == []
 
 
-# -- (d) parsers raise nothing but ProtocolError ------------------------------------------------
+# -- (d) parsers raise nothing but RemoteProtocolError ---------------------------------------
 
 @PROFILE
 @given(data=st.one_of(lines(REPLY_WORDS), st.binary(max_size=400)), small=st.booleans())
 @example(data=b"250 STARTTLS\r\n", small=False)
 def test_reply_parsers_raise_only_protocol_errors(data: bytes, small: bool) -> None:
-    with limits(small):
-        replies, _, _ = read_replies(whole(data))
+    lim = limits(small)
+    replies, _, _ = read_replies(whole(data), lim)
     for reply in replies:
         caps = capabilities(reply)
         assert all(k == k.upper() and k for k in caps)
@@ -434,17 +433,17 @@ def test_reply_parsers_raise_only_protocol_errors(data: bytes, small: bool) -> N
 @given(data=st.binary(max_size=200), small=st.booleans())
 def test_command_parsers_raise_only_protocol_errors(data: bytes, small: bool) -> None:
     buffer = bytearray(data)
-    with limits(small):
-        try:
-            while (line := take_line(buffer)) is not None:
-                assert line.endswith(b"\n")
-                assert verb(line) == verb(line).upper()
-                found = recipient_domain(line)
-                if found is not None:
-                    address, domain = found
-                    assert "@" in address and domain == domain.lower()
-        except ProtocolError:
-            pass
+    lim = limits(small)
+    try:
+        while (line := take_line(buffer, lim)) is not None:
+            assert line.endswith(b"\n")
+            assert verb(line) == verb(line).upper()
+            found = recipient_domain(line)
+            if found is not None:
+                address, domain = found
+                assert "@" in address and domain == domain.lower()
+    except RemoteProtocolError:
+        pass
 
 
 @PROFILE
@@ -452,13 +451,13 @@ def test_command_parsers_raise_only_protocol_errors(data: bytes, small: bool) ->
                        max_size=6), small=st.booleans())
 def test_machines_survive_arbitrary_bytes(script: list[tuple[str, bytes]], small: bool) -> None:
     """The upgrade and offload machines turn any garbage into a Defer/Reject; the envelope
-    tracker may raise ProtocolError (the peer's fault), nothing else."""
-    with limits(small):
-        for plan in PLANS:
-            upgrade_run(script, whole, plan, TLS_OUTCOMES[0])
-        offload_run([("mta" if s == "peer" else s, d) for s, d in script], whole, True)
-        with contextlib.suppress(ProtocolError):
-            envelope_run(script, whole)
+    tracker may raise RemoteProtocolError (the peer's fault), nothing else."""
+    lim = limits(small)
+    for plan in PLANS:
+        upgrade_run(script, whole, plan, TLS_OUTCOMES[0], lim)
+    offload_run([("mta" if s == "peer" else s, d) for s, d in script], whole, True, lim)
+    with contextlib.suppress(RemoteProtocolError):
+        envelope_run(script, whole, limits=lim)
 
 
 DER_WORDS = [b"\x30\x82\x01\x00", b"\x30\x03", b"\x02\x01\x01", b"\xa0\x03\x02\x01\x02",
@@ -497,11 +496,11 @@ def test_dane_on_garbage_fails_or_matches_honestly(chain: list[bytes],
 
 def test_a_line_over_the_limit_is_refused_even_when_its_end_came_in_the_same_read() -> None:
     assert read_replies([b"250 " + b"9" * 5000 + b"\r\n"])[1] == "reply line too long"
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RemoteProtocolError):
         take_line(bytearray(b"NOOP " + b"x" * 5000 + b"\r\n"))
     played = upgrade_run([("peer", BANNER), ("client", b"EHLO " + b"x" * 5000 + b"\r\n")],
                          whole, PLANS[1], TLS_OUTCOMES[0])
-    assert played.log[-1] == Defer(smtp.defer_reply("4.3.0", "command line too long"),
+    assert played.log[-1] == Defer(defer_reply("4.3.0", "command line too long"),
                                    "command line too long")
 
 
@@ -542,16 +541,16 @@ def test_bounds_hold_however_the_read_was_cut() -> None:
     the commands were (outbound): one large read and many small ones ended differently."""
     many = b"EHLO c.test\r\n" + b"NOOP\r\n" * 9
     banner = b"220-" + b"a" * 30 + b"\r\n220 " + b"b" * 30 + b"\r\n"
-    with limits(small=True):
-        for chop in (whole, bytewise):
-            held = upgrade_run([("peer", BANNER), ("client", EHLO + b"N" * 60)], chop,
-                               PLANS[1], TLS_OUTCOMES[0])
-            assert isinstance(held.log[-1], Defer), chop
-            assert held.log[-1].reason == "too much held before the TLS upgrade"
-            inbound = offload_run([("mta", banner), ("client", many)], chop, True)
-            assert inbound.log[:2] == [SendClient(banner), SendPeer(b"EHLO c.test\r\n")]
-            assert isinstance(inbound.log[-1], Reject), chop
-            assert inbound.log[-1].reason == "too much before the MTA answered"
+    lim = limits(small=True)
+    for chop in (whole, bytewise):
+        held = upgrade_run([("peer", BANNER), ("client", EHLO + b"N" * 60)], chop,
+                           PLANS[1], TLS_OUTCOMES[0], lim)
+        assert isinstance(held.log[-1], Defer), chop
+        assert held.log[-1].reason == "too much held before the TLS upgrade"
+        inbound = offload_run([("mta", banner), ("client", many)], chop, True, lim)
+        assert inbound.log[:2] == [SendClient(banner), SendPeer(b"EHLO c.test\r\n")]
+        assert isinstance(inbound.log[-1], Reject), chop
+        assert inbound.log[-1].reason == "too much before the MTA answered"
 
 
 def test_edit_ehlo_keeps_the_greeting_line() -> None:

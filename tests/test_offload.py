@@ -1,4 +1,5 @@
-"""Transcripts of the inbound machine (STARTTLS offload), at read sizes 4096/128/16/1."""
+"""Transcripts of the inbound machine (gateway/offload.py: the STARTTLS offload), at read
+sizes 4096/128/16/1."""
 
 from __future__ import annotations
 
@@ -6,19 +7,10 @@ from typing import Any
 
 import pytest
 
-from gateway.smtp import (
-    STARTTLS_READY,
-    InboundCommand,
-    Offload,
-    Reject,
-    Relay,
-    Result,
-    SendClient,
-    SendPeer,
-    ShutdownClient,
-    ShutdownPeer,
-    StartTlsServer,
-)
+from gatelab.machines import transcript
+from gateway.commands import Relay, Result, SendClient, SendPeer, ShutdownClient, ShutdownPeer
+from gateway.offload import InboundCommand, Offload, Reject, StartTlsServer
+from gateway.smtp import STARTTLS_READY
 
 SIZES = (4096, 128, 16, 1)
 BANNER = b"220 mx.b.test ESMTP legacy\r\n"
@@ -29,32 +21,8 @@ OFFERED = (b"250-mx.b.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\
 
 
 def play(script: list[tuple[Any, ...]], size: int) -> tuple[Offload, list[InboundCommand]]:
-    """After a Relay the shell copies bytes itself: they are collected into a final Relay
-    so that transcripts compare the same at every read size."""
     m = Offload()
-    out: list[InboundCommand] = []
-    relayed = {"mta": b"", "client": b""}
-    for event, *args in script:
-        if event in ("mta", "client"):
-            data: bytes = args[0]
-            feed = m.mta_data if event == "mta" else m.client_data
-            for i in range(0, len(data), size):
-                if any(isinstance(c, Relay | Reject) for c in out):
-                    relayed[event] += data[i:i + size]
-                else:
-                    out += feed(data[i:i + size])
-        elif event == "tls":
-            out += m.tls_done(*args)
-        elif event == "client_eof":
-            out += m.client_closed()
-        elif event == "mta_eof":
-            out += m.mta_closed()
-    at = next((i for i, c in enumerate(out) if isinstance(c, Relay)), None)
-    if at is not None:
-        last = out[at]
-        assert isinstance(last, Relay)
-        out[at] = Relay(last.to_peer + relayed["client"], last.to_client + relayed["mta"])
-    return m, out
+    return m, transcript(m, script, size, shell_copies=True)
 
 
 def same(script: list[tuple[Any, ...]]) -> tuple[Offload, list[InboundCommand]]:
