@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,50 @@ from gatelab.netlab import Netns, wait_port
 ROOT = Path(__file__).resolve().parent.parent
 # The samples of one metric family: a counter's _total, a histogram's _bucket/_sum/_count.
 _SAMPLE_SUFFIXES = ("_total", "_created", "_bucket", "_sum", "_count", "_info")
+# Outbound on port 10025, v4 and v6: where Lab.redirect_port25(10025) sends the MTA's port 25.
+OUTBOUND_LISTENERS = ("{address: 0.0.0.0, port: 10025}", '{address: "::", port: 10025}')
+
+
+def gateway_config(*, listeners: Sequence[str] = OUTBOUND_LISTENERS, mark: str = "0x2525",
+                   on_failure: str | None = None, max_sessions: int | None = 50,
+                   buffer_bytes: int | None = None, connect: float = 2, idle: float = 30,
+                   session: float = 120, drain: float = 5, metrics: str = "127.0.0.1:9125",
+                   log_level: str = "debug", resolvers: Sequence[str] = (),
+                   trusted: Sequence[str] = (), dns_timeout: float = 0.3, budget: float = 1,
+                   cache: str | None = None, policy: str = "none", entries: Sequence[str] = (),
+                   tls: tuple[Path, Path] | None = None, workers: int | None = None) -> str:
+    """A lab gateway's config (YAML).  ``listeners`` and ``entries`` (policy entries) are
+    YAML flow mappings, ``cache`` the inside of one; ``tls`` is (key, cert); a limit or
+    setting given as None is left out.  The defaults: the outbound listeners above, policy
+    ``none`` (outbound sessions are pure relays) and a DNS that gives up fast (no resolver
+    in a lab without a DNS world)."""
+    lines = ["listeners:", *(f"  - {listener}" for listener in listeners),
+             _flow("upstream", mark=mark, on_failure=on_failure)]
+    if max_sessions is not None or buffer_bytes is not None:
+        lines.append(_flow("limits", max_sessions=max_sessions, buffer_bytes=buffer_bytes))
+    lines += [_flow("timeouts", connect=connect, idle=idle, session=session, drain=drain),
+              _flow("metrics", listen=f'"{metrics}"'),
+              _flow("log", format="json", level=log_level),
+              _flow("dns", resolvers=_list(resolvers), trusted=_list(trusted),
+                    timeout=dns_timeout, budget=budget,
+                    cache=None if cache is None else f"{{{cache}}}"),
+              _flow("policy", default=policy,
+                    entries=f"[{', '.join(entries)}]" if entries else None)]
+    if tls is not None:
+        lines.append(_flow("tls", key=tls[0], cert=tls[1]))
+    if workers is not None:
+        lines.append(f"workers: {workers}")
+    return "\n".join(lines) + "\n"
+
+
+def _flow(name: str, /, **values: object) -> str:
+    """``name: {a: 1, b: 2}``, the values given as None left out."""
+    inner = ", ".join(f"{k}: {v}" for k, v in values.items() if v is not None)
+    return f"{name}: {{{inner}}}"
+
+
+def _list(items: Sequence[str]) -> str | None:
+    return json.dumps(list(items)) if items else None
 
 
 class GatewayProcess:

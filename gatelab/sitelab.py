@@ -40,7 +40,7 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -49,7 +49,7 @@ from typing import Any
 from gatelab import certs
 from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld, ptr_name, reverse_zone
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import Netns, _link_ready, delete_all
 from gatelab.postfix_instance import (
     PostfixInstance,
@@ -107,22 +107,14 @@ def write_key_pair(work: Path, name: str, host: str) -> tuple[Path, Path, Path, 
     return key, cert, chain, str(tlsa_record(leaf.der)).strip().split("TLSA ", 1)[-1]
 
 
-def gateway_config(listeners: str, metrics: str, extra: str = "", policy: str = "dane") -> str:
-    return f"""
-listeners:{listeners}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: 50}}
-timeouts: {{connect: 5, idle: 30, session: 120, drain: 2}}
-metrics: {{listen: "{metrics}:{METRICS_PORT}"}}
-log: {{format: json, level: debug}}
-dns:
-  resolvers: ["{RESOLVER_V4}:53"]
-  trusted: ["{RESOLVER_V4}:53"]
-  timeout: 1
-  budget: 3
-  cache: {{min_ttl: 0, max_ttl: {B_TTL}, failure_ttl: 0}}
-policy: {{default: {policy}}}
-{extra}"""
+def site_config(listeners: Sequence[str], metrics: str,
+                tls: tuple[Path, Path] | None = None) -> str:
+    resolver = f"{RESOLVER_V4}:53"
+    return gateway_config(listeners=listeners, connect=5, drain=2,
+                          metrics=f"{metrics}:{METRICS_PORT}", resolvers=[resolver],
+                          trusted=[resolver], dns_timeout=1, budget=3,
+                          cache=f"min_ttl: 0, max_ttl: {B_TTL}, failure_ttl: 0", policy="dane",
+                          tls=tls)
 
 
 @dataclass
@@ -253,17 +245,17 @@ class SiteLab:
                 *args], env=env, cwd=ROOT)
 
     def _gateways(self) -> None:
-        out = gateway_config(f"""
-  - {{address: 0.0.0.0, port: {OUT_PORT}, direction: outbound}}
-  - {{address: "::", port: {OUT_PORT}, direction: outbound}}""", EDGE_A_PUB)
+        out = site_config([f"{{address: 0.0.0.0, port: {OUT_PORT}, direction: outbound}}",
+                           f'{{address: "::", port: {OUT_PORT}, direction: outbound}}'],
+                          EDGE_A_PUB)
         self.gw_a = GatewayProcess(self.edge_a, self.work / "gw-a", out, host=EDGE_A_PUB,
                                    metrics_port=METRICS_PORT)
         self._stack.enter_context(self.gw_a)
         self._firewall(self.edge_a, self.gw_a.config_path, "--mta-interface", INSIDE_IF)
-        inbound = gateway_config(f"""
-  - {{address: 0.0.0.0, port: {IN_PORT}, direction: inbound, starttls: offload,
-      client_address: proxy-protocol, upstreams: ["{B_MTA}:25"]}}""", EDGE_B_PUB,
-                                 extra=f"tls: {{key: {self.b_key}, cert: {self.b_cert}}}\n")
+        inbound = site_config([f"{{address: 0.0.0.0, port: {IN_PORT}, direction: inbound, "
+                               f"starttls: offload, client_address: proxy-protocol, "
+                               f'upstreams: ["{B_MTA}:25"]}}'], EDGE_B_PUB,
+                              tls=(self.b_key, self.b_cert))
         self.gw_b = GatewayProcess(self.edge_b, self.work / "gw-b", inbound, host=EDGE_B_PUB,
                                    metrics_port=METRICS_PORT)
         self._stack.enter_context(self.gw_b)

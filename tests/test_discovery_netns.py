@@ -19,6 +19,7 @@ import pytest
 
 from gatelab import dnslab, netlab
 from gatelab.dnslab import DnsWorld
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import Lab
 from gateway.answers import Answer, Status
 from gateway.config import DnsCache, DnsConfig, Endpoint, PolicyConfig
@@ -326,8 +327,7 @@ def test_check_without_resolver_config_uses_loopback(tmp_path: Path) -> None:
 def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
     """The running gateway discovers each outbound destination beside the connect and logs
     the plan with the session (acted on once the STARTTLS upgrade exists)."""
-    from gatelab.gatewayproc import GatewayProcess
-    from tests.test_gateway_netns import Peer, config
+    from tests.test_gateway_netns import Peer
 
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as world:
         declare(world)
@@ -342,7 +342,7 @@ def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
 
         peers = [Peer(lab, a, banner_after_a_moment) for a in ("203.0.113.2", "203.0.113.3")]
         try:
-            with GatewayProcess(lab.gw, tmp_path, config(policy="dane")) as gw:
+            with GatewayProcess(lab.gw, tmp_path, gateway_config(policy="dane")) as gw:
                 for dst in ("203.0.113.2", "203.0.113.3", "203.0.113.2"):
                     with lab.mta.connect(dst, 25) as c:
                         c.settimeout(5)

@@ -68,7 +68,7 @@ import uvloop
 
 from gatelab import certs, dnslab, netlab
 from gatelab.dnslab import DNS_V4, DNS_V6, DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, gateway_config
 from gatelab.netlab import MTA_V4, PEER_V4, Lab, reset_close
 from gateway.dane import tlsa_record
 
@@ -668,25 +668,14 @@ def table(title: str, rows: dict[str, Counter[str]]) -> str:
 
 # -- the lab ---------------------------------------------------------------------------------
 
-def gateway_config() -> str:
+def downgrade_config() -> str:
     """Short cache TTLs, so that each batch meets its DNS mode; a query timeout and budget
     generous enough that a busy machine does not turn an honest lookup into doubt (which
     the gateway rightly answers with a 4xx)."""
-    return """
-listeners:
-  - {address: 0.0.0.0, port: 10025}
-upstream: {mark: 0x2525}
-limits: {max_sessions: 500}
-timeouts: {connect: 10, idle: 30, session: 120, drain: 5}
-metrics: {listen: 127.0.0.1:9125}
-log: {format: json, level: info}
-dns:
-  resolvers: ["127.0.0.1:53"]
-  timeout: 1
-  budget: 3
-  cache: {min_ttl: 0, max_ttl: 0.5, negative_max_ttl: 0.5, failure_ttl: 0.5}
-policy: {default: dane}
-"""
+    return gateway_config(
+        listeners=OUTBOUND_LISTENERS[:1], max_sessions=500, connect=10, log_level="info",
+        resolvers=["127.0.0.1:53"], dns_timeout=1, budget=3,
+        cache="min_ttl: 0, max_ttl: 0.5, negative_max_ttl: 0.5, failure_ttl: 0.5", policy="dane")
 
 
 @dataclass
@@ -717,7 +706,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         attacker.start()
         listen = lab.peer.listen(PEER_V4, 25, backlog=1024)
         try:
-            with GatewayProcess(lab.gw, tmp_path / "gw", gateway_config()) as gw:
+            with GatewayProcess(lab.gw, tmp_path / "gw", downgrade_config()) as gw:
                 yield World(lab, dns_world, gw, attacker, peer, listen)
         finally:
             listen.close()

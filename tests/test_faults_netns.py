@@ -54,7 +54,7 @@ import pytest
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, gateway_config
 from gatelab.netlab import PEER_V4, Lab, Netns, reset_close
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 from gateway.dane import tlsa_record
@@ -447,17 +447,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         receiver = stack.enter_context(PostfixInstance(
             lab.peer, work, tls_receiver_settings("127.0.0.1", chain, domain="b.test",
                                                   myhostname="mx.b.test"), name="receiver"))
-        gp = GatewayProcess(lab.gw, work / "gw", """
-listeners:
-  - {address: 0.0.0.0, port: 10025}
-upstream: {mark: 0x2525}
-limits: {max_sessions: 50}
-timeouts: {connect: 5, idle: 30, session: 120, drain: 1}
-metrics: {listen: 127.0.0.1:9125}
-log: {format: json, level: info}
-dns: {resolvers: ["127.0.0.1:53"], timeout: 1, budget: 3}
-policy: {default: dane}
-""")
+        gp = GatewayProcess(lab.gw, work / "gw", gateway_config(
+            listeners=OUTBOUND_LISTENERS[:1], connect=5, drain=1, log_level="info",
+            resolvers=["127.0.0.1:53"], dns_timeout=1, budget=3, policy="dane"))
         gp.start()
         stack.callback(gp.stop)
         gateway = Gateway(gp)

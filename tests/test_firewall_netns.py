@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gatelab import netlab
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import (
     GW_MTA_IF,
     GW_PEER_IF,
@@ -45,32 +45,20 @@ if (_missing := [t for t in _tools if shutil.which(t) is None]):
 
 ROOT = Path(__file__).resolve().parent.parent
 
-COMMON = """
-upstream: {mark: 0x2525}
-timeouts: {connect: 2, idle: 30, session: 120, drain: 5}
-metrics: {listen: 127.0.0.1:9125}
-log: {format: json, level: debug}
-dns: {timeout: 0.3, budget: 1}  # no resolver in these labs: give up fast
-policy: {default: none}  # outbound sessions are pure relays here
-"""
+def config(*listeners: str) -> str:
+    """No limits section; the rest as every lab has it (policy none: pure relays)."""
+    return gateway_config(listeners=listeners, max_sessions=None)
 
 
 def outbound_config(mode: str, port: int = 10025) -> str:
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: {port}, mode: {mode}}}
-  - {{address: "::", port: {port}, mode: {mode}}}
-{COMMON}"""
+    return config(f"{{address: 0.0.0.0, port: {port}, mode: {mode}}}",
+                  f'{{address: "::", port: {port}, mode: {mode}}}')
 
 
 def inbound_config(client_address: str, mode: str = "redirect") -> str:
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: 10026, direction: inbound, starttls: passthrough, mode: {mode},
-      client_address: {client_address}, upstreams: ["{MTA_V4}:25"]}}
-  - {{address: "::", port: 10026, direction: inbound, starttls: passthrough, mode: {mode},
-      client_address: {client_address}, upstreams: ["[{MTA_V6}]:25"]}}
-{COMMON}"""
+    return config(*(f"{{address: {host}, port: 10026, direction: inbound, starttls: passthrough, "
+                    f"mode: {mode}, client_address: {client_address}, upstreams: [\"{mta}:25\"]}}"
+                    for host, mta in (("0.0.0.0", MTA_V4), ('"::"', f"[{MTA_V6}]"))))
 
 
 # (id, config, CLI options)
@@ -84,11 +72,9 @@ CASES: list[tuple[str, str, list[str]]] = [
                                                            "--mta-network",
                                                            netlab.MTA_NET_V6, "--table",
                                                            "4242"]),
-    ("outbound-one-address", f"""
-listeners:
-  - {{address: {netlab.GW_MTA_V4}, port: 10025}}
-  - {{address: "{netlab.GW_MTA_V6}", port: 10027, mode: tproxy}}
-{COMMON}""", ["--mta-interface", GW_MTA_IF]),
+    ("outbound-one-address", config(f"{{address: {netlab.GW_MTA_V4}, port: 10025}}",
+                                    f'{{address: "{netlab.GW_MTA_V6}", port: 10027, '
+                                    'mode: tproxy}'), ["--mta-interface", GW_MTA_IF]),
     ("inbound-transparent", inbound_config("transparent"), ["--internet-interface", GW_PEER_IF]),
     ("inbound-tproxy-transparent", inbound_config("transparent", "tproxy"),
      ["--internet-interface", GW_PEER_IF]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from gatelab import netlab
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import (
     GW_PEER_V4,
     GW_PEER_V6,
@@ -38,25 +38,6 @@ if (_why := netlab.netns_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
 
-def config(extra: str = "", *, limits: str = "", timeouts: str = "", upstream: str = "",
-           listeners: str = "", policy: str = "none") -> str:
-    """A test config.  ``policy: none`` (the default here) makes outbound sessions pure
-    relays, as these tests of the relay need; the upgrade has its own tests."""
-    listeners = listeners or """
-  - {address: 0.0.0.0, port: 10025}
-  - {address: "::", port: 10025}"""
-    return f"""
-listeners:{listeners}
-upstream: {{mark: 0x2525{upstream}}}
-limits: {{max_sessions: 50{limits}}}
-timeouts: {{connect: 2, idle: 30, session: 120, drain: 5{timeouts}}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: debug}}
-dns: {{timeout: 0.3, budget: 1}}  # no resolver in these labs: give up fast
-policy: {{default: {policy}}}
-{extra}"""
-
-
 @pytest.fixture
 def lab() -> Iterator[Lab]:
     with Lab() as lab:
@@ -69,7 +50,7 @@ def gateway(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]
     started: list[GatewayProcess] = []
 
     def start(text: str | None = None) -> GatewayProcess:
-        gw = GatewayProcess(lab.gw, tmp_path, text or config()).start()
+        gw = GatewayProcess(lab.gw, tmp_path, text or gateway_config()).start()
         started.append(gw)
         return gw
 
@@ -282,7 +263,7 @@ def test_own_traffic_intercepted_again_is_refused(
 
 def test_session_limit_answers_421_and_closes(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
-    gw = gateway(config(limits=", max_sessions: 3"))
+    gw = gateway(gateway_config(max_sessions=3))
     release = threading.Event()
 
     def hold(conn: socket.socket) -> None:
@@ -342,7 +323,7 @@ def test_unreachable_upstream_gets_a_421_greeting_with_the_reason(
 
 def test_unreachable_upstream_reset_mode(lab: Lab, gateway: Callable[..., GatewayProcess]
                                          ) -> None:
-    gw = gateway(config(upstream=", on_failure: reset"))
+    gw = gateway(gateway_config(on_failure="reset"))
     # The reset can come so fast that the client's connect() already reports it.
     with pytest.raises(ConnectionResetError), lab.mta.connect(PEER_V4_ALT, 25) as c:
         c.settimeout(5)
@@ -352,7 +333,7 @@ def test_unreachable_upstream_reset_mode(lab: Lab, gateway: Callable[..., Gatewa
 
 def test_idle_timeout_ends_a_silent_session(lab: Lab, gateway: Callable[..., GatewayProcess]
                                             ) -> None:
-    gw = gateway(config(timeouts=", idle: 0.5"))
+    gw = gateway(gateway_config(idle=0.5))
     release = threading.Event()
     def greet_and_wait(conn: socket.socket) -> None:
         conn.sendall(b"220 peer\r\n")
@@ -379,7 +360,7 @@ def test_slow_reader_keeps_gateway_buffer_bounded(
     """The peer sends 32 MB at full speed; the MTA reads 64 KiB every 20 ms.  The gateway's
     user-space buffer (its own metric, sampled all along) stays under high-water + one read."""
     high = 65536
-    gw = gateway(config(limits=f", buffer_bytes: {high}"))
+    gw = gateway(gateway_config(buffer_bytes=high))
     size = 32 * 1024 * 1024
     down = os.urandom(size)
 
@@ -438,8 +419,7 @@ def tproxy_session(lab: Lab, tmp_path: Path) -> None:
     # upstream packets would be routed to the local table too.
     gw_ns.ip("rule", "add", "fwmark", "0x40000/0x40000", "lookup", "100")
     gw_ns.ip("route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-    text = config(listeners="""
-  - {address: 0.0.0.0, port: 10027, mode: tproxy}""")
+    text = gateway_config(listeners=["{address: 0.0.0.0, port: 10027, mode: tproxy}"])
     with GatewayProcess(gw_ns, tmp_path, text) as gw:
         greeted_session(lab, b"220 tproxy peer\r\n")
         [s] = gw.wait_sessions(1)
@@ -448,7 +428,7 @@ def tproxy_session(lab: Lab, tmp_path: Path) -> None:
 
 def test_sighup_reload_keeps_sessions_and_refuses_bad_config(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
-    gw = gateway(config(limits=", max_sessions: 5"))
+    gw = gateway(gateway_config(max_sessions=5))
     release = threading.Event()
 
     def hold(conn: socket.socket) -> None:
@@ -491,7 +471,7 @@ def test_reload_changes_the_plan_of_a_destination_seen_before(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     """Plans decided by the config alone are remembered per destination; a reload must
     forget them, or the old policy would go on applying to every address seen before."""
-    gw = gateway(config())
+    gw = gateway(gateway_config())
     greeted_session(lab)
     greeted_session(lab)
     good = gw.config_path.read_text()
@@ -506,7 +486,7 @@ def test_reload_changes_the_plan_of_a_destination_seen_before(
 
 
 def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
-    gw = gateway(config(timeouts=", drain: 3"))
+    gw = gateway(gateway_config(drain=3))
     release = threading.Event()
 
     def slow_session(conn: socket.socket) -> None:
@@ -573,7 +553,7 @@ def test_connection_carrying_the_gateway_mark_is_refused(
 
 def test_client_reset_during_a_slow_connect_ends_the_session_at_once(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
-    gw = gateway(config(timeouts=", connect: 20"))
+    gw = gateway(gateway_config(connect=20))
     lab.peer.iptables(["-A", "INPUT", "-p", "tcp", "--dport", "25", "-j", "DROP"])
     time.sleep(0.3)
     fds = gw.open_fds()
@@ -637,11 +617,9 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
             lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", netlab.GW_PEER_IF, "-p",
                              "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
                             v6=v6)
-        text = config(listeners=f"""
-  - {{address: 0.0.0.0, port: 10026, direction: inbound, starttls: passthrough,
-      upstreams: ["{MTA_V4}:2525"]}}
-  - {{address: "::", port: 10026, direction: inbound, starttls: passthrough,
-      upstreams: ["{MTA_V4}:2525"]}}""")
+        text = gateway_config(listeners=[
+            f'{{address: {host}, port: 10026, direction: inbound, starttls: passthrough, '
+            f'upstreams: ["{MTA_V4}:2525"]}}' for host in ("0.0.0.0", '"::"')])
         mta = lab.mta.listen(MTA_V4, 2525)
         seen: list[tuple[str, int]] = []
 
@@ -704,7 +682,7 @@ def fake_starttls_peer(after_220: bytes, delay: float, seen: list[bytes]) -> Cal
 @pytest.mark.parametrize("delay", [0.0, 0.2], ids=["same-segment", "later"])
 def test_injection_after_starttls_reply_is_never_acted_on(
         lab: Lab, gateway: Callable[..., GatewayProcess], delay: float) -> None:
-    gw = gateway(config(policy="encrypt"))
+    gw = gateway(gateway_config(policy="encrypt"))
     seen: list[bytes] = []
     peer = Peer(lab, PEER_V4, fake_starttls_peer(b"250-INJECTED\r\n250 OK\r\n", delay, seen))
     try:
@@ -734,7 +712,7 @@ def test_workers_share_the_listeners_and_their_metrics_add_up(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     """workers: 2: the kernel spreads connections over two processes (SO_REUSEPORT); the
     supervisor's /metrics is their sum; SIGHUP reaches both; SIGTERM drains both."""
-    gw = gateway(config(extra="workers: 2\n"))
+    gw = gateway(gateway_config(workers=2))
     release = threading.Event()
 
     def hold(conn: socket.socket) -> None:

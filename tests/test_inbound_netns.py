@@ -23,11 +23,10 @@ import pytest
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import GW_PEER_V4, MTA_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 from gateway.dane import tlsa_record
-from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -76,11 +75,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def inbound_config(s: Site, client_address: str, key: Path | None = None,
                    cert: Path | None = None) -> str:
-    return config(
-        listeners=f"""
-  - {{address: 0.0.0.0, port: 10026, direction: inbound, starttls: offload,
-      client_address: {client_address}, upstreams: ["{MTA_V4}:25"]}}""",
-        extra=f"tls: {{key: {key or s.key}, cert: {cert or s.cert}}}\n")
+    return gateway_config(listeners=[
+        f'{{address: 0.0.0.0, port: 10026, direction: inbound, starttls: offload, '
+        f'client_address: {client_address}, upstreams: ["{MTA_V4}:25"]}}'],
+        tls=(key or s.key, cert or s.cert))
 
 
 def dane_sender(s: Site, name: str) -> PostfixInstance:

@@ -81,11 +81,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gatelab import certs, netlab, postfix_instance
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import GW_PEER_IF, MTA_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, receiver_settings
 from gateway.keys import TICKET_LIFETIME
-from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -124,11 +123,9 @@ def write_key_pair(work: Path, name: str, key_type: certs.KeyType = "ec") -> Pai
 
 
 def inbound_config(pair: Pair) -> str:
-    return config(
-        listeners=f"""
-  - {{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, starttls: offload,
-      client_address: none, upstreams: ["{MTA_V4}:25"]}}""",
-        extra=f"tls: {{key: {pair.key}, cert: {pair.cert}}}\n")
+    return gateway_config(listeners=[
+        f'{{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, starttls: offload, '
+        f'client_address: none, upstreams: ["{MTA_V4}:25"]}}'], tls=(pair.key, pair.cert))
 
 
 @dataclass

@@ -62,7 +62,7 @@ import pytest
 
 from gatelab import certs, netlab
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import GatewayProcess, LogFollower
+from gatelab.gatewayproc import GatewayProcess, LogFollower, gateway_config
 from gatelab.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab, Netns
 
 pytestmark = pytest.mark.netns
@@ -527,25 +527,15 @@ class World:
     dns: FakeDns
 
 
-def gateway_config(fingerprint: str, key: Path, cert: Path) -> str:
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: 10025, verifying_mtas: [{VERIFYING_MTA}]}}
-  - {{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, starttls: offload,
-      client_address: none, upstreams: ["{MTA_V4}:25"]}}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: 50}}
-timeouts: {{connect: 2, idle: 10, session: 60, drain: 2}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: info}}
-dns: {{timeout: 0.5, budget: 2}}
-policy:
-  default: encrypt
-  entries:
-    - {{match: {PEER_V4_ALT}/32, level: fingerprint, fingerprints: ["{fingerprint}"]}}
-    - {{match: {MAY_PEER}/32, level: may}}
-tls: {{key: {key}, cert: {cert}}}
-"""
+def injection_config(fingerprint: str, key: Path, cert: Path) -> str:
+    return gateway_config(
+        listeners=[f"{{address: 0.0.0.0, port: 10025, verifying_mtas: [{VERIFYING_MTA}]}}",
+                   f"{{address: 0.0.0.0, port: {INBOUND_PORT}, direction: inbound, "
+                   f'starttls: offload, client_address: none, upstreams: ["{MTA_V4}:25"]}}'],
+        idle=10, session=60, drain=2, log_level="info", dns_timeout=0.5, budget=2,
+        policy="encrypt", entries=[
+            f'{{match: {PEER_V4_ALT}/32, level: fingerprint, fingerprints: ["{fingerprint}"]}}',
+            f"{{match: {MAY_PEER}/32, level: may}}"], tls=(key, cert))
 
 
 @pytest.fixture(scope="module")
@@ -576,7 +566,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         stack.callback(mta.close)
         fingerprint = hashlib.sha256(peer_leaf.der).hexdigest()
         gw = stack.enter_context(GatewayProcess(
-            lab.gw, work, gateway_config(fingerprint, work / "site-key.pem",
+            lab.gw, work, injection_config(fingerprint, work / "site-key.pem",
                                          work / "site-cert.pem")))
         yield World(lab, gw, LogFollower(gw), peer_ctx, tls_client_context(), peers, mta, dns_)
 

@@ -46,7 +46,12 @@ import uvloop
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess, LogFollower
+from gatelab.gatewayproc import (
+    OUTBOUND_LISTENERS,
+    GatewayProcess,
+    LogFollower,
+    gateway_config,
+)
 from gatelab.netlab import PEER_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 from gateway.dane import tlsa_record
@@ -76,18 +81,10 @@ CONCURRENCY = 8
 
 def reload_config(variant: int, key: Path, cert: Path) -> str:
     name, buffer, timeout = (("outbound-a", 262144, 1.0), ("outbound-b", 131072, 1.5))[variant]
-    return f"""
-listeners:
-  - {{name: {name}, address: 0.0.0.0, port: 10025}}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: 200, buffer_bytes: {buffer}}}
-timeouts: {{connect: 10, idle: 30, session: 120, drain: 5}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: info}}
-dns: {{resolvers: ["127.0.0.1:53"], timeout: {timeout}, budget: 4}}
-tls: {{key: {key}, cert: {cert}}}
-policy: {{default: dane}}
-"""
+    return gateway_config(listeners=[f"{{name: {name}, address: 0.0.0.0, port: 10025}}"],
+                          max_sessions=200, buffer_bytes=buffer, connect=10, log_level="info",
+                          resolvers=["127.0.0.1:53"], dns_timeout=timeout, budget=4,
+                          tls=(key, cert), policy="dane")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -293,17 +290,9 @@ def mail_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailLab]:
 
 
 def sigterm_config(drain: float) -> str:
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: 10025}}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: 100}}
-timeouts: {{connect: 5, idle: 30, session: 120, drain: {drain}}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: info}}
-dns: {{timeout: 0.3, budget: 1}}  # passthrough: no lookups
-policy: {{default: none}}
-"""
+    """Passthrough (policy none): no lookups."""
+    return gateway_config(listeners=OUTBOUND_LISTENERS[:1], max_sessions=100, connect=5,
+                          drain=drain, log_level="info")
 
 
 def body_hash(content: bytes) -> str:

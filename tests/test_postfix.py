@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from gatelab import netlab, postfix_instance
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import PEER_V4, PEER_V4_ALT, PEER_V6, Lab
 from gatelab.postfix_instance import PostfixInstance, SmtpSink, null_client_settings, smtp_source
-from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -33,7 +32,7 @@ def lab() -> Iterator[Lab]:
 def test_smtp_source_to_sink_through_gateway_loses_nothing(
         lab: Lab, tmp_path: Path, dst: str, count: int, sessions: int) -> None:
     with SmtpSink(lab.peer, dst, 25, tmp_path) as sink, \
-            GatewayProcess(lab.gw, tmp_path, config()) as gw:
+            GatewayProcess(lab.gw, tmp_path, gateway_config()) as gw:
         # Policy none: this is the relay's volume proof (the upgrade's is in
         # tests/test_upgrade_netns.py, where a DNS lab answers the recipient checks).
         r = smtp_source(lab.mta, dst, 25, count=count, sessions=sessions, size=2000,
@@ -68,7 +67,7 @@ def test_postfix_tries_the_next_host_when_the_upstream_is_unreachable(
     through the gateway.  Either failure signal makes Postfix move on to the fallback in the
     same delivery attempt; only the 421 tells the operator why (in the log and the queue),
     which is why `reply` is the default."""
-    text = config(upstream=f", on_failure: {signal_}")
+    text = gateway_config(on_failure=signal_)
     with SmtpSink(lab.peer, PEER_V4_ALT, 25, tmp_path) as sink, \
             GatewayProcess(lab.gw, tmp_path, text) as gw, \
             PostfixInstance(lab.mta, tmp_path, null_client_settings(
@@ -89,7 +88,7 @@ def test_postfix_tries_the_next_host_when_the_upstream_is_unreachable(
 
 def test_postfix_keeps_the_mail_with_the_reason_and_delivers_it_once_later(
         lab: Lab, tmp_path: Path) -> None:
-    with GatewayProcess(lab.gw, tmp_path, config()), \
+    with GatewayProcess(lab.gw, tmp_path, gateway_config()), \
             PostfixInstance(lab.mta, tmp_path, null_client_settings("[203.0.113.2]:25")) as mta:
         mta.sendmail("alice@example.com", "bob@example.net", b"Subject: t\r\n\r\nlater\r\n")
         mta.wait_log(r"status=deferred \(host 203\.0\.113\.2\[203\.0\.113\.2\] refused to talk "

@@ -41,7 +41,7 @@ from typing import Any, TypeVar, cast
 import pytest
 import uvloop
 
-from gatelab import netlab, postfix_instance
+from gatelab import gatewayproc, netlab, postfix_instance
 from gatelab.gatewayproc import GatewayProcess
 from gatelab.netlab import (
     GW_MTA_IF,
@@ -76,19 +76,8 @@ def gateway_config(*, max_sessions: int, idle: float = 30, session: float = 600,
                    connect: float = 2, workers: int = 1) -> str:
     """Every limit the test depends on, spelt out (the defaults are 2000 sessions, idle
     300 s, session 3600 s).  ``policy: none``: outbound sessions are pure relays."""
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: 10025}}
-  - {{address: "::", port: 10025}}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: {max_sessions}}}
-timeouts: {{connect: {connect}, idle: {idle}, session: {session}, drain: 5}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: info}}
-dns: {{timeout: 0.3, budget: 1}}  # no resolver in these labs: give up fast
-policy: {{default: none}}
-workers: {workers}
-"""
+    return gatewayproc.gateway_config(max_sessions=max_sessions, connect=connect, idle=idle,
+                                      session=session, log_level="info", workers=workers)
 
 
 def need_open_files(n: int) -> None:

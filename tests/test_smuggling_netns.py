@@ -53,7 +53,7 @@ import pytest
 
 from gatelab import certs, netlab
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import GatewayProcess, LogFollower
+from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, LogFollower, gateway_config
 from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
 from tests.test_injection_netns import (
     EHLO_LINE,
@@ -154,22 +154,11 @@ class World:
     ids: Iterator[int] = field(default_factory=lambda: iter(range(1, 1_000_000)))
 
 
-def gateway_config() -> str:
-    return f"""
-listeners:
-  - {{address: 0.0.0.0, port: 10025}}
-upstream: {{mark: 0x2525}}
-limits: {{max_sessions: 50}}
-timeouts: {{connect: 2, idle: 10, session: 60, drain: 2}}
-metrics: {{listen: 127.0.0.1:9125}}
-log: {{format: json, level: info}}
-dns: {{timeout: 0.5, budget: 2}}
-policy:
-  default: encrypt
-  entries:
-    - {{match: {PEER_V4_ALT}/32, level: may}}
-    - {{match: {NONE_PEER}/32, level: none}}
-"""
+def smuggling_config() -> str:
+    return gateway_config(listeners=OUTBOUND_LISTENERS[:1], idle=10, session=60, drain=2,
+                          log_level="info", dns_timeout=0.5, budget=2, policy="encrypt",
+                          entries=[f"{{match: {PEER_V4_ALT}/32, level: may}}",
+                                   f"{{match: {NONE_PEER}/32, level: none}}"])
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +178,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             script = Script(context=ctx if mode == "tls" else None, caps=CAPS)
             peers[mode] = FakeServer(lab.peer, host, script)
             stack.callback(peers[mode].close)
-        gw = stack.enter_context(GatewayProcess(lab.gw, work, gateway_config()))
+        gw = stack.enter_context(GatewayProcess(lab.gw, work, smuggling_config()))
         yield World(lab, gw, LogFollower(gw), peers, resolver)
 
 

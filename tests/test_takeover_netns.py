@@ -30,11 +30,10 @@ import pytest
 from gatelab import certs, dnslab, exim_client, netlab, postfix_instance
 from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import GW_MTA_V4, HOST_IF, PEER_V4, PEER_V6, Lab, Netns
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
 from gateway.dane import tlsa_record
-from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -191,9 +190,11 @@ def dane_mta(w: World, name: str) -> PostfixInstance:
 
 
 def gateway(w: World, mode: str) -> GatewayProcess:
-    return GatewayProcess(w.lab.gw, w.work / mode, config(policy="dane", listeners=f"""
-  - {{address: 0.0.0.0, port: 10025, mta_starttls: {mode}, verifying_mtas: [{VERIFYING_V4}]}}
-  - {{address: "::", port: 10025, mta_starttls: {mode}, verifying_mtas: ["{VERIFYING_V6}"]}}"""))
+    return GatewayProcess(w.lab.gw, w.work / mode, gateway_config(policy="dane", listeners=[
+        f"{{address: 0.0.0.0, port: 10025, mta_starttls: {mode}, "
+        f"verifying_mtas: [{VERIFYING_V4}]}}",
+        f'{{address: "::", port: 10025, mta_starttls: {mode}, '
+        f'verifying_mtas: ["{VERIFYING_V6}"]}}']))
 
 
 def session_to(gw: GatewayProcess, destination: str, after: int) -> dict[str, object]:

@@ -24,7 +24,7 @@ import pytest
 from gatelab import certs, dnslab, exim_client, netlab, postfix_instance
 from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess
+from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import Lab
 from gatelab.postfix_instance import (
     PostfixInstance,
@@ -33,7 +33,6 @@ from gatelab.postfix_instance import (
     tls_receiver_settings,
 )
 from gateway.dane import tlsa_record
-from tests.test_gateway_netns import config
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -115,8 +114,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     # Offers STARTTLS but speaks only TLS 1.0/1.1, which the gateway
                     # refuses: every handshake fails, as with a broken peer.
                     "smtpd_tls_protocols": ">=TLSv1 <=TLSv1.1"}, name="oldpeer") as old_peer, \
-                GatewayProcess(lab.gw, work, config(
-                    policy="dane, entries: [{match: 203.0.113.8, level: none}]")) as gw, \
+                GatewayProcess(lab.gw, work, gateway_config(
+                    policy="dane", entries=["{match: 203.0.113.8, level: none}"])) as gw, \
                 PostfixInstance(lab.mta, work, sender, name="mta", master_cf_overrides=[
                     "heloonly/unix = heloonly unix - - n - - smtp "
                     "-o smtp_never_send_ehlo=yes"]) as mta:
