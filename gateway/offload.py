@@ -2,7 +2,12 @@
 
 It relays the MTA's banner and EHLO reply (with STARTTLS added), answers the client's STARTTLS
 itself, and hands over to the byte pump after the client's EHLO over TLS, or as soon as the
-client goes on without TLS.
+client goes on without TLS.  "Goes on" means a command that starts or belongs to a
+transaction (MAIL, RCPT, DATA, BDAT), AUTH, QUIT or one it does not know: before that, the
+plaintext phase may hold any number of EHLO, HELO, NOOP, RSET, HELP, VRFY and EXPN (each
+forwarded, its reply passed on unchanged), and STARTTLS after any of them is still answered
+by the gateway (RFC 3207 allows it anywhere in the plaintext phase): the STARTTLS it offered
+is never withdrawn, and the MTA never sees a STARTTLS or TLS bytes.
 
 A4: bytes the client pipelines after its STARTTLS line, before the handshake, are an
 injection attempt (CVE-2011-0411): the session is rejected, they never reach the MTA.  The
@@ -42,6 +47,10 @@ from .smtp import (
 
 MTA_UNASKED = "MTA sent a reply nobody asked for"
 
+# Commands of the plaintext phase that leave it open: forwarded one at a time, their replies
+# passed on unchanged, and the machine stays in charge (STARTTLS may still follow).
+BEFORE_MAIL = frozenset({b"NOOP", b"RSET", b"HELP", b"VRFY", b"EXPN"})
+
 
 @dataclass(frozen=True, slots=True)
 class StartTlsServer:
@@ -65,6 +74,7 @@ class OffloadState(Enum):
     BANNER = "banner"  # waiting for the MTA's greeting
     COMMAND = "command"  # waiting for the client's next command
     EHLO_REPLY = "ehlo_reply"  # the client's EHLO/HELO went to the MTA
+    REPLY = "reply"  # a plaintext-phase command (BEFORE_MAIL) went to the MTA
     HANDSHAKE = "handshake"  # the shell does TLS with the client
     DONE = "done"  # relayed or rejected: bytes are the shell's business
 
@@ -74,8 +84,9 @@ St = OffloadState
 # Where each state may go; checked on every move (anything else: LocalProtocolError).
 TRANSITIONS: dict[OffloadState, frozenset[OffloadState]] = {
     St.BANNER: frozenset({St.COMMAND, St.DONE}),
-    St.COMMAND: frozenset({St.EHLO_REPLY, St.HANDSHAKE, St.DONE}),
+    St.COMMAND: frozenset({St.EHLO_REPLY, St.REPLY, St.HANDSHAKE, St.DONE}),
     St.EHLO_REPLY: frozenset({St.COMMAND, St.DONE}),
+    St.REPLY: frozenset({St.COMMAND, St.DONE}),
     St.HANDSHAKE: frozenset({St.COMMAND, St.DONE}),
     St.DONE: frozenset(),
 }
@@ -128,7 +139,7 @@ class Offload:
         self._mta.feed(data)
         out: list[InboundCommand] = []
         try:
-            while self._at(St.BANNER, St.EHLO_REPLY) and (r := self._mta.next()):
+            while self._at(*self.ON_REPLY) and (r := self._mta.next()):
                 out += self.ON_REPLY[self.state](self, r)
         except RemoteProtocolError as exc:
             return [*out, *self._reject(f"MTA protocol error: {exc}", b"421 4.3.0")]
@@ -183,6 +194,12 @@ class Offload:
                         return out + self._reject(MTA_UNASKED, b"421 4.3.0")
                     self._go(St.HANDSHAKE)
                     return [*out, SendClient(STARTTLS_READY), StartTlsServer()]
+                if v in BEFORE_MAIL and not self.tls:
+                    if self._mta.buffer:  # see tls_done
+                        return out + self._reject(MTA_UNASKED, b"421 4.3.0")
+                    self._go(St.REPLY)
+                    out.append(SendPeer(line))
+                    continue
                 # Anything else: the client goes on (in plaintext, or over TLS without a new
                 # EHLO): from here the bytes are the MTA's business.
                 self._client[:0] = line
@@ -217,9 +234,15 @@ class Offload:
         self._go(St.COMMAND)
         return [SendClient(edited), *self._commands()]
 
+    def _passed_reply(self, r: Reply) -> list[InboundCommand]:
+        """The reply to NOOP, RSET, HELP, VRFY or EXPN: the client's business, unchanged."""
+        self._go(St.COMMAND)
+        return [SendClient(r.raw), *self._commands()]
+
     ON_REPLY: ClassVar[dict[OffloadState, Callable[[Offload, Reply], list[InboundCommand]]]] = {
         St.BANNER: _banner_reply,
         St.EHLO_REPLY: _ehlo_reply,
+        St.REPLY: _passed_reply,
     }
 
     # -- ends ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from gatelab.machines import transcript
 from gateway.commands import Relay, Result, SendClient, SendPeer, ShutdownClient, ShutdownPeer
-from gateway.offload import InboundCommand, Offload, Reject, StartTlsServer
+from gateway.offload import MTA_UNASKED, InboundCommand, Offload, Reject, StartTlsServer
 from gateway.smtp import STARTTLS_READY
 
 SIZES = (4096, 128, 16, 1)
@@ -69,6 +69,80 @@ def test_client_without_starttls_goes_on_in_plaintext() -> None:
                    ("client", b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")])
     assert out[-1] == Relay(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n", b"")
     assert m.result is Result.PLAINTEXT
+
+
+# The plaintext phase before MAIL: commands that leave STARTTLS possible, and their replies.
+PLAINTEXT_PHASE = [(b"NOOP\r\n", b"250 2.0.0 Ok\r\n"), (b"RSET\r\n", b"250 2.0.0 Ok\r\n"),
+                   (b"HELP\r\n", b"214-2.0.0 Commands:\r\n214 2.0.0 EHLO MAIL\r\n"),
+                   (b"VRFY postmaster\r\n", b"252 2.0.0 postmaster\r\n"),
+                   (b"EXPN staff\r\n", b"502 5.5.1 Error: command not implemented\r\n"),
+                   (EHLO, MTA_CAPS)]
+
+
+@pytest.mark.parametrize(("command", "reply"), PLAINTEXT_PHASE)
+def test_starttls_is_still_answered_after_any_plaintext_phase_command(
+        command: bytes, reply: bytes) -> None:
+    """The STARTTLS offered is never withdrawn: a client that sends NOOP (RSET, HELP, VRFY,
+    EXPN, EHLO again) first still gets the gateway's 220, and the MTA sees neither STARTTLS
+    nor TLS bytes."""
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", command), ("mta", reply),
+                   ("client", b"STARTTLS\r\n"), ("tls", True, "TLSv1.3"),
+                   ("client", EHLO), ("mta", MTA_CAPS)])
+    shown = OFFERED if command == EHLO else reply  # an EHLO reply is offered STARTTLS again
+    assert out == [SendClient(BANNER), SendPeer(EHLO), SendClient(OFFERED),
+                   SendPeer(command), SendClient(shown),
+                   SendClient(STARTTLS_READY), StartTlsServer(), SendPeer(EHLO),
+                   SendClient(MTA_CAPS), Relay(b"", b"")]
+    assert (m.tls, m.result) == (True, Result.TLS)
+
+
+def test_plaintext_phase_commands_pipelined_with_starttls() -> None:
+    """NOOP, RSET and STARTTLS in one segment (STARTTLS last, as RFC 2920 wants it): each
+    command waits for the reply before it (the MTA answers what it was sent), and STARTTLS
+    is still the gateway's."""
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"NOOP\r\nRSET\r\nSTARTTLS\r\n"),
+                   ("mta", b"250 2.0.0 Ok\r\n"), ("mta", b"250 2.0.0 Ok\r\n"),
+                   ("tls", True, "TLSv1.3"),
+                   ("client", EHLO), ("mta", MTA_CAPS)])
+    assert out[3:9] == [SendPeer(b"NOOP\r\n"), SendClient(b"250 2.0.0 Ok\r\n"),
+                        SendPeer(b"RSET\r\n"), SendClient(b"250 2.0.0 Ok\r\n"),
+                        SendClient(STARTTLS_READY), StartTlsServer()]
+    assert m.result is Result.TLS
+
+
+def test_after_plaintext_phase_commands_mail_goes_on_in_plaintext() -> None:
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"NOOP\r\n"), ("mta", b"250 2.0.0 Ok\r\n"),
+                   ("client", b"MAIL FROM:<a@b>\r\n")])
+    assert out[-1] == Relay(b"MAIL FROM:<a@b>\r\n", b"")
+    assert (m.tls, m.result) == (False, Result.PLAINTEXT)
+
+
+@pytest.mark.parametrize("command", [b"AUTH PLAIN AGFAAGI=\r\n", b"QUIT\r\n",
+                                     b"XCLIENT ADDR=1.2.3.4\r\n", b"DATA\r\n"])
+def test_other_commands_hand_over_as_before(command: bytes) -> None:
+    _, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", command)])
+    assert out[-1] == Relay(command, b"")
+
+
+def test_the_mta_closing_after_a_plaintext_phase_reply() -> None:
+    m, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"NOOP\r\n"), ("mta", b"421 4.3.2 going down\r\n"),
+                   ("mta_eof",)])
+    assert out[-3:] == [SendClient(b"421 4.3.2 going down\r\n"), Relay(b"", b""),
+                        ShutdownClient()]
+    assert m.result is Result.PLAINTEXT
+
+
+def test_mta_speaking_unasked_in_the_plaintext_phase() -> None:
+    """A second reply to one NOOP would be read as the reply to the client's next command."""
+    _, out = same([("mta", BANNER), ("client", EHLO), ("mta", MTA_CAPS),
+                   ("client", b"NOOP\r\n"), ("mta", b"250 Ok\r\n250 again\r\n"),
+                   ("client", b"RSET\r\n")])
+    assert isinstance(out[-1], Reject) and out[-1].reason == MTA_UNASKED
 
 
 def test_helo_is_passed_as_it_is() -> None:

@@ -148,7 +148,8 @@ CLIENT_TURNS = [EHLO, b"HELO mta.a.test\r\n", b"HELO\r\n", b"MAIL FROM:<a@a.test
 MTA_TURNS = [BANNER, CAPS, CAPS_AFTER, b"250 mx.b.test\r\n", b"554 no\r\n", b"501 what\r\n",
              b"250-x\r\n", b"x\r\n"]
 INBOUND_CLIENT_TURNS = [EHLO, b"HELO c.test\r\n", b"STARTTLS\r\n", b"MAIL FROM:<a@b>\r\n",
-                        b"starttls\r\n", b"QUIT\r\n", b"\r\n", b"EHL"]
+                        b"starttls\r\n", b"QUIT\r\n", b"\r\n", b"EHL", b"NOOP\r\n",
+                        b"rset\r\n"]
 
 
 def turns(sides: dict[str, list[bytes]]) -> st.SearchStrategy[list[tuple[str, bytes]]]:
