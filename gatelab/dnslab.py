@@ -81,7 +81,8 @@ import dns.rdtypes.ANY.DNSKEY
 import dns.rdtypes.ANY.SOA
 import dns.zone
 
-from gatelab.netlab import CommandError, Lab, Netns, wait_port
+from gatelab.netlab import PEER_NET_V4, PEER_V4, CommandError, Lab, Netns, wait_port
+from gateway.dane import tlsa_record
 
 # Where DnsWorld.on_lab() puts the authoritative server (on the peer's eth0).
 DNS_V4 = "203.0.113.53"
@@ -189,6 +190,20 @@ def reverse_zone(network: str) -> str:
 def ptr_name(address: str) -> str:
     """``"203.0.113.2"`` -> ``"2.113.0.203.in-addr.arpa."``."""
     return ipaddress.ip_address(address).reverse_pointer + "."
+
+
+# The lab's DANE destination (see dane_destination): the peer's name.
+DANE_HOST = "mx.b.test"
+
+
+def dane_destination(world: DnsWorld, cert_der: bytes) -> str:
+    """Declares the lab's DANE destination in ``world``: mx.b.test at the peer (PEER_V4)
+    with a TLSA 3 1 1 record for the key in ``cert_der``, b.test's MX, and the peer's PTR
+    (the zones ``test.`` and the peer network's reverse zone).  Returns the TLSA rdata."""
+    rdata = str(tlsa_record(cert_der))
+    world.zone("test.", [f"mx.b A {PEER_V4}", f"_25._tcp.mx.b TLSA {rdata}", "b MX 10 mx.b"])
+    world.zone(reverse_zone(PEER_NET_V4), [f"{ptr_name(PEER_V4)} PTR {DANE_HOST}."])
+    return rdata
 
 
 def _absolute(name: str) -> dns.name.Name:
@@ -951,6 +966,7 @@ def _stop_leftovers() -> None:
 
 
 __all__ = [
+    "DANE_HOST",
     "DNS_V4",
     "DNS_V6",
     "RESOLVER_V4",
@@ -958,6 +974,7 @@ __all__ = [
     "DnsLabError",
     "DnsWorld",
     "QueryResult",
+    "dane_destination",
     "dnslab_usable",
     "exchange",
     "ptr_name",

@@ -692,14 +692,11 @@ class World:
 def world(tmp_path: Path) -> Iterator[World]:
     good_leaf = certs.make_leaf(None, [HOST])
     wrong_leaf = certs.make_leaf(None, [HOST])  # same name, another key
-    good = tlsa_record(good_leaf.der).to_zone("").split("TLSA ", 1)[1]
-    attacker_tlsa = tlsa_record(wrong_leaf.der).to_zone("").split("TLSA ", 1)[1]
+    attacker_tlsa = str(tlsa_record(wrong_leaf.der))
     peer = AdversarialPeer(server_context(tmp_path, good_leaf, "good"),
                            server_context(tmp_path, wrong_leaf, "wrong"))
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as dns_world:
-        dns_world.zone("test.", ["mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
-                                 "b MX 10 mx.b"])
-        dns_world.zone(dnslab.reverse_zone("203.0.113.0/24"), [f"2 PTR {HOST}."])
+        dnslab.dane_destination(dns_world, good_leaf.der)
         dns_world.start()
         lab.redirect_port25(10025)
         attacker = DnsAttacker(lab, attacker_tlsa)

@@ -57,7 +57,6 @@ from gatelab.dnslab import DnsWorld
 from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, gateway_config
 from gatelab.netlab import PEER_V4, Lab, Netns, reset_close
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, tls_receiver_settings
-from gateway.dane import tlsa_record
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -435,14 +434,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     work = tmp_path_factory.mktemp("faults")
     leaf = certs.make_leaf(None, ["mx.b.test"])
     chain = certs.write_chain_file(work / "mx-chain.pem", leaf)
-    good = str(tlsa_record(leaf.der)).strip().split("TLSA ", 1)[-1]
     with contextlib.ExitStack() as stack:
         lab = stack.enter_context(Lab())
         lab.redirect_port25(10025)
         dns = stack.enter_context(DnsWorld.on_lab(lab, work / "dns"))
-        dns.zone("test.", ["mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
-                           "b MX 10 mx.b"])
-        dns.zone("113.0.203.in-addr.arpa.", ["2 PTR mx.b.test."])
+        dnslab.dane_destination(dns, leaf.der)
         dns.start()
         receiver = stack.enter_context(PostfixInstance(
             lab.peer, work, tls_receiver_settings("127.0.0.1", chain, domain="b.test",

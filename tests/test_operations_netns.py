@@ -54,7 +54,6 @@ from gatelab.gatewayproc import (
 )
 from gatelab.netlab import PEER_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
-from gateway.dane import tlsa_record
 from tests.test_downgrade_netns import (
     HOST,
     AdversarialPeer,
@@ -140,14 +139,11 @@ def load(peer: AdversarialPeer, listen: Any, stop: threading.Event, max_sessions
 @pytest.fixture
 def dane_lab(tmp_path: Path) -> Iterator[tuple[Lab, AdversarialPeer, Any]]:
     leaf = certs.make_leaf(None, [HOST])
-    good = tlsa_record(leaf.der).to_zone("").split("TLSA ", 1)[1]
     other = certs.make_leaf(None, [HOST])
     peer = AdversarialPeer(server_context(tmp_path, leaf, "good"),
                            server_context(tmp_path, other, "unused"))
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as world:
-        world.zone("test.", ["mx.b A 203.0.113.2", f"_25._tcp.mx.b TLSA {good}",
-                             "b MX 10 mx.b"])
-        world.zone(dnslab.reverse_zone("203.0.113.0/24"), [f"2 PTR {HOST}."])
+        dnslab.dane_destination(world, leaf.der)
         world.start()
         lab.redirect_port25(10025)
         listen = lab.peer.listen(PEER_V4, 25, backlog=512)
