@@ -17,8 +17,8 @@ production values or shrunk, so that small inputs reach them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.commands import Relay, Result, SendClient, SendPeer
 from gateway.config import Level

@@ -67,6 +67,15 @@ class StartTls(StrEnum):
     PASSTHROUGH = "passthrough"  # the MTA itself: bytes pass unchanged
 
 
+class Smuggling(StrEnum):
+    """Inbound: what reaches the MTA when a client's line endings or pipelining would let the
+    MTA find an end of data (or a command) the client's side could not have meant."""
+
+    NORMALIZE = "normalize"  # bare CR/LF made CRLF, lines they start dot-stuffed; hold after DATA
+    REJECT = "reject"  # 550/554 to the client, the MTA's connection reset: nothing delivered
+    OFF = "off"  # bytes pass unchanged (an MTA hardened on its own)
+
+
 class MtaStartTls(StrEnum):
     """Outbound: what becomes of the MTA's own STARTTLS toward a peer the gateway would
     authenticate (or must encrypt to).  Elsewhere the MTA's TLS is left alone."""
@@ -118,6 +127,7 @@ class Listener:
     name: str = ""
     starttls: StartTls = StartTls.OFFLOAD  # inbound only
     client_address: ClientAddress = ClientAddress.NONE  # inbound only
+    smuggling: Smuggling = Smuggling.NORMALIZE  # inbound only
     mta_starttls: MtaStartTls = MtaStartTls.TERMINATE  # outbound only
     # Outbound only: MTAs that verify on their own (Postfix dane/secure, Exim
     # hosts_require_dane): their STARTTLS is always theirs (step-aside).
@@ -394,10 +404,11 @@ def _listener(source: str, path: str, data: object) -> Listener:
     mode = s.choice("mode", InterceptMode, InterceptMode.REDIRECT)
     upstreams = tuple(parse_endpoint(v, source, p) for p, v in s.items("upstreams"))
     name = s.string("name", "")
-    inbound_only = [k for k in ("starttls", "client_address") if s.has(k)]
+    inbound_only = [k for k in ("starttls", "client_address", "smuggling") if s.has(k)]
     outbound_only = [k for k in ("mta_starttls", "verifying_mtas") if s.has(k)]
     starttls = s.choice("starttls", StartTls, StartTls.OFFLOAD)
     client_address = s.choice("client_address", ClientAddress, ClientAddress.NONE)
+    smuggling = s.choice("smuggling", Smuggling, Smuggling.NORMALIZE)
     mta_starttls = s.choice("mta_starttls", MtaStartTls, MtaStartTls.TERMINATE)
     verifying = tuple(_network(v, source, p) for p, v in s.items("verifying_mtas"))
     s.done()
@@ -411,7 +422,7 @@ def _listener(source: str, path: str, data: object) -> Listener:
         raise s.error("upstreams", "only for inbound listeners: outbound goes to the original "
                                    "destination")
     return Listener(address, port, direction, mode, upstreams, name, starttls, client_address,
-                    mta_starttls, verifying)
+                    smuggling, mta_starttls, verifying)
 
 
 def _network(value: object, source: str, path: str) -> IPNetwork:

@@ -27,7 +27,11 @@ log = logging.getLogger("smtpgate")
 OUTCOMES = (
     "relayed", "client_reset", "upstream_reset", "timeout_idle", "timeout_session", "aborted",
     "upstream_failed", "refused_limit", "refused_loop", "refused_intercept", "deferred",
+    "refused_smuggling",
 )
+# Inbound smuggling shield (gateway.shield): what it did, and to what.
+SMUGGLING = (("normalized", "bare_lf"), ("normalized", "bare_cr"), ("refused", "bare_lf"),
+             ("refused", "bare_cr"), ("refused", "pipelining"), ("refused", "protocol"))
 RECIPIENT_LABELS = (("allowed", "none"), ("allowed", "tls"), ("allowed", "dane"),
                     ("deferred", "dns"), ("deferred", "not_encrypted"),
                     ("deferred", "key_mismatch"), ("deferred", "policy"))
@@ -93,6 +97,11 @@ class Metrics:
             "itself toward a peer: terminated (the gateway answered it and verified the peer), "
             "hidden (withdrawn from the EHLO reply), stepped_aside (left to the MTA).",
             ["handling"], registry=registry)
+        self.smuggling = Counter(
+            "smtpgate_smuggling", "Inbound sessions in which the smuggling shield made the "
+            "client's stream strict (normalized) or ended the session (refused), by what it met: "
+            "bare_lf, bare_cr, pipelining (bytes before the reply to DATA), protocol.",
+            ["action", "kind"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -118,6 +127,8 @@ class Metrics:
             self.dns_cache.labels(result)
         for handling in MTA_STARTTLS:
             self.mta_starttls.labels(handling)
+        for action, kind in SMUGGLING:
+            self.smuggling.labels(action, kind)
         for rdtype in DNS_TYPES:
             self.dns_latency.labels(rdtype)
             for status in ("secure", "insecure", "bogus", "failed"):

@@ -54,6 +54,12 @@ class End(StrEnum):
     TOTAL = "timeout_session"
     ABORTED = "aborted"  # the gateway ended it (drain deadline)
     DEFERRED = "deferred"  # the gateway answered the MTA with a 4xx (upgrade impossible)
+    SMUGGLING = "refused_smuggling"  # inbound: the shield refused the client (gateway.shield)
+
+
+# Ends whose last words (a 421, a 550) must reach the other side: closed, not reset.  An MTA
+# whose connection closes inside DATA discards the message it never saw end.
+_FLUSHED = frozenset({End.DONE, End.DEFERRED, End.SMUGGLING})
 
 
 class Leg(asyncio.Protocol):
@@ -472,11 +478,11 @@ class Pump:
             t = leg.transport
             if t is None or t.is_closing():
                 continue
-            if end in (End.DONE, End.DEFERRED):
+            if end in _FLUSHED:
                 leg.close()  # the 421 of a deferral must reach the MTA: flush, no reset
             else:
                 reset(t)
-        if end in (End.DONE, End.DEFERRED):
+        if end in _FLUSHED:
             # close() waits for the buffer to drain; a peer that never reads must not keep
             # the socket forever.
             self.loop.call_later(self.idle_timeout, self._abort_lingering)

@@ -19,6 +19,7 @@ from .config import (
     Endpoint,
     FailureSignal,
     Listener,
+    Smuggling,
     StartTls,
 )
 from .context import Context
@@ -38,6 +39,7 @@ from .planning import Planner
 from .policy import Action, Plan
 from .proxyproto import v2_header
 from .relay import End, Leg, Pump, reset
+from .shield import Shield
 from .upgrade import Upgrade, mta_starttls, reason_label
 
 
@@ -194,12 +196,16 @@ class Session:
                     destination=self.destination, upstream=self.upstream,
                     when_planned=planner.when_planned, connect_leg=self.connect_leg)
                 self.upgrade.start()
-            elif (self.direction is Direction.INBOUND
-                  and self.listener.starttls is StartTls.OFFLOAD
-                  and self.ctx.tls_server is not None):
-                self.upgrade = InboundOffload(self.ctx, self.config, self.pump,
-                                              self.ctx.tls_server.get())
-                self.upgrade.start()
+            elif self.direction is Direction.INBOUND:
+                offload = (self.listener.starttls is StartTls.OFFLOAD
+                           and self.ctx.tls_server is not None)
+                smuggling = self.listener.smuggling
+                if offload or smuggling is not Smuggling.OFF:
+                    context = self.ctx.tls_server.get() if offload and self.ctx.tls_server \
+                        else None
+                    self.upgrade = InboundOffload(self.ctx, self.config, self.pump, context,
+                                                  smuggling)
+                    self.upgrade.start()
             self.pump.start()
         except asyncio.CancelledError:
             if not self.pump.done.done():
@@ -215,6 +221,18 @@ class Session:
             self._end(self.pump.done.result().value)
         else:
             self.pump.done.add_done_callback(lambda done: self._end(done.result().value))
+
+    def _shield_facts(self, shield: Shield, fields: dict[str, object]) -> None:
+        """The smuggling shield's part of the session line and its metric (once a kind)."""
+        m = self.ctx.metrics
+        if shield.refused:
+            fields["smuggling"] = f"refused {shield.refused}"
+            m.child(m.smuggling, "refused", shield.refused).inc()
+        elif shield.normalized:
+            kinds = sorted(shield.normalized)
+            fields["smuggling"] = "normalized " + ",".join(kinds)
+            for kind in kinds:
+                m.child(m.smuggling, "normalized", kind).inc()
 
     def _end(self, end: str) -> None:
         if self._ended:
@@ -359,7 +377,9 @@ class Session:
             if isinstance(machine, Upgrade) and (handling := mta_starttls(machine)):
                 fields["mta_starttls"] = handling
                 m.child(m.mta_starttls, handling).inc()
-            if machine.result is not Result.PENDING:
+            if isinstance(self.upgrade, InboundOffload) and self.upgrade.shield is not None:
+                self._shield_facts(self.upgrade.shield, fields)
+            if machine is not None and machine.result is not Result.PENDING:
                 fields["tls"] = machine.result.value
                 label = reason_label(machine.result, machine.reason)
                 m.child(m.tls, d, machine.result.value, label).inc()

@@ -105,6 +105,7 @@ def test_the_pure_core_loads_no_shell() -> None:
     shell = {"dns", "discovery", "tasks", "metrics", "relay", "tls", "session", "server",
              "netfilter", "context", "planning", "phase", "outbound", "inbound", "workers"}
     for pure in ("policy", "walks", "answers", "dane", "smtp", "commands", "upgrade", "offload",
+                 "shield",
                  "envelope", "admission"):
         assert not reach(edges, pure) & shell, (pure, reach(edges, pure) & shell)
 
