@@ -54,6 +54,10 @@ RSA_MIN_BITS = 2048  # OpenSSL's default security level 2 refuses less
 # always (EC)DHE in OpenSSL's default psk_dhe_ke mode; set_ciphers does not touch them.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS:!PSK:!SRP"
 NUM_TICKETS = 2  # TLS 1.3 tickets per full handshake (OpenSSL's default)
+# Key exchange groups (TLS 1.3, and the curves of TLS 1.2 ECDHE): Mozilla's "intermediate"
+# set.  OpenSSL's default adds X448, P-521 and FFDHE, which scanners flag and no sender needs.
+TLS_GROUPS = "X25519:P-256:P-384"
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list() is this SSL_CTX_ctrl() (ssl.h)
 TICKET_LIFETIME = 7200  # seconds: OpenSSL's default session timeout, the ticket lifetime hint
 # How long one context (one set of ticket keys) serves new sessions.  A leaked ticket key
 # exposes the TLS 1.2 sessions ticketed under it (module docstring): an hour of one worker's
@@ -296,7 +300,47 @@ def _server_policy() -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_NONE  # a client certificate would prove nothing here
     ctx.set_ciphers(TLS12_CIPHERS)
     _check_ciphers(ctx)
+    limit_groups(ctx)
     return ctx
+
+
+def limit_groups(ctx: ssl.SSLContext, groups: str = TLS_GROUPS) -> bool:
+    """Offer only ``groups`` for the key exchange; False (logged once) where it cannot be done.
+
+    Python's ssl has no call for it (3.11 to 3.13), so this is OpenSSL's own,
+    SSL_CTX_set1_groups_list(), through ctypes on the context's SSL_CTX: the pointer is the
+    first field after the object header of CPython's ``PySSLContext``.  It is trusted only
+    when SSL_CTX_get_options() through it reads the options Python reports."""
+    import _ssl
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        get_options, ctrl = lib.SSL_CTX_get_options, lib.SSL_CTX_ctrl
+    except (OSError, AttributeError) as exc:
+        _groups_unchanged(f"OpenSSL not reachable: {exc}")
+        return False
+    get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+    ctrl.restype = ctypes.c_long
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not ssl_ctx or get_options(ssl_ctx) != ctx.options:
+        _groups_unchanged("this Python's SSLContext layout is not the one expected")
+        return False
+    if ctrl(ssl_ctx, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode("ascii")) != 1:
+        _groups_unchanged(f"OpenSSL refused the group list {groups}")
+        return False
+    return True
+
+
+_groups_warned = False
+
+
+def _groups_unchanged(why: str) -> None:
+    global _groups_warned
+    if not _groups_warned:
+        _groups_warned = True
+        log.warning("TLS key exchange groups left at OpenSSL's defaults: %s", why)
 
 
 def local_context() -> ssl.SSLContext:

@@ -12,9 +12,11 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -789,3 +791,49 @@ def test_help(cmd: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: smtpgate {cmd}") and "Exit 0" in out
+
+
+def s_client(ctx: ssl.SSLContext, group: str, version: str) -> tuple[bool, str]:
+    """``openssl s_client`` offering only ``group`` for the key exchange, against ``ctx`` on
+    127.0.0.1: whether the handshake completed, and what s_client said."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+
+    def serve_one() -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            conn, _ = server.accept()
+            with conn, ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"220 ok\r\n")
+                tls.settimeout(5)
+                tls.recv(16)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        r = subprocess.run(["openssl", "s_client", "-brief", f"-{version}", "-groups", group,
+                            "-connect", f"127.0.0.1:{server.getsockname()[1]}"],
+                           input=b"", capture_output=True, timeout=20, check=False)
+    finally:
+        thread.join(10)
+        server.close()
+    said = (r.stdout + r.stderr).decode(errors="replace")
+    return "CONNECTION ESTABLISHED" in said, said
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+@pytest.mark.parametrize("version", ["tls1_3", "tls1_2"])
+def test_the_key_exchange_groups_are_mozillas_intermediate(version: str, ec_pair: KeyPair,
+                                                           rsa_pair: KeyPair) -> None:
+    """X25519, P-256 and P-384 only: X448 and P-521 (OpenSSL offers both by default, and the
+    permissive control server accepts them) are refused.  TLS 1.2 with the RSA key: there a
+    client's groups also bound an ECDSA certificate's curve."""
+    pair = ec_pair if version == "tls1_3" else rsa_pair
+    ctx = server_context(pair)
+    for group in ("X25519", "P-256", "P-384"):
+        ok, said = s_client(ctx, group, version)
+        assert ok, (group, said)
+    for group in ("X448", "P-521"):
+        assert s_client(permissive(pair), group, version)[0], group  # the control
+        ok, said = s_client(ctx, group, version)
+        assert not ok, (group, said)
+    assert keys.limit_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
