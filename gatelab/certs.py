@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +249,12 @@ def write_pki(directory: Path, leaf: Issued, *issuers: Issued) -> dict[str, Path
         paths["ca"] = directory / "ca.pem"
         paths["ca"].write_bytes(issuers[-1].pem)
     return paths
+
+
+def server_context(directory: Path, leaf: Issued, *issuers: Issued) -> ssl.SSLContext:
+    """A TLS server context that presents ``leaf`` (and ``issuers``), its files written to
+    ``directory`` by :func:`write_pki`."""
+    paths = write_pki(directory, leaf, *issuers)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(paths["cert"], paths["key"])
+    return ctx

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,23 @@ class GatewayProcess:
                 raise TimeoutError(f"{len(s)} of {n} session lines:\n{self.log_text()[-3000:]}")
             time.sleep(0.05)
         return s
+
+    def sessions_to(self, destination: str | None, *, after: int = 0, n: int = 1,
+                    where: Callable[[dict[str, Any]], bool] | None = None,
+                    timeout: float = 20.0) -> list[dict[str, Any]]:
+        """The session lines after the first ``after`` that go to ``destination`` (None:
+        anywhere) and pass ``where``, once there are ``n`` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [s for s in self.sessions()[after:]
+                     if (destination is None or s.get("destination") == destination)
+                     and (where is None or where(s))]
+            if len(found) >= n:
+                return found
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(found)} of {n} sessions to {destination}:\n"
+                                   f"{self.log_text()[-3000:]}")
+            time.sleep(0.05)
 
     def wait_event(self, name: str, n: int = 1, timeout: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout

@@ -391,6 +391,65 @@ def reset_close(conn: socket.socket | asyncio.BaseTransport | asyncio.StreamWrit
         conn.abort()  # type: ignore[attr-defined]
 
 
+class Server:
+    """A TCP server in a namespace: each accepted connection runs ``handler`` on a thread of
+    its own and is closed after it.  ``clients`` are the connections' (address, port) in
+    the order accepted; what a handler raises is kept and raised by :meth:`join`."""
+
+    def __init__(self, ns: Netns, host: str, handler: Callable[[socket.socket], None],
+                 port: int = 25) -> None:
+        self.sock = ns.listen(host, port)
+        self.handler = handler
+        self.clients: list[tuple[str, int]] = []
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._loop, daemon=True, name=f"server {host}")
+        self._accept.start()
+
+    @property
+    def addresses(self) -> list[str]:
+        """The clients' addresses, in the order accepted."""
+        return [address for address, _ in self.clients]
+
+    @property
+    def accepting(self) -> bool:
+        return self._accept.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                return
+            self.clients.append(addr[:2])
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except BaseException as exc:
+                self.errors.append(exc)
+
+    def join(self, timeout: float = 60) -> None:
+        """Waits for every handler; raises the first thing one raised."""
+        deadline = time.monotonic() + timeout
+        for t in list(self.threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self.threads), "server handlers still running"
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        """Stops accepting (the handlers still running go on)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        self.sock.close()
+        self._accept.join(5)
+
+
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until ``host:port`` accepts TCP connections as seen from ``ns``."""
     deadline = time.monotonic() + timeout

@@ -393,15 +393,7 @@ class SiteLab:
     def session(gw: GatewayProcess, destination: str | None = None, *, after: int = 0,
                 timeout: float = 20) -> dict[str, Any]:
         """The first session line (after the first ``after`` lines) to ``destination``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [s for s in gw.sessions()[after:]
-                     if destination is None or s.get("destination") == destination]
-            if found:
-                return found[0]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no session to {destination}:\n{gw.log_text()[-3000:]}")
-            time.sleep(0.05)
+        return gw.sessions_to(destination, after=after, timeout=timeout)[0]
 
     @contextlib.contextmanager
     def capture(self, link: str, name: str) -> Iterator[Capture]:

@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.netlab import Lab
+from gatelab.netlab import Lab, Server
 from gatelab.postfix_instance import PostfixInstance, receiver_settings, tls_receiver_settings
 from gateway.dane import tlsa_data, tlsa_record
 
@@ -72,9 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         dns.start()
         # For posttls-finger (libc's resolver); `ip netns exec` mounts it over resolv.conf.
         lab.gw.set_resolv_conf(f"nameserver {dnslab.RESOLVER_V4}\noptions trust-ad\n")
-        breaker = lab.peer.listen(BREAKER, 25)
-        thread = threading.Thread(target=break_tls, args=(breaker,), daemon=True)
-        thread.start()
+        breaker = Server(lab.peer, BREAKER, break_tls)
         try:
             with lab.peer.listen(SILENT, 25), \
                     PostfixInstance(lab.peer, work, tls_receiver_settings(
@@ -83,39 +80,31 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                                     name="plainpeer"):
                 yield World(lab, leaf, inter, finger_config(work), good)
         finally:
-            breaker.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
             breaker.close()
-            thread.join(5)
 
 
-def break_tls(listener: socket.socket) -> None:
+def break_tls(conn: socket.socket) -> None:
     """A peer that offers STARTTLS, then answers the ClientHello with plaintext: the
     handshake fails, and an opportunistic session falls back to a new connection."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return  # the listener was closed
-        with conn:
-            conn.settimeout(10)
-            try:
-                conn.sendall(b"220 breaker.test ESMTP\r\n")
-                for line in conn.makefile("rb"):
-                    verb = line.split(b" ")[0].strip().upper()
-                    if verb == b"EHLO":
-                        conn.sendall(b"250-breaker.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
-                    elif verb == b"STARTTLS":
-                        conn.sendall(b"220 2.0.0 go ahead\r\n")
-                        conn.recv(4096)  # the ClientHello: after it, nothing is injected
-                        conn.sendall(b"this is not TLS\r\n")
-                        break
-                    elif verb == b"QUIT":
-                        conn.sendall(b"221 2.0.0 bye\r\n")
-                        break
-                    else:
-                        conn.sendall(b"502 5.5.2 what\r\n")
-            except OSError:
-                pass
+    conn.settimeout(10)
+    try:
+        conn.sendall(b"220 breaker.test ESMTP\r\n")
+        for line in conn.makefile("rb"):
+            verb = line.split(b" ")[0].strip().upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-breaker.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+            elif verb == b"STARTTLS":
+                conn.sendall(b"220 2.0.0 go ahead\r\n")
+                conn.recv(4096)  # the ClientHello: after it, nothing is injected
+                conn.sendall(b"this is not TLS\r\n")
+                break
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 bye\r\n")
+                break
+            else:
+                conn.sendall(b"502 5.5.2 what\r\n")
+    except OSError:
+        pass
 
 
 def smtpgate_check(w: World, *args: str) -> subprocess.CompletedProcess[Any]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +22,7 @@ import pytest
 from gatelab import dnslab, netlab
 from gatelab.dnslab import DnsWorld
 from gatelab.gatewayproc import GatewayProcess, gateway_config
-from gatelab.netlab import Lab
+from gatelab.netlab import Lab, Server
 from gateway.answers import Answer, Status
 from gateway.config import DnsCache, DnsConfig, Endpoint, PolicyConfig
 from gateway.discovery import discover, discover_cached, recipient_rule, recipient_rule_cached
@@ -327,20 +329,17 @@ def test_check_without_resolver_config_uses_loopback(tmp_path: Path) -> None:
 def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
     """The running gateway discovers each outbound destination beside the connect and logs
     the plan with the session (acted on once the STARTTLS upgrade exists)."""
-    from tests.test_gateway_netns import Peer
-
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as world:
         declare(world)
         world.start()
         lab.redirect_port25(10025)
 
-        def banner_after_a_moment(conn: Any) -> None:
-            import time
-
+        def banner_after_a_moment(conn: socket.socket) -> None:
             time.sleep(0.3)  # a real MTA's banner takes a moment too
             conn.sendall(b"220 peer\r\n")
 
-        peers = [Peer(lab, a, banner_after_a_moment) for a in ("203.0.113.2", "203.0.113.3")]
+        peers = [Server(lab.peer, a, banner_after_a_moment)
+                 for a in ("203.0.113.2", "203.0.113.3")]
         try:
             with GatewayProcess(lab.gw, tmp_path, gateway_config(policy="dane")) as gw:
                 for dst in ("203.0.113.2", "203.0.113.3", "203.0.113.2"):

@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from gatelab.netlab import (
     PEER_V6,
     Lab,
     Netns,
+    Server,
 )
 from gateway import firewall as fw
 from gateway.config import parse
@@ -214,37 +213,9 @@ def test_failed_apply_leaves_nothing(tmp_path: Path) -> None:
 
 # -- the lab: apply, relay, remove ------------------------------------------------------------
 
-class Server:
-    """A TCP server in one namespace: records each client's address, sends a banner."""
-
-    def __init__(self, ns: Netns, host: str, banner: bytes, port: int = 25) -> None:
-        self.sock = ns.listen(host, port)
-        self.banner = banner
-        self.clients: list[str] = []
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                conn, addr = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                self.clients.append(addr[0])
-                with contextlib.suppress(OSError):
-                    conn.sendall(self.banner)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
-
-
 @contextlib.contextmanager
 def servers(ns: Netns, hosts: list[str], banner: bytes) -> Iterator[list[Server]]:
-    made = [Server(ns, h, banner) for h in hosts]
+    made = [Server(ns, h, lambda c: c.sendall(banner)) for h in hosts]
     try:
         yield made
     finally:
@@ -294,13 +265,13 @@ def test_outbound_applied_rules_relay(fmt: str, mode: str, tmp_path: Path) -> No
                 (f"{PEER_V4}:25", "relayed"), (f"[{PEER_V6}]:25", "relayed")}
             assert {s["client"].rsplit(":", 1)[0] for s in sessions} == {MTA_V4, f"[{MTA_V6}]"}
             # The peer was reached by the gateway, not by the MTA.
-            assert (p4.clients, p6.clients) == ([GW_PEER_V4], [GW_PEER_V6])
+            assert (p4.addresses, p6.addresses) == ([GW_PEER_V4], [GW_PEER_V6])
             gw.stop()
             remove_and_check(lab)
             # Removed means not intercepted: the MTA now reaches the peer itself.
             assert banner_from(lab.mta, PEER_V4) == b"220 peer\r\n"
             assert banner_from(lab.mta, PEER_V6) == b"220 peer\r\n"
-            assert (p4.clients[-1], p6.clients[-1]) == (MTA_V4, MTA_V6)
+            assert (p4.addresses[-1], p6.addresses[-1]) == (MTA_V4, MTA_V6)
 
 
 @pytest.mark.parametrize("fmt", ["nft", "iptables"])
@@ -317,7 +288,7 @@ def test_inbound_transparent_mta_sees_the_client(fmt: str, tmp_path: Path) -> No
             assert {(s["direction"], s["upstream"], s["outcome"]) for s in sessions} == {
                 ("inbound", f"{MTA_V4}:25", "relayed"), ("inbound", f"[{MTA_V6}]:25", "relayed")}
             # The MTA saw the client's own address, not the gateway's.
-            assert (m4.clients, m6.clients) == ([client4], [client6])
+            assert (m4.addresses, m6.addresses) == ([client4], [client6])
             assert {client4, client6} <= {PEER_V4, netlab.PEER_V4_ALT, PEER_V6,
                                           netlab.PEER_V6_ALT}
             assert {s["client"].rsplit(":", 1)[0] for s in sessions} == {client4,

@@ -5,7 +5,6 @@ Every test builds its own namespaces on documentation ranges and removes them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -29,6 +28,7 @@ from gatelab.netlab import (
     PEER_V4_ALT,
     PEER_V6,
     Lab,
+    Server,
     reset_close,
 )
 
@@ -59,56 +59,10 @@ def gateway(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]
         gw.stop()
 
 
-class Peer:
-    """A TCP server in the peer namespace; each accepted connection runs ``handler``."""
-
-    def __init__(self, lab: Lab, host: str, handler: Callable[[socket.socket], None],
-                 port: int = 25) -> None:
-        self.sock = lab.peer.listen(host, port)
-        self.handler = handler
-        self.clients: list[tuple[str, int]] = []
-        self.errors: list[BaseException] = []
-        self.threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._loop, daemon=True)
-        self._accept.start()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                conn, addr = self.sock.accept()
-            except OSError:
-                return
-            self.clients.append(addr[:2])
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.handler(conn)
-            except BaseException as exc:
-                self.errors.append(exc)
-
-    def join(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        for t in list(self.threads):
-            t.join(max(0.0, deadline - time.monotonic()))
-        assert not any(t.is_alive() for t in self.threads), "peer handlers still running"
-        if self.errors:
-            raise self.errors[0]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        self.sock.close()
-        self._accept.join(5)
-
-
 def greeted_session(lab: Lab, banner: bytes = b"220 peer\r\n") -> None:
     """One session from mta to the peer's port 25 through the gateway: the peer's banner
     must arrive unchanged; the peer is gone afterwards."""
-    peer = Peer(lab, PEER_V4, lambda c: c.sendall(banner))
+    peer = Server(lab.peer, PEER_V4, lambda c: c.sendall(banner))
     try:
         with lab.mta.connect(PEER_V4, 25) as c:
             c.settimeout(5)
@@ -176,7 +130,7 @@ def test_redirect_recovers_destination_and_relays_byte_exact(
     dst, gw_addr = (PEER_V4, GW_PEER_V4) if family == "v4" else (PEER_V6, GW_PEER_V6)
     up, down = os.urandom(size), os.urandom(size)
     got: dict[str, object] = {}
-    peer = Peer(lab, dst, stream_handler(down, read_size, got))
+    peer = Server(lab.peer, dst, stream_handler(down, read_size, got))
     try:
         client = lab.mta.connect(dst, 25)
         with client:
@@ -270,7 +224,7 @@ def test_session_limit_answers_421_and_closes(
         conn.sendall(b"220 peer\r\n")
         release.wait(30)
 
-    peer = Peer(lab, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, hold)
     held = []
     try:
         for _ in range(3):
@@ -339,7 +293,7 @@ def test_idle_timeout_ends_a_silent_session(lab: Lab, gateway: Callable[..., Gat
         conn.sendall(b"220 peer\r\n")
         release.wait(10)
 
-    peer = Peer(lab, PEER_V4, greet_and_wait)
+    peer = Server(lab.peer, PEER_V4, greet_and_wait)
     try:
         with lab.mta.connect(PEER_V4, 25) as c:
             c.settimeout(5)
@@ -369,7 +323,7 @@ def test_slow_reader_keeps_gateway_buffer_bounded(
         conn.shutdown(socket.SHUT_WR)
         conn.recv(10)
 
-    peer = Peer(lab, PEER_V4, handler)
+    peer = Server(lab.peer, PEER_V4, handler)
     peak = 0
     samples = 0
     try:
@@ -436,7 +390,7 @@ def test_sighup_reload_keeps_sessions_and_refuses_bad_config(
         release.wait(30)
         conn.sendall(b"221 bye\r\n")
 
-    peer = Peer(lab, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, hold)
     try:
         c = lab.mta.connect(PEER_V4, 25)
         c.settimeout(10)
@@ -494,7 +448,7 @@ def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProce
         release.wait(30)
         conn.sendall(b"250 finished in drain\r\n")
 
-    peer = Peer(lab, PEER_V4, slow_session)
+    peer = Server(lab.peer, PEER_V4, slow_session)
     try:
         finishing = lab.mta.connect(PEER_V4, 25)
         stuck = lab.mta.connect(PEER_V4, 25)
@@ -530,7 +484,7 @@ def test_connection_carrying_the_gateway_mark_is_refused(
     does not know (another process using the mark by mistake, or a second instance)."""
     lab.gw.sysctl("net.ipv4.tcp_fwmark_accept", 1)
     gw = gateway()
-    peer = Peer(lab, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
+    peer = Server(lab.peer, PEER_V4, lambda c: c.sendall(b"220 peer\r\n"))
     try:
         # A process of gw's own with some other mark is relayed; one with the gateway's
         # mark is refused.  (Only the test sockets' marks are redirected, not the gateway's.)
@@ -599,7 +553,7 @@ def test_sighup_opens_and_closes_listeners(lab: Lab, gateway: Callable[..., Gate
     [rej] = gw.wait_event("reload rejected")
     assert rej["error"] == (f"{gw.config_path}: listeners[1]: cannot listen on "
                             "192.0.2.99:10031: Cannot assign requested address")
-    peer = Peer(lab, PEER_V6, lambda c: c.sendall(b"220 still v6\r\n"))
+    peer = Server(lab.peer, PEER_V6, lambda c: c.sendall(b"220 still v6\r\n"))
     try:
         with lab.mta.connect(PEER_V6, 25) as c:
             c.settimeout(5)
@@ -620,21 +574,7 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
         text = gateway_config(listeners=[
             f'{{address: {host}, port: 10026, direction: inbound, starttls: passthrough, '
             f'upstreams: ["{MTA_V4}:2525"]}}' for host in ("0.0.0.0", '"::"')])
-        mta = lab.mta.listen(MTA_V4, 2525)
-        seen: list[tuple[str, int]] = []
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, addr = mta.accept()
-                except OSError:
-                    return
-                seen.append(addr[:2])
-                with conn:
-                    conn.sendall(b"220 legacy mta\r\n")
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
+        mta = Server(lab.mta, MTA_V4, lambda c: c.sendall(b"220 legacy mta\r\n"), port=2525)
         try:
             with GatewayProcess(lab.gw, tmp_path, text) as gw:
                 # The MTA's own address, another address of that network, and v6: all end
@@ -644,12 +584,11 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
                         c.settimeout(5)
                         assert c.recv(100) == b"220 legacy mta\r\n"
                 sessions = gw.wait_sessions(3)
+            mta.join()
         finally:
-            mta.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
             mta.close()
-            t.join(5)
-            assert not t.is_alive()
-    assert len(seen) == 3
+            assert not mta.accepting
+    assert len(mta.clients) == 3
     assert [s["upstream"] for s in sessions] == [f"{MTA_V4}:2525"] * 3
     assert [s["destination"] for s in sessions] == [
         f"{MTA_V4}:25", "198.51.100.77:25", f"[{MTA_V6}]:25"]
@@ -684,7 +623,7 @@ def test_injection_after_starttls_reply_is_never_acted_on(
         lab: Lab, gateway: Callable[..., GatewayProcess], delay: float) -> None:
     gw = gateway(gateway_config(policy="encrypt"))
     seen: list[bytes] = []
-    peer = Peer(lab, PEER_V4, fake_starttls_peer(b"250-INJECTED\r\n250 OK\r\n", delay, seen))
+    peer = Server(lab.peer, PEER_V4, fake_starttls_peer(b"250-INJECTED\r\n250 OK\r\n", delay, seen))
     try:
         with lab.mta.connect(PEER_V4, 25) as c:
             c.settimeout(10)
@@ -719,7 +658,7 @@ def test_workers_share_the_listeners_and_their_metrics_add_up(
         conn.sendall(b"220 peer\r\n")
         release.wait(30)
 
-    peer = Peer(lab, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, hold)
     pids = {e["pid"] for e in gw.events("worker started")}
     assert len(pids) == 2
     # "worker started" is the supervisor's word at spawn: wait until both listen, or the

@@ -1,7 +1,7 @@
 """A real Prometheus scrapes a real gateway under real traffic; every dashboard query and
 every alert expression is evaluated through Prometheus's HTTP API.
 
-The lab is the one of tests/test_upgrade_netns.py (its module-scoped ``world``: a legacy
+The lab is the one of tests/test_upgrade_netns.py (gatelab/upgradelab.py: a legacy
 Postfix sending through the gateway to Postfix peers, with NSD + Unbound for DNSSEC), so
 the traffic includes DANE, opportunistic TLS, a plaintext fallback and deferrals (a key
 that does not match its TLSA, a TLSA without STARTTLS). Prometheus (the Debian binary) runs
@@ -27,10 +27,9 @@ from urllib.parse import urlencode
 import pytest
 import yaml
 
-from gatelab import netlab
-from gatelab.netlab import Netns
-from tests import test_upgrade_netns as upgrade  # skips here too without DNS lab or Postfix
-from tests.test_monitoring import (
+from gatelab import dnslab, netlab, postfix_instance
+from gatelab import upgradelab as upgrade
+from gatelab.monitoring import (
     ALERTS,
     alert_rules,
     dashboard_queries,
@@ -40,17 +39,25 @@ from tests.test_monitoring import (
     variable_queries,
     variable_values,
 )
+from gatelab.netlab import Netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PROMETHEUS = shutil.which("prometheus")
-if (_why := netlab.netns_usable()) is not None:
+if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
+        or postfix_instance.postfix_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 if PROMETHEUS is None or shutil.which("promtool") is None:
     pytest.skip("prometheus not installed (Debian package prometheus; scripts/bootstrap-debian)",
                 allow_module_level=True)
 
-world = upgrade.world  # the upgrade lab, built once for this module
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[upgrade.World]:
+    """The upgrade lab, built once for this module."""
+    with upgrade.upgrade_lab(tmp_path_factory.mktemp("upgrade")) as w:
+        yield w
+
 
 JOB = "smtpgate"
 # Destination of each test_upgrade_netns route used here, and what the gateway does there.

@@ -45,6 +45,16 @@ import pytest
 import uvloop
 
 from gatelab import certs, dnslab, netlab, postfix_instance
+from gatelab.adversary import (
+    HOST,
+    AdversarialPeer,
+    Channel,
+    DnsMode,
+    PeerAttack,
+    Trial,
+    mta_session,
+    trials,
+)
 from gatelab.dnslab import DnsWorld
 from gatelab.gatewayproc import (
     OUTBOUND_LISTENERS,
@@ -54,17 +64,6 @@ from gatelab.gatewayproc import (
 )
 from gatelab.netlab import PEER_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
-from tests.test_downgrade_netns import (
-    HOST,
-    AdversarialPeer,
-    Channel,
-    DnsMode,
-    PeerAttack,
-    Trial,
-    mta_session,
-    server_context,
-    trials,
-)
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -140,8 +139,8 @@ def load(peer: AdversarialPeer, listen: Any, stop: threading.Event, max_sessions
 def dane_lab(tmp_path: Path) -> Iterator[tuple[Lab, AdversarialPeer, Any]]:
     leaf = certs.make_leaf(None, [HOST])
     other = certs.make_leaf(None, [HOST])
-    peer = AdversarialPeer(server_context(tmp_path, leaf, "good"),
-                           server_context(tmp_path, other, "unused"))
+    peer = AdversarialPeer(certs.server_context(tmp_path / "good", leaf),
+                           certs.server_context(tmp_path / "unused", other))
     with Lab() as lab, DnsWorld.on_lab(lab, tmp_path / "dns") as world:
         dnslab.dane_destination(world, leaf.der)
         world.start()

@@ -53,18 +53,18 @@ import pytest
 
 from gatelab import certs, netlab
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, LogFollower, gateway_config
-from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
-from tests.test_injection_netns import (
+from gatelab.fakesmtp import (
     EHLO_LINE,
     END_OF_DATA,
     FakeServer,
     Script,
     Served,
     Wire,
+    positive,
     send_as,
-    tls_server_context,
 )
+from gatelab.gatewayproc import OUTBOUND_LISTENERS, GatewayProcess, LogFollower, gateway_config
+from gatelab.netlab import PEER_V4, PEER_V4_ALT, Lab
 
 pytestmark = pytest.mark.netns
 
@@ -164,7 +164,7 @@ def smuggling_config() -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     work: Path = tmp_path_factory.mktemp("smuggling")
-    ctx = tls_server_context(work, certs.make_leaf(None, ["mx.peer.test"]), "peer")
+    ctx = certs.server_context(work / "peer", certs.make_leaf(None, ["mx.peer.test"]))
     with contextlib.ExitStack() as stack:
         lab = stack.enter_context(Lab())
         lab.peer.ip("addr", "add", f"{NONE_PEER}/24", "dev", netlab.HOST_IF)
@@ -210,10 +210,6 @@ class Variant:
 
     def replies(self) -> int:
         return 4 if self.data is not None else 2 + len(self.chunks)
-
-
-def positive(reply: bytes | None) -> bool:
-    return reply is not None and reply[:1] in (b"2", b"3")
 
 
 def sender(w: World, dst: str, v: Variant, how: str, rcpts: tuple[bytes, bytes]) -> Wire:

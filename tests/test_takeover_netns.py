@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,9 +53,7 @@ class Attacker:
 
     def __init__(self, ns: Netns, work: Path) -> None:
         self.ns = ns
-        paths = certs.write_pki(work / "attacker", certs.make_leaf(None, ["mx.b.test"]))
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(paths["cert"], paths["key"])
+        self.ctx = certs.server_context(work / "attacker", certs.make_leaf(None, ["mx.b.test"]))
         self.read = b""
         self.sessions = 0
         self.lock = threading.Lock()
@@ -197,14 +196,8 @@ def gateway(w: World, mode: str) -> GatewayProcess:
         f'verifying_mtas: ["{VERIFYING_V6}"]}}']))
 
 
-def session_to(gw: GatewayProcess, destination: str, after: int) -> dict[str, object]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = [s for s in gw.sessions()[after:] if s["destination"] == destination]
-        if found:
-            return found[-1]
-        time.sleep(0.1)
-    raise TimeoutError(f"no session to {destination}:\n{gw.log_text()[-3000:]}")
+def session_to(gw: GatewayProcess, destination: str, after: int) -> dict[str, Any]:
+    return gw.sessions_to(destination, after=after)[-1]
 
 
 def message(marker: bytes) -> bytes:
