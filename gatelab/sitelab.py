@@ -98,13 +98,8 @@ LINKS = {
 def write_key_pair(work: Path, name: str, host: str) -> tuple[Path, Path, Path, str]:
     """key.pem (0600), cert.pem, a Postfix chain file, and the TLSA 3 1 1 rdata."""
     leaf = certs.make_leaf(None, [host])
-    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(leaf.key_pem)
-    cert.write_bytes(leaf.pem)
-    chain = certs.write_chain_file(work / f"{name}-chain.pem", leaf)
-    return key, cert, chain, str(tlsa_record(leaf.der)).strip().split("TLSA ", 1)[-1]
+    pki = certs.write_pki(work / name, leaf)
+    return pki["key"], pki["cert"], pki["chain"], str(tlsa_record(leaf.der))
 
 
 def site_config(listeners: Sequence[str], metrics: str,

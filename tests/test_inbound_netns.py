@@ -49,12 +49,8 @@ class Site:
 
 def write_key_pair(work: Path, name: str) -> tuple[Path, Path, str]:
     leaf = certs.make_leaf(None, ["mx.b.test"])
-    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(leaf.key_pem)
-    cert.write_bytes(leaf.pem)
-    return key, cert, str(tlsa_record(leaf.der)).strip()
+    pki = certs.write_pki(work / name, leaf)
+    return pki["key"], pki["cert"], str(tlsa_record(leaf.der))
 
 
 @pytest.fixture(scope="module")

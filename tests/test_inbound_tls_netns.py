@@ -114,12 +114,8 @@ class Pair:
 def write_key_pair(work: Path, name: str, key_type: certs.KeyType = "ec") -> Pair:
     """A self-signed leaf for mx.b.test; the key file is 0600 from its creation."""
     leaf = certs.make_leaf(None, [MX_NAME], key_type=key_type)
-    key, cert = work / f"{name}-key.pem", work / f"{name}-cert.pem"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(leaf.key_pem)
-    cert.write_bytes(leaf.pem)
-    return Pair(key, cert, hashlib.sha256(leaf.spki_der).hexdigest())
+    pki = certs.write_pki(work / name, leaf)
+    return Pair(pki["key"], pki["cert"], hashlib.sha256(leaf.spki_der).hexdigest())
 
 
 def inbound_config(pair: Pair) -> str:
