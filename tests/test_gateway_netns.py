@@ -59,6 +59,18 @@ def gateway(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]
         gw.stop()
 
 
+def greet_and_hold(release: threading.Event, then: bytes = b"", wait: float = 30) -> Callable[
+        [socket.socket], None]:
+    """A peer's handler: its banner, then nothing until ``release`` is set (``wait`` seconds
+    at most), then ``then``."""
+    def handle(conn: socket.socket) -> None:
+        conn.sendall(b"220 peer\r\n")
+        release.wait(wait)
+        if then:
+            conn.sendall(then)
+    return handle
+
+
 def greeted_session(lab: Lab, banner: bytes = b"220 peer\r\n") -> None:
     """One session from mta to the peer's port 25 through the gateway: the peer's banner
     must arrive unchanged; the peer is gone afterwards."""
@@ -219,12 +231,7 @@ def test_session_limit_answers_421_and_closes(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     gw = gateway(gateway_config(max_sessions=3))
     release = threading.Event()
-
-    def hold(conn: socket.socket) -> None:
-        conn.sendall(b"220 peer\r\n")
-        release.wait(30)
-
-    peer = Server(lab.peer, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, greet_and_hold(release))
     held = []
     try:
         for _ in range(3):
@@ -289,11 +296,7 @@ def test_idle_timeout_ends_a_silent_session(lab: Lab, gateway: Callable[..., Gat
                                             ) -> None:
     gw = gateway(gateway_config(idle=0.5))
     release = threading.Event()
-    def greet_and_wait(conn: socket.socket) -> None:
-        conn.sendall(b"220 peer\r\n")
-        release.wait(10)
-
-    peer = Server(lab.peer, PEER_V4, greet_and_wait)
+    peer = Server(lab.peer, PEER_V4, greet_and_hold(release, wait=10))
     try:
         with lab.mta.connect(PEER_V4, 25) as c:
             c.settimeout(5)
@@ -384,13 +387,7 @@ def test_sighup_reload_keeps_sessions_and_refuses_bad_config(
         lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     gw = gateway(gateway_config(max_sessions=5))
     release = threading.Event()
-
-    def hold(conn: socket.socket) -> None:
-        conn.sendall(b"220 peer\r\n")
-        release.wait(30)
-        conn.sendall(b"221 bye\r\n")
-
-    peer = Server(lab.peer, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, greet_and_hold(release, then=b"221 bye\r\n"))
     try:
         c = lab.mta.connect(PEER_V4, 25)
         c.settimeout(10)
@@ -442,13 +439,7 @@ def test_reload_changes_the_plan_of_a_destination_seen_before(
 def test_sigterm_drains_then_exits(lab: Lab, gateway: Callable[..., GatewayProcess]) -> None:
     gw = gateway(gateway_config(drain=3))
     release = threading.Event()
-
-    def slow_session(conn: socket.socket) -> None:
-        conn.sendall(b"220 peer\r\n")
-        release.wait(30)
-        conn.sendall(b"250 finished in drain\r\n")
-
-    peer = Server(lab.peer, PEER_V4, slow_session)
+    peer = Server(lab.peer, PEER_V4, greet_and_hold(release, then=b"250 finished in drain\r\n"))
     try:
         finishing = lab.mta.connect(PEER_V4, 25)
         stuck = lab.mta.connect(PEER_V4, 25)
@@ -653,12 +644,7 @@ def test_workers_share_the_listeners_and_their_metrics_add_up(
     supervisor's /metrics is their sum; SIGHUP reaches both; SIGTERM drains both."""
     gw = gateway(gateway_config(workers=2))
     release = threading.Event()
-
-    def hold(conn: socket.socket) -> None:
-        conn.sendall(b"220 peer\r\n")
-        release.wait(30)
-
-    peer = Server(lab.peer, PEER_V4, hold)
+    peer = Server(lab.peer, PEER_V4, greet_and_hold(release))
     pids = {e["pid"] for e in gw.events("worker started")}
     assert len(pids) == 2
     # "worker started" is the supervisor's word at spawn: wait until both listen, or the
