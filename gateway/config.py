@@ -408,7 +408,9 @@ def _listener(source: str, path: str, data: object) -> Listener:
     outbound_only = [k for k in ("mta_starttls", "verifying_mtas") if s.has(k)]
     starttls = s.choice("starttls", StartTls, StartTls.OFFLOAD)
     client_address = s.choice("client_address", ClientAddress, ClientAddress.NONE)
-    smuggling = s.choice("smuggling", Smuggling, Smuggling.NORMALIZE)
+    # YAML 1.1 reads a bare `off` as false: that is what the operator wrote.
+    smuggling = Smuggling.OFF if s.has("smuggling") and s.raw("smuggling") is False \
+        else s.choice("smuggling", Smuggling, Smuggling.NORMALIZE)
     mta_starttls = s.choice("mta_starttls", MtaStartTls, MtaStartTls.TERMINATE)
     verifying = tuple(_network(v, source, p) for p, v in s.items("verifying_mtas"))
     s.done()

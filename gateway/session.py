@@ -343,9 +343,10 @@ class Session:
     # -- the one line per session ------------------------------------------------------
     def _summary(self, outcome: str) -> None:
         duration = time.monotonic() - self.started
-        envelope = getattr(self.upgrade, "envelope", None)
-        if outcome in (End.CLIENT_RESET, End.UPSTREAM_RESET) and envelope is not None \
-                and envelope.quit_answered:
+        # The tracker that read the commands (outbound envelope, inbound shield), if any.
+        tracker = getattr(self.upgrade, "envelope", None) or getattr(self.upgrade, "shield", None)
+        if outcome in (End.CLIENT_RESET, End.UPSTREAM_RESET) and tracker is not None \
+                and tracker.quit_answered:
             # A reset after QUIT was answered (MTAs close without waiting for our close, or
             # TLS's close_notify): the session was complete.
             outcome = End.DONE.value

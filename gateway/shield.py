@@ -85,6 +85,7 @@ class Shield:
     state: ShieldState = Sh.COMMANDS
     normalized: set[str] = field(default_factory=set)  # what was made strict (metric labels)
     refused: str = ""  # why the session was refused ("" when it was not)
+    quit_answered: bool = False  # the MTA answered QUIT: a reset after it ends nothing
     _client: bytearray = field(default_factory=bytearray)  # unread commands, held bytes
     _mta: ReplyReader = field(init=False)
     _owed: deque[bytes] = field(default_factory=deque)  # verbs whose replies are owed
@@ -129,6 +130,7 @@ class Shield:
                 if not self._owed:
                     continue  # unasked (an idle 421): the client's business
                 asked = self._owed.popleft()
+                self.quit_answered = self.quit_answered or asked == b"QUIT"
                 if asked == b"DATA" and self.state is Sh.DATA_REPLY:
                     out += self._data_answered(reply.code)
                 elif asked == b"STARTTLS" and self.state is Sh.STARTTLS_REPLY:

@@ -16,6 +16,7 @@ from gateway.config import (
     FailureSignal,
     InterceptMode,
     LogFormat,
+    Smuggling,
     load,
 )
 
@@ -65,6 +66,17 @@ def test_good_config_is_typed(tmp_path: Path) -> None:
     assert cfg.logging.format is LogFormat.JSON and cfg.logging.level == "DEBUG"
     with pytest.raises(AttributeError):
         cfg.limits.max_sessions = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("written", "mode"), [("", Smuggling.NORMALIZE),
+                                               (", smuggling: reject", Smuggling.REJECT),
+                                               (", smuggling: off", Smuggling.OFF),
+                                               (', smuggling: "off"', Smuggling.OFF)])
+def test_smuggling_modes(tmp_path: Path, written: str, mode: Smuggling) -> None:
+    """The default is normalize; a bare `off` (YAML reads false) means off."""
+    cfg = load(write(tmp_path, "listeners: [{address: 127.0.0.1, port: 25, direction: inbound, "
+                               f"starttls: passthrough, upstreams: ['192.0.2.1:25']{written}}}]\n"))
+    assert cfg.listeners[0].smuggling is mode
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -134,6 +146,11 @@ BAD = [
     ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, starttls: maybe, "
      "upstreams: ['192.0.2.1:25']}]\n",
      "listeners[0].starttls: must be one of: offload, passthrough"),
+    ("listeners: [{address: 127.0.0.1, port: 25, smuggling: reject}]\n",
+     "listeners[0].smuggling: only for inbound listeners"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, smuggling: strict, "
+     "starttls: passthrough, upstreams: ['192.0.2.1:25']}]\n",
+     "listeners[0].smuggling: must be one of: normalize, reject, off"),
     (L + "tls: {key: /k.pem}\n", "tls.cert: key and cert go together"),
     (L + "workers: 0\n", "workers: must be auto or an integer from 1 to 256"),
     (L + "workers: many\n", "workers: must be auto or an integer from 1 to 256"),
