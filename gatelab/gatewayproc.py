@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatelab.netlab import Netns, wait_port
+from gatelab.netlab import Netns, http_get, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 # The samples of one metric family: a counter's _total, a histogram's _bucket/_sum/_count.
@@ -184,13 +184,7 @@ class GatewayProcess:
         return e
 
     def scrape(self) -> str:
-        sock = self.ns.connect(self.host, self.metrics_port)
-        with sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, body = http_get(self.ns, self.host, self.metrics_port, "/metrics")
         assert head.startswith(b"HTTP/1.1 200"), head
         return body.decode()
 

@@ -1,7 +1,9 @@
 """The monitoring kit read back: the Prometheus alert rules (deploy/prometheus) and the
 Grafana dashboard (grafana/), their queries with Grafana's variables filled in, and
 promtool.  tests/test_monitoring.py checks the kit against the exporter, and
-tests/test_monitoring_netns.py evaluates the same queries in a real Prometheus."""
+tests/test_monitoring_netns.py evaluates the same queries in a real Prometheus
+(:class:`Prometheus`: Debian's binary in a lab namespace, and its HTTP API; the demo's
+sites scrape with it too)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import yaml
+
+from gatelab.netlab import Netns, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -117,3 +124,98 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     assert PROMTOOL is not None
     return subprocess.run([PROMTOOL, *args], input=stdin, capture_output=True, text=True,
                           timeout=60, check=False)
+
+
+# -- a Prometheus server ------------------------------------------------------------------
+
+class Prometheus:
+    """Prometheus (Debian's binary) in ``ns`` on 127.0.0.1:``port``, started from the config
+    file ``config`` with its data and log under ``work``, ``args`` added to its command line;
+    and its HTTP API.  Use as a context manager (stopped by PID)."""
+
+    def __init__(self, ns: Netns, work: Path, config: Path, port: int, *args: str) -> None:
+        self.ns, self.work, self.config, self.port, self.args = ns, work, config, port, args
+        self.log = work / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Prometheus:
+        """Returns once it answers ready; stopped again if it does not."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus not installed (Debian package prometheus)")
+        with self.log.open("wb") as out:
+            self.proc = self.ns.popen([binary, f"--config.file={self.config}",
+                                       f"--storage.tsdb.path={self.work / 'data'}",
+                                       f"--web.listen-address=127.0.0.1:{self.port}",
+                                       *self.args],
+                                      stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, cwd=self.work)
+        try:
+            self._wait_ready(self.proc, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited {proc.returncode}:\n"
+                                   f"{self.log.read_text()}")
+            try:
+                if self.get("/-/ready")[0] == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prometheus not ready:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.ns.stop(self.proc, timeout=10)  # by PID: SIGTERM, then SIGKILL
+            self.proc = None
+
+    def __enter__(self) -> Prometheus:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def get(self, path: str, **params: str) -> tuple[int, bytes]:
+        """(HTTP status, body) of ``GET path?params``."""
+        head, body = http_get(self.ns, "127.0.0.1", self.port,
+                              f"{path}?{urlencode(params)}" if params else path)
+        status = head.split(b" ", 2)[1:2]
+        if not status or not status[0].isdigit():
+            raise ValueError(f"not an HTTP response: {head[:80]!r}")
+        return int(status[0]), body
+
+    def api(self, path: str, **params: str) -> dict[str, Any]:
+        status, body = self.get(f"/api/v1/{path}", **params)
+        doc: dict[str, Any] = json.loads(body)
+        assert status in (200, 400, 422), (status, body[:500])
+        return doc
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """The whole answer ({"status": ..., "data": ...} or the error)."""
+        return self.api("query", query=expr, time=f"{time.time():.3f}")
+
+    def vector(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector."""
+        doc = self.query(expr)
+        assert doc["status"] == "success", (expr, doc)
+        result: list[dict[str, Any]] = doc["data"]["result"]
+        return result
+
+    def wait_for(self, expr: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Polls until ``expr`` has a result (e.g. a comparison that became true)."""
+        deadline = time.monotonic() + timeout
+        while not (result := self.vector(expr)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no result for {expr!r} after {timeout}s\n"
+                                   f"{self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        return result

@@ -450,6 +450,21 @@ class Server:
         self._accept.join(5)
 
 
+def http_get(ns: Netns, host: str, port: int, path: str,
+             timeout: float = 10.0) -> tuple[bytes, bytes]:
+    """``GET path`` (HTTP/1.0) from inside ``ns``: the response's head (status line and
+    headers) and its body."""
+    sock = ns.connect(host, port, timeout=timeout)
+    with sock:
+        sock.settimeout(timeout)
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until ``host:port`` accepts TCP connections as seen from ``ns``."""
     deadline = time.monotonic() + timeout

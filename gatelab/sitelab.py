@@ -35,10 +35,8 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ from gatelab import certs
 from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld, ptr_name, reverse_zone
 from gatelab.gatewayproc import GatewayProcess, gateway_config
+from gatelab.monitoring import Prometheus
 from gatelab.netlab import Netns, _link_ready, delete_all
 from gatelab.postfix_instance import (
     PostfixInstance,
@@ -127,6 +126,7 @@ class SiteLab:
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self._stack = contextlib.ExitStack()
+        self.prometheus: Prometheus | None = None
 
     # -- building ----------------------------------------------------------------------
 
@@ -288,9 +288,6 @@ class SiteLab:
                                                      myhostname="mx.d.test"))
 
     def _prometheus(self) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError("prometheus not installed (Debian package prometheus)")
         work = self.work / "prometheus"
         work.mkdir(exist_ok=True)
         config = work / "prometheus.yml"
@@ -300,56 +297,18 @@ class SiteLab:
                 {"targets": [f"{EDGE_A_PUB}:{METRICS_PORT}"], "labels": {"site": "a"}},
                 {"targets": [f"{EDGE_B_PUB}:{METRICS_PORT}"], "labels": {"site": "b"}}]}],
         }))
-        log = work / "prometheus.log"
-        with log.open("wb") as out:
-            proc = self.inet.popen([binary, f"--config.file={config}",
-                                    f"--storage.tsdb.path={work / 'data'}",
-                                    f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"],
-                                   stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, cwd=work)
-        self._stack.callback(self.inet.stop, proc, 10)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if self._http(self.inet, "127.0.0.1", PROMETHEUS_PORT,
-                              "/-/ready").split(b"\r\n", 1)[0].endswith(b" 200 OK"):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-
-    @staticmethod
-    def _http(ns: Netns, host: str, port: int, path: str) -> bytes:
-        sock = ns.connect(host, port)
-        with sock:
-            sock.settimeout(10)
-            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        return data
+        self.prometheus = self._stack.enter_context(
+            Prometheus(self.inet, work, config, PROMETHEUS_PORT))
 
     def promql(self, expr: str) -> list[dict[str, Any]]:
         """An instant query to the lab's Prometheus: the result vector."""
-        raw = self._http(self.inet, "127.0.0.1", PROMETHEUS_PORT,
-                         "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        doc = json.loads(raw.partition(b"\r\n\r\n")[2])
-        assert doc["status"] == "success", (expr, doc)
-        result: list[dict[str, Any]] = doc["data"]["result"]
-        return result
+        assert self.prometheus is not None
+        return self.prometheus.vector(expr)
 
     def wait_promql(self, expr: str, timeout: float = 15.0) -> list[dict[str, Any]]:
         """Polls until ``expr`` has a result (a comparison that became true)."""
-        deadline = time.monotonic() + timeout
-        while not (result := self.promql(expr)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no result for {expr!r} after {timeout}s")
-            time.sleep(0.2)
-        return result
+        assert self.prometheus is not None
+        return self.prometheus.wait_for(expr, timeout)
 
     # -- using -------------------------------------------------------------------------
 

@@ -12,17 +12,11 @@ in-process socket in that namespace.
 
 from __future__ import annotations
 
-import http.client
-import json
 import math
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 import yaml
@@ -31,6 +25,7 @@ from gatelab import dnslab, netlab, postfix_instance
 from gatelab import upgradelab as upgrade
 from gatelab.monitoring import (
     ALERTS,
+    Prometheus,
     alert_rules,
     dashboard_queries,
     load_dashboard,
@@ -79,61 +74,6 @@ NONZERO = {
 }
 
 
-class _NsHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a TCP connection made inside a namespace (netlab's in-process socket)."""
-
-    def __init__(self, ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._ns = ns
-
-    def connect(self) -> None:
-        self.sock = self._ns.connect(self.host, self.port, timeout=self.timeout or 10.0)
-        self.sock.settimeout(self.timeout)
-
-
-@dataclass
-class Prometheus:
-    ns: Netns
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def get(self, path: str, **params: str) -> tuple[int, bytes]:
-        conn = _NsHTTPConnection(self.ns, "127.0.0.1", self.port)
-        try:
-            conn.request("GET", f"{path}?{urlencode(params)}" if params else path)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
-
-    def api(self, path: str, **params: str) -> dict[str, Any]:
-        status, body = self.get(f"/api/v1/{path}", **params)
-        doc: dict[str, Any] = json.loads(body)
-        assert status in (200, 400, 422), (status, body[:500])
-        return doc
-
-    def query(self, expr: str) -> dict[str, Any]:
-        """The whole answer ({"status": ..., "data": ...} or the error)."""
-        return self.api("query", query=expr, time=f"{time.time():.3f}")
-
-    def vector(self, expr: str) -> list[dict[str, Any]]:
-        doc = self.query(expr)
-        assert doc["status"] == "success", (expr, doc)
-        result: list[dict[str, Any]] = doc["data"]["result"]
-        return result
-
-    def wait_for(self, expr: str, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Polls until ``expr`` has a result (e.g. a comparison that became true)."""
-        deadline = time.monotonic() + timeout
-        while not (result := self.vector(expr)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no result for {expr!r} after {timeout}s\n"
-                                   f"{self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        return result
-
-
 def _free_port(ns: Netns) -> int:
     sock = ns.listen("127.0.0.1", 0)
     with sock:
@@ -156,32 +96,8 @@ def prometheus(world: upgrade.World,
     cp = promtool("check", "config", str(config))
     assert cp.returncode == 0, cp.stdout + cp.stderr
     ns = world.lab.gw
-    port = _free_port(ns)
-    log = work / "prometheus.log"
-    assert PROMETHEUS is not None
-    with log.open("wb") as out:
-        proc = ns.popen([PROMETHEUS, f"--config.file={config}",
-                         f"--storage.tsdb.path={work / 'data'}",
-                         f"--web.listen-address=127.0.0.1:{port}",
-                         "--storage.tsdb.retention.time=1h"],
-                        stdout=out, stderr=subprocess.STDOUT, cwd=work)
-    prom = Prometheus(ns, port, proc, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                if prom.get("/-/ready")[0] == 200:
-                    break
-            except (OSError, http.client.HTTPException):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
+    with Prometheus(ns, work, config, _free_port(ns), "--storage.tsdb.retention.time=1h") as prom:
         yield prom
-    finally:
-        ns.stop(proc, timeout=10)  # by PID: SIGTERM, then SIGKILL
 
 
 def _send_round(w: upgrade.World, n: int) -> None:
