@@ -83,25 +83,14 @@ class Gateway:
 
     def stop_now(self) -> None:
         """SIGSTOP: the process reads nothing more; what arrives waits in its sockets."""
-        assert self.gp.proc is not None
-        self.gp.proc.send_signal(signal.SIGSTOP)
+        self.gp.signal(signal.SIGSTOP)
 
     def kill_and_restart(self) -> None:
         with self.lock:
-            proc = self.gp.proc
-            assert proc is not None
-            started = len(self.gp.events("started"))
-            proc.kill()
-            proc.wait(10)
-            self.gp.ns.stop(proc)
-            self.gp.proc = None
+            self.gp.signal(signal.SIGKILL)
+            self.gp.wait_exit(10)
             self.kills += 1
-            self.gp.start()  # returns on the old "started" line: wait for the new one
-            deadline = time.monotonic() + 15
-            while len(self.gp.events("started")) <= started:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(self.gp.log_text()[-2000:])
-                time.sleep(0.02)
+            self.gp.start()  # returns once this start has logged its own "started"
 
 
 # -- relaying threads -----------------------------------------------------------------------------
@@ -184,23 +173,22 @@ def send_all(sock: socket.socket, data: bytes) -> None:
             selectors.DefaultSelector().select(0.01)
 
 
-# -- the peer tap: TCP between the gateway and the receiving Postfix -------------------------
+class Splice:
+    """Accepts on ``listen`` in ``ns`` and joins each connection to a new one to ``upstream``
+    by a :class:`Link` (made by :meth:`link`); a connection upstream that cannot be made
+    resets the accepted one."""
 
-class PeerTap:
-    """Listens on 203.0.113.2:25 in peer and forwards to Postfix on 127.0.0.1:25, bytes
-    unchanged (the hop is TLS: it sees nothing but records).  It can reset its connections
-    now, or act on the next bytes the receiver sends (the reply to the final dot)."""
-
-    def __init__(self, ns: Netns) -> None:
-        self.ns = ns
-        self.listener = ns.listen(PEER_V4, 25)
+    def __init__(self, ns: Netns, listen: tuple[str, int], upstream: tuple[str, int],
+                 name: str, connect_timeout: float = 5.0) -> None:
+        self.ns, self.upstream, self.connect_timeout = ns, upstream, connect_timeout
+        self.listener = ns.listen(*listen)
         self.lock = threading.Lock()
         self.links: list[Link] = []
-        # Called with (link, data) on the receiver's next bytes; returns the bytes to pass
-        # on, or None to reset.
-        self.on_next_reply: Callable[[Link, bytes], bytes | None] | None = None
         self.closed = False
-        threading.Thread(target=self._accept, name="peer tap accept", daemon=True).start()
+        threading.Thread(target=self._accept, name=f"{name} accept", daemon=True).start()
+
+    def link(self, down: socket.socket, up: socket.socket) -> Link:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         while not self.closed:
@@ -209,14 +197,30 @@ class PeerTap:
             except OSError:
                 return
             try:
-                up = self.ns.connect("127.0.0.1", 25)
+                up = self.ns.connect(*self.upstream, timeout=self.connect_timeout)
             except OSError:
-                reset_close(down)
+                reset_close(down)  # the gateway is restarting, say: the MTA defers
                 continue
             with self.lock:
                 self.links = [lk for lk in self.links if not lk.finished.is_set()]
-                self.links.append(Link(down, up, lambda _lk, data: data, self._from_receiver,
-                                       "peer tap"))
+                self.links.append(self.link(down, up))
+
+
+# -- the peer tap: TCP between the gateway and the receiving Postfix -------------------------
+
+class PeerTap(Splice):
+    """Listens on 203.0.113.2:25 in peer and forwards to Postfix on 127.0.0.1:25, bytes
+    unchanged (the hop is TLS: it sees nothing but records).  It can reset its connections
+    now, or act on the next bytes the receiver sends (the reply to the final dot)."""
+
+    def __init__(self, ns: Netns) -> None:
+        # Called with (link, data) on the receiver's next bytes; returns the bytes to pass
+        # on, or None to reset.
+        self.on_next_reply: Callable[[Link, bytes], bytes | None] | None = None
+        super().__init__(ns, (PEER_V4, 25), ("127.0.0.1", 25), "peer tap")
+
+    def link(self, down: socket.socket, up: socket.socket) -> Link:
+        return Link(down, up, lambda _lk, data: data, self._from_receiver, "peer tap")
 
     def _from_receiver(self, link: Link, data: bytes) -> bytes | None:
         with self.lock:
@@ -274,34 +278,21 @@ class Dialogue:
     half_closed: bool = False  # the observer sent QUIT behind the dot and shut its side
 
 
-class Observer:
+class Observer(Splice):
     """127.0.0.1:2525 in mta (Postfix's relayhost) → 203.0.113.2:25 through gw."""
 
     def __init__(self, ns: Netns, gateway: Gateway, tap: PeerTap) -> None:
-        self.ns, self.gateway, self.tap = ns, gateway, tap
-        self.listener = ns.listen("127.0.0.1", OBSERVER_PORT)
+        self.gateway, self.tap = gateway, tap
         self.fault: Fault | None = None
         self.half_close = False  # act as a client that half-closes after ".", QUIT
         self.quit_answered = 0  # the 221s that reached a half-closed session
-        self.closed = False
-        self.links: list[Link] = []
-        threading.Thread(target=self._accept, name="observer accept", daemon=True).start()
+        super().__init__(ns, ("127.0.0.1", OBSERVER_PORT), (PEER_V4, 25), "observer",
+                         connect_timeout=10)
 
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                up = self.ns.connect(PEER_V4, 25, timeout=10)
-            except OSError:
-                reset_close(down)  # the gateway is restarting: the MTA defers
-                continue
-            d = Dialogue()
-            self.links = [lk for lk in self.links if not lk.finished.is_set()]
-            self.links.append(Link(down, up, functools.partial(self._from_mta, dialogue=d),
-                                   functools.partial(self._to_mta, dialogue=d), "observer"))
+    def link(self, down: socket.socket, up: socket.socket) -> Link:
+        d = Dialogue()
+        return Link(down, up, functools.partial(self._from_mta, dialogue=d),
+                    functools.partial(self._to_mta, dialogue=d), "observer")
 
     def _strike(self, point: str, d: Dialogue) -> bool:
         """True when the fault hit here (the link then resets both sides)."""
