@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,15 +137,8 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_text().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or doc.get("event") == name:
-                out.append(doc)
-        return out
+        return [doc for doc in log_lines(self.log_text().splitlines())
+                if name is None or doc.get("event") == name]
 
     def sessions(self) -> list[dict[str, Any]]:
         return self.events("session")
@@ -211,6 +204,20 @@ class GatewayProcess:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
+def log_lines(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The gateway's JSON log lines among ``lines`` (what else its log holds, such as a
+    traceback, left out)."""
+    out = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out
+
+
 class LogFollower:
     """The gateway's JSON log read incrementally: each read takes only the lines appended
     since the last one (re-reading thousands of lines after each of a thousand reloads would
@@ -238,16 +245,10 @@ class LogFollower:
             return []
         self._offset += len(data)
         *lines, self._partial = (self._partial + data).split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict):
-                out.append(doc)
-                if doc.get("event") == "session":
-                    self._sessions[doc["destination"]].append(doc)
+        out = log_lines(lines)
+        for doc in out:
+            if doc.get("event") == "session":
+                self._sessions[doc["destination"]].append(doc)
         return out
 
     def next_session(self, destination: str, timeout: float = 10.0) -> dict[str, Any]:
