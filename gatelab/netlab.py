@@ -586,12 +586,14 @@ class Lab:
             if links:
                 time.sleep(0.005)
 
-    def redirect_port25(self, to_port: int) -> None:
-        """On gw: TCP to any :25 arriving from the mta link goes to gw's local ``to_port``."""
+    def redirect_port25(self, to_port: int, *, inbound: bool = False) -> None:
+        """On gw: TCP to any :25 arriving from the mta link (``inbound``: from the peer
+        link, the internet's side) goes to gw's local ``to_port``, v4 and v6."""
+        link = GW_PEER_IF if inbound else GW_MTA_IF
         for v6 in (False, True):
             # fmt: off
             self.gw.iptables(
-                ["-t", "nat", "-A", "PREROUTING", "-i", GW_MTA_IF, "-p", "tcp", "--dport", "25",
+                ["-t", "nat", "-A", "PREROUTING", "-i", link, "-p", "tcp", "--dport", "25",
                  "-j", "REDIRECT", "--to-ports", str(to_port)],
                 v6=v6,
             )

@@ -558,10 +558,7 @@ def test_inbound_forwards_only_to_the_configured_mta(tmp_path: Path) -> None:
     """Inbound: connections from the internet side to any address on port 25 go to the
     configured MTA and nowhere else (A6), whatever destination the client asked for."""
     with Lab() as lab:
-        for v6 in (False, True):
-            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", netlab.GW_PEER_IF, "-p",
-                             "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
-                            v6=v6)
+        lab.redirect_port25(10026, inbound=True)
         text = gateway_config(listeners=[
             f'{{address: {host}, port: 10026, direction: inbound, starttls: passthrough, '
             f'upstreams: ["{MTA_V4}:2525"]}}' for host in ("0.0.0.0", '"::"')])

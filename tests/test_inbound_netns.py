@@ -62,10 +62,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         dns.start()
         # The sending Postfix resolves through Unbound on gw (trust-ad: glibc passes AD on).
         lab.peer.set_resolv_conf(f"nameserver {GW_PEER_V4}\noptions trust-ad\n")
-        for v6 in (False, True):
-            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", netlab.GW_PEER_IF, "-p",
-                             "tcp", "--dport", "25", "-j", "REDIRECT", "--to-ports", "10026"],
-                            v6=v6)
+        lab.redirect_port25(10026, inbound=True)
         yield Site(lab, dns, key, cert, record, work)
 
 

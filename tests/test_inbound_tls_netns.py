@@ -82,7 +82,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gatelab import certs, netlab, postfix_instance
 from gatelab.gatewayproc import GatewayProcess, gateway_config
-from gatelab.netlab import GW_PEER_IF, MTA_V4, Lab
+from gatelab.netlab import MTA_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, receiver_settings
 from gateway.keys import TICKET_LIFETIME
 
@@ -134,10 +134,7 @@ class Site:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     work = tmp_path_factory.mktemp("inbound-tls")
     with Lab() as lab:
-        for v6 in (False, True):
-            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", GW_PEER_IF, "-p", "tcp",
-                             "--dport", "25", "-j", "REDIRECT", "--to-ports",
-                             str(INBOUND_PORT)], v6=v6)
+        lab.redirect_port25(INBOUND_PORT, inbound=True)
         # No resolver in this lab: lookups from the peer (the scanner's) fail at once on
         # loopback instead of waiting for the host's resolver, and never leave the lab.
         lab.peer.set_resolv_conf("nameserver 127.0.0.1\n")

@@ -73,7 +73,7 @@ from gatelab.fakesmtp import (
     verb,
 )
 from gatelab.gatewayproc import GatewayProcess, LogFollower, gateway_config
-from gatelab.netlab import GW_PEER_IF, MTA_V4, PEER_V4, PEER_V4_ALT, Lab
+from gatelab.netlab import MTA_V4, PEER_V4, PEER_V4_ALT, Lab
 
 pytestmark = pytest.mark.netns
 
@@ -130,10 +130,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         lab.peer.ip("addr", "add", f"{MAY_PEER}/24", "dev", netlab.HOST_IF)
         lab.mta.ip("addr", "add", f"{VERIFYING_MTA}/24", "dev", netlab.HOST_IF)
         lab.redirect_port25(10025)
-        for v6 in (False, True):
-            lab.gw.iptables(["-t", "nat", "-A", "PREROUTING", "-i", GW_PEER_IF, "-p", "tcp",
-                             "--dport", "25", "-j", "REDIRECT", "--to-ports",
-                             str(INBOUND_PORT)], v6=v6)
+        lab.redirect_port25(INBOUND_PORT, inbound=True)
         dns_ = FakeDns(knows_nothing()).serve_in(lab.gw)
         stack.callback(dns_.close)
         honest = Script(context=peer_ctx)
