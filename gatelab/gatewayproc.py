@@ -1,5 +1,6 @@
-"""The real ``smtpgate run`` as a child process inside a lab namespace, with its JSON log
-and its Prometheus endpoint read back by the tests."""
+"""The real ``smtpgate run`` as a child process inside a lab namespace: its config written
+(:func:`gateway_config`), its JSON log and its Prometheus endpoint read back by the tests
+(:class:`GatewayProcess`; :class:`LogFollower` reads the log as it grows)."""
 
 from __future__ import annotations
 
