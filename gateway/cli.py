@@ -107,6 +107,8 @@ def _cmd_firewall(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
+    for problem in firewall.return_path_problems(ruleset, _sysctl):
+        print(f"smtpgate: firewall: warning: {problem}", file=sys.stderr)
     if not args.apply:
         print(ruleset.text(), end="")
         return 0
@@ -119,6 +121,13 @@ def _cmd_firewall(args: argparse.Namespace) -> int:
     for what in loaded:
         print(f"loaded: {what}")
     return 0
+
+
+def _sysctl(path: str) -> str | None:
+    try:
+        return (Path("/proc/sys") / path).read_text().strip()
+    except OSError:
+        return None
 
 
 def _print_now(line: str) -> None:

@@ -85,6 +85,13 @@ class MtaStartTls(StrEnum):
     STEP_ASIDE = "step-aside"  # leave it to the MTA (one that verifies on its own)
 
 
+class SourceAddress(StrEnum):
+    """Outbound: the address the peer sees the connection come from."""
+
+    GATEWAY = "gateway"  # this host's (upstream.source_ipv4/6, or the kernel's choice)
+    CLIENT = "client"  # the MTA's own (IP_TRANSPARENT; the edge must route the MTA's traffic)
+
+
 class ClientAddress(StrEnum):
     """Inbound: how the MTA learns the client's real address."""
 
@@ -132,6 +139,7 @@ class Listener:
     # Outbound only: MTAs that verify on their own (Postfix dane/secure, Exim
     # hosts_require_dane): their STARTTLS is always theirs (step-aside).
     verifying_mtas: tuple[IPNetwork, ...] = ()
+    source_address: SourceAddress = SourceAddress.GATEWAY  # outbound only
 
     def mta_starttls_for(self, client: IPAddress) -> MtaStartTls:
         if any(client in net for net in self.verifying_mtas):
@@ -405,7 +413,8 @@ def _listener(source: str, path: str, data: object) -> Listener:
     upstreams = tuple(parse_endpoint(v, source, p) for p, v in s.items("upstreams"))
     name = s.string("name", "")
     inbound_only = [k for k in ("starttls", "client_address", "smuggling") if s.has(k)]
-    outbound_only = [k for k in ("mta_starttls", "verifying_mtas") if s.has(k)]
+    outbound_only = [k for k in ("mta_starttls", "verifying_mtas", "source_address")
+                     if s.has(k)]
     starttls = s.choice("starttls", StartTls, StartTls.OFFLOAD)
     client_address = s.choice("client_address", ClientAddress, ClientAddress.NONE)
     # YAML 1.1 reads a bare `off` as false: that is what the operator wrote.
@@ -413,6 +422,7 @@ def _listener(source: str, path: str, data: object) -> Listener:
         else s.choice("smuggling", Smuggling, Smuggling.NORMALIZE)
     mta_starttls = s.choice("mta_starttls", MtaStartTls, MtaStartTls.TERMINATE)
     verifying = tuple(_network(v, source, p) for p, v in s.items("verifying_mtas"))
+    source_address = s.choice("source_address", SourceAddress, SourceAddress.GATEWAY)
     s.done()
     if direction is Direction.OUTBOUND and inbound_only:
         raise s.error(inbound_only[0], "only for inbound listeners")
@@ -424,7 +434,7 @@ def _listener(source: str, path: str, data: object) -> Listener:
         raise s.error("upstreams", "only for inbound listeners: outbound goes to the original "
                                    "destination")
     return Listener(address, port, direction, mode, upstreams, name, starttls, client_address,
-                    smuggling, mta_starttls, verifying)
+                    smuggling, mta_starttls, verifying, source_address)
 
 
 def _network(value: object, source: str, path: str) -> IPNetwork:

@@ -43,7 +43,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .config import ClientAddress, Config, ConfigError, Direction, Endpoint, InterceptMode
+from .config import (
+    ClientAddress,
+    Config,
+    ConfigError,
+    Direction,
+    Endpoint,
+    InterceptMode,
+    IPAddress,
+    SourceAddress,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -95,14 +104,14 @@ class Intercept:
 
 @dataclass(frozen=True, slots=True)
 class Transparent:
-    """Replies from an inbound upstream MTA to a transparent (client-address) socket."""
+    """Replies to a transparent socket (one bound to someone else's address): from an
+    inbound upstream MTA to a client's address, or from any peer's port 25 to an outbound
+    MTA's address (``source_address: client``)."""
 
-    where: str  # "listeners[0].upstreams[1]"
-    upstream: Endpoint
-
-    @property
-    def family(self) -> int:
-        return self.upstream.host.version
+    where: str  # "listeners[0].upstreams[1]", "listeners[0].source_address"
+    family: int
+    host: IPAddress | None  # the replies' source address; None: any
+    port: int  # their source port
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +156,24 @@ class Ruleset:
 
 
 # -- the generator ----------------------------------------------------------------------
+
+def return_path_problems(ruleset: Ruleset, sysctl: Callable[[str], str | None]) -> list[str]:
+    """Why this host, as it is now, cannot see the peers' replies to an outbound MTA's own
+    address (``source_address: client``): it does not forward that family, so it is not the
+    MTA's router, and the replies go to the MTA, which resets them.  ``sysctl`` reads a
+    /proc/sys path (None when absent)."""
+    problems = []
+    for t in ruleset.transparent:
+        if t.host is not None:
+            continue
+        key = "net/ipv4/ip_forward" if t.family == 4 else "net/ipv6/conf/all/forwarding"
+        if sysctl(key) == "0":
+            problems.append(f"{t.where}: this host does not forward IPv{t.family} "
+                            f"({key.replace('/', '.')} = 0): the peers' replies to the MTA's "
+                            "address cannot reach the gateway; route the MTA's traffic "
+                            "through this host (docs/deployment.md)")
+    return problems
+
 
 def mark_bit(upstream_mark: int) -> int:
     """A single mark bit clear of ``upstream_mark``: 0x40000 when free, else the nearest."""
@@ -206,6 +233,16 @@ def generate(config: Config, options: Options) -> Ruleset:
                 notes.append(f"{desc}: TCP port 25 from {' and '.join(froms)}")
             else:
                 notes.append(f"{desc}: not intercepted (no IPv{family} --mta-network)")
+            if lst.source_address is SourceAddress.CLIENT and from_mta_side:
+                # The peer's replies go to the MTA's address: this host must be on their
+                # way (the MTA's router), and take them for its transparent socket.
+                spath = f"{where}.source_address"
+                if all((t.host, t.port, t.family) != (None, SMTP_PORT, family)
+                       for t in transparent):
+                    transparent.append(Transparent(spath, family, None, SMTP_PORT))
+                notes.append(f"{spath} client: replies from port 25 to the MTA's address are "
+                             "routed to the gateway's transparent socket; this host must "
+                             "route the MTA's traffic to and from the internet")
         else:
             inbound = True
             if not options.internet_interfaces:
@@ -221,8 +258,8 @@ def generate(config: Config, options: Options) -> Ruleset:
                     if up.host.version != family:
                         raise fail(upath, "client_address transparent needs upstreams of the "
                                           f"listener's address family (IPv{family})")
-                    if all(t.upstream != up for t in transparent):
-                        transparent.append(Transparent(upath, up))
+                    if all((t.host, t.port) != (up.host, up.port) for t in transparent):
+                        transparent.append(Transparent(upath, family, up.host, up.port))
                         notes.append(f"{upath} {up}: replies to client addresses are routed "
                                      "to the gateway's transparent socket")
     unused = [opt for opt, given in (("--mta-interface", options.mta_interfaces and not outbound),
@@ -341,7 +378,9 @@ def _nft_intercept(x: Intercept, bit: int | None) -> str:
 
 def _nft_transparent(t: Transparent, bit: int) -> str:
     ip = "ip" if t.family == 4 else "ip6"
-    return (f"{ip} saddr {t.upstream.host} tcp sport {t.upstream.port} socket transparent 1 "
+    match = f"{ip} saddr {t.host}" if t.host is not None else \
+        f"meta nfproto {'ipv4' if t.family == 4 else 'ipv6'}"
+    return (f"{match} tcp sport {t.port} socket transparent 1 "
             f"meta mark set meta mark | {bit:#x}")
 
 
@@ -394,6 +433,10 @@ def _ipt_intercepts(x: Intercept, chain: str, bit: int | None) -> list[str]:
     return rules
 
 
+def _ipt_source(host: IPAddress | None) -> str:
+    return f" -s {host}/{host.max_prefixlen}" if host is not None else ""
+
+
 def _iptables(xs: Sequence[Intercept], ts: Sequence[Transparent], mark: int,
               bit: int | None, family: int) -> str:
     xs = [x for x in xs if x.family == family]
@@ -403,8 +446,8 @@ def _iptables(xs: Sequence[Intercept], ts: Sequence[Transparent], mark: int,
     tables: list[tuple[str, list[tuple[str, str, list[str]]]]] = []
     mangle = [r for x in xs if x.tproxy for r in _ipt_intercepts(x, pre, bit)]
     if bit is not None:
-        mangle += [f"-A {pre} -s {t.upstream.host}/{t.upstream.host.max_prefixlen} -p tcp "
-                   f"--sport {t.upstream.port} -m socket --transparent "
+        mangle += [f"-A {pre}{_ipt_source(t.host)} -p tcp "
+                   f"--sport {t.port} -m socket --transparent "
                    f"-j MARK --set-mark {bit:#x}/{bit:#x}" for t in ts]
     if mangle:
         tables.append(("mangle", [("PREROUTING", pre, mangle)]))

@@ -114,12 +114,30 @@ def listening_socket(address: IPAddress, port: int, mode: InterceptMode,
     return sock
 
 
-def upstream_socket(destination: Endpoint, mark: int, source: IPAddress | None = None,
-                    source_port: int = 0, transparent: bool = False) -> socket.socket:
+def upstream_socket(destination: Endpoint, mark: int, source: IPAddress | None = None, *,
+                    source_port: int = 0, transparent: bool = False,
+                    avoid_port: int = 0) -> socket.socket:
     """A non-blocking socket for the upstream leg: marked, optionally bound to a source.
 
-    ``transparent`` binds to a non-local address (the client's own, for inbound TPROXY).
+    ``transparent`` binds to a non-local address: the client's own (inbound
+    ``client_address: transparent``, outbound ``source_address: client``).  Then the port is
+    taken at bind time and never ``avoid_port``, the client's own port: the client's
+    intercepted connection to the same destination port has a conntrack entry with that
+    tuple, and a second connection with the same one would be taken for it (under REDIRECT,
+    sent back to this gateway).
     """
+    for _ in range(8):
+        sock = _upstream_socket(destination, mark, source, source_port=source_port,
+                                transparent=transparent,
+                                defer_port=not (transparent and avoid_port))
+        if not (transparent and avoid_port) or sock.getsockname()[1] != avoid_port:
+            return sock
+        sock.close()  # the kernel's pick was the client's own port: take another
+    raise InterceptError(f"no source port other than {avoid_port} for {source}")
+
+
+def _upstream_socket(destination: Endpoint, mark: int, source: IPAddress | None, *,
+                     source_port: int, transparent: bool, defer_port: bool) -> socket.socket:
     family = socket.AF_INET6 if destination.host.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -135,7 +153,7 @@ def upstream_socket(destination: Endpoint, mark: int, source: IPAddress | None =
             if source.version != destination.host.version:
                 raise InterceptError(f"source {source} and destination {destination} differ "
                                      "in address family")
-            if source_port == 0:
+            if source_port == 0 and defer_port:
                 # Defer port choice to connect(): the 4-tuple, not the 2-tuple, must be unique,
                 # so many sessions can share one source address.
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)

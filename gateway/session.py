@@ -20,6 +20,7 @@ from .config import (
     FailureSignal,
     Listener,
     Smuggling,
+    SourceAddress,
     StartTls,
 )
 from .context import Context
@@ -271,12 +272,16 @@ class Session:
         cfg = self.config
         source = cfg.upstream.source_ipv6 if target.host.version == 6 \
             else cfg.upstream.source_ipv4
-        transparent = self.listener.client_address is ClientAddress.TRANSPARENT
+        # Inbound: the MTA sees the client's own address; outbound: the peer sees the MTA's.
+        transparent = (self.listener.client_address is ClientAddress.TRANSPARENT
+                       or self.listener.source_address is SourceAddress.CLIENT)
+        avoid = 0
         if transparent:
             assert self.client is not None
-            source = self.client.host  # the MTA sees the client's own address
+            source, avoid = self.client.host, self.client.port
         try:
-            sock = upstream_socket(target, cfg.upstream.mark, source, transparent=transparent)
+            sock = upstream_socket(target, cfg.upstream.mark, source, transparent=transparent,
+                                   avoid_port=avoid)
         except (OSError, InterceptError) as exc:
             failure = admission.classify_connect_error(exc)
             self._connect_failed(target, failure, exc)

@@ -146,6 +146,11 @@ BAD = [
     ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, starttls: maybe, "
      "upstreams: ['192.0.2.1:25']}]\n",
      "listeners[0].starttls: must be one of: offload, passthrough"),
+    ("listeners: [{address: 127.0.0.1, port: 25, source_address: mta}]\n",
+     "listeners[0].source_address: must be one of: gateway, client"),
+    ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, source_address: client, "
+     "starttls: passthrough, upstreams: ['192.0.2.1:25']}]\n",
+     "listeners[0].source_address: only for outbound listeners"),
     ("listeners: [{address: 127.0.0.1, port: 25, smuggling: reject}]\n",
      "listeners[0].smuggling: only for inbound listeners"),
     ("listeners: [{address: 127.0.0.1, port: 25, direction: inbound, smuggling: strict, "

@@ -595,3 +595,53 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["firewall", "-c", str(path), "--apply", "--remove"])
     assert exit_.value.code == 2
+
+
+CLIENT_SOURCE = cfg("""
+listeners:
+  - {address: 0.0.0.0, port: 10025, source_address: client}
+  - {address: "::", port: 10025, mode: tproxy, source_address: client}
+""")
+
+
+def test_outbound_client_source_takes_the_peers_replies_to_the_mta() -> None:
+    """Replies from any peer's port 25 to a transparent socket (bound to the MTA's address)
+    are marked and routed locally, per family; the interception itself is unchanged."""
+    rules = fw.generate(CLIENT_SOURCE, MTA)
+    assert ("meta nfproto ipv4 tcp sport 25 socket transparent 1 "
+            "meta mark set meta mark | 0x40000") in rules.nft
+    assert ("meta nfproto ipv6 tcp sport 25 socket transparent 1 "
+            "meta mark set meta mark | 0x40000") in rules.nft
+    assert 'iifname "mta0" meta nfproto ipv4 tcp dport 25 redirect to :10025' in rules.nft
+    assert ("-A SMTPGATE-PREROUTING -p tcp --sport 25 -m socket --transparent "
+            "-j MARK --set-mark 0x40000/0x40000") in rules.iptables
+    assert "--sport 25 -m socket --transparent" in rules.ip6tables
+    assert [" ".join(a) for a in rules.routing] == [
+        "ip rule add fwmark 0x40000/0x40000 lookup 100 protocol 25",
+        "ip route add local 0.0.0.0/0 dev lo table 100 proto 25",
+        "ip -6 rule add fwmark 0x40000/0x40000 lookup 100 protocol 25",
+        "ip -6 route add local ::/0 dev lo table 100 proto 25",
+    ]
+    assert any("listeners[0].source_address client: replies from port 25" in n
+               for n in rules.notes)
+    gateway_source = fw.generate(REDIRECT, MTA)
+    assert "socket transparent" not in gateway_source.nft and gateway_source.routing == ()
+
+
+def test_client_source_for_a_local_mta_needs_no_return_path() -> None:
+    local = cfg("listeners: [{address: 0.0.0.0, port: 10025, source_address: client}]\n")
+    rules = fw.generate(local, fw.Options(local_mta=True))
+    assert rules.transparent == () and rules.routing == ()
+
+
+def test_a_host_that_does_not_forward_is_not_on_the_return_path() -> None:
+    rules = fw.generate(CLIENT_SOURCE, MTA)
+    forwarding = {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "1"}
+    [problem] = fw.return_path_problems(rules, forwarding.get)
+    assert problem.startswith("listeners[0].source_address: this host does not forward IPv4 "
+                              "(net.ipv4.ip_forward = 0)"), problem
+    assert fw.return_path_problems(rules, {"net/ipv4/ip_forward": "1",
+                                           "net/ipv6/conf/all/forwarding": "1"}.get) == []
+    assert fw.return_path_problems(fw.generate(inbound("transparent"),
+                                               fw.Options(internet_interfaces=("peer0",))),
+                                   forwarding.get) == []  # inbound: the MTA's replies differ
