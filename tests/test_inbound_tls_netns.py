@@ -151,7 +151,7 @@ def legacy_mta(s: Site, name: str) -> PostfixInstance:
 TESTSSL_COMMON = ("--quiet", "--color", "0", "--warnings", "off", "--nodns", "none",
                   "--openssl-timeout", "10", "--starttls", "smtp")
 SCAN_ALL = ("--protocols", "--cipher-per-proto", "--server-defaults", "--renegotiation",
-            "--crime")
+            "--crime", "--fs")
 SCAN_SUITES = ("--protocols", "--cipher-per-proto")
 
 needs_testssl = pytest.mark.skipif(
@@ -255,6 +255,10 @@ def test_scanner_sees_only_modern_tls(site: Site) -> None:
         # fail to run; it must not find tickets unsupported.
         assert scan.one("sessionresumption_ticket") in (
             "INFO: supported", "WARN: check failed because of connect problem"), scan.report
+        # Key exchange groups: Mozilla's intermediate set, no X448, P-521 or FFDHE.
+        curves = scan.one("PFS_ECDHE_curves").split(": ", 1)[1].split()  # testssl 3.0 names
+        assert set(curves) == {"prime256v1", "secp384r1", "X25519"}, scan.report
+        assert "DH_groups" not in scan.findings, scan.report  # no finite-field DHE at all
         # No compression (CRIME: deflate offered, none chosen); no client renegotiation.
         assert scan.one("CRIME_TLS").startswith("OK: not vulnerable"), scan.report
         assert scan.one("secure_client_renego").startswith("OK: not vulnerable"), scan.report

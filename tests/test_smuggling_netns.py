@@ -76,7 +76,7 @@ MODES = {"tls": PEER_V4, "plaintext": PEER_V4_ALT, "passthrough": NONE_PEER}
 CAPS = (b"PIPELINING", b"8BITMIME", b"CHUNKING", b"BINARYMIME")
 SECOND = b"Subject: second\r\n\r\nthe framing is still in step\r\n.\r\n"
 SMALL = 400  # variants up to this size are also sent byte by byte
-# While the gateway upgrades, it holds what the MTA sends, up to 64 KB (gateway.smtp.MAX_HELD,
+# While the gateway upgrades, it holds what the MTA sends, up to 64 KB (gateway.smtp.LIMITS.held,
 # then 421 4.3.0): an MTA that pipelines more BDAT than that before the first reply is
 # deferred, not relayed.  Larger BDAT variants wait for the MAIL/RCPT replies.
 BDAT_HELD = 32 * 1024
