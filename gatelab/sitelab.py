@@ -240,9 +240,11 @@ class SiteLab:
                 *args], env=env, cwd=ROOT)
 
     def _gateways(self) -> None:
-        out = site_config([f"{{address: 0.0.0.0, port: {OUT_PORT}, direction: outbound}}",
-                           f'{{address: "::", port: {OUT_PORT}, direction: outbound}}'],
-                          EDGE_A_PUB)
+        # Peers see A's MTA itself (edge A is its router: the replies pass it).
+        out = site_config([f"{{address: 0.0.0.0, port: {OUT_PORT}, direction: outbound, "
+                           "source_address: client}",
+                           f'{{address: "::", port: {OUT_PORT}, direction: outbound, '
+                           "source_address: client}"], EDGE_A_PUB)
         self.gw_a = GatewayProcess(self.edge_a, self.work / "gw-a", out, host=EDGE_A_PUB,
                                    metrics_port=METRICS_PORT)
         self._stack.enter_context(self.gw_a)
@@ -407,10 +409,11 @@ def _scenarios(lab: SiteLab) -> list[Outcome]:
         [_hop_out(s_out),
          f"edge B gateway: STARTTLS offered with B's key (TLSA published), "
          f"{s_in.get('tls_version')}, relayed to {s_in.get('upstream')} with PROXY v2"],
-        f"B's mailbox; B's MTA saw the client as {seen} (A's edge)",
+        f"B's mailbox; B's MTA saw the client as {seen} "
+        f"({'A' if seen == A_MTA else 'NOT A'}'s own MTA, through both gateways)",
         f"{cap.packets()} packets on A's internet link; marker in clear: "
         f"{'YES' if cap.contains(marker) else 'no'}",
-        s_out.get("tls") == "dane" and not cap.contains(marker)))
+        s_out.get("tls") == "dane" and not cap.contains(marker) and seen == A_MTA))
     # 2. A -> D: nobody offers TLS.
     before_a = len(lab.gw_a.sessions())
     with lab.capture("d", "demo-a-to-d") as cap:

@@ -21,6 +21,7 @@ import pytest
 
 from gatelab import dnslab, netlab, postfix_instance
 from gatelab.sitelab import (
+    A_MTA,
     B_MTA,
     B_TTL,
     C_PUB,
@@ -86,10 +87,12 @@ def test_a_to_b_both_gateways_dane_verified(lab: SiteLab) -> None:
     # Inbound gateway: terminated that TLS, relayed to B's MTA only.
     assert (inb["direction"], inb["tls"], inb["outcome"]) == ("inbound", "tls", "relayed"), inb
     assert inb["upstream"] == B_DEST
-    # B's MTA saw A's real (public) address, by PROXY v2, not the edge's.
-    lab.mta_b.wait_log(rf"connect from \S+\[{re.escape(EDGE_A_PUB)}\]", since=mark)
+    # B's MTA saw A's own MTA (edge A connected from its address: source_address client;
+    # edge B passed it on by PROXY v2), neither edge's address.
+    lab.mta_b.wait_log(rf"connect from \S+\[{re.escape(A_MTA)}\]", since=mark)
     assert "[198.51.100.17]" not in lab.mta_b.log_text()
-    assert f"[{EDGE_A_PUB}]" in received_headers(message)
+    assert f"[{EDGE_A_PUB}]" not in lab.mta_b.log_text()
+    assert f"[{A_MTA}]" in received_headers(message)
     assert lab.gw_a.metric("smtpgate_upgrades_total", result="dane", reason="none") >= 1
 
 
@@ -111,7 +114,7 @@ def test_a_to_d_plaintext_delivered_unchanged(lab: SiteLab) -> None:
     assert s["tls_reason"] == "peer does not offer STARTTLS"
     assert message.endswith(b"\n\nline one\n.dot line\n" + marker + b"-2\n")
     assert "using TLS" not in received_headers(message)
-    lab.mta_d.wait_log(rf"connect from \S+\[{re.escape(EDGE_A_PUB)}\]")
+    lab.mta_d.wait_log(rf"connect from \S+\[{re.escape(A_MTA)}\]")  # A's own MTA
 
 
 def test_wrong_tlsa_defers_in_a_queue_then_delivers_exactly_once(lab: SiteLab) -> None:
@@ -144,8 +147,8 @@ def test_a_to_c_outbound_gateway_to_a_dane_mta(lab: SiteLab) -> None:
         s = lab.session(lab.gw_a, f"{C_PUB}:25", after=before)
     assert cap.packets() > 10 and not cap.contains(marker)
     assert (s["tls"], s["verify"], s["peer_name"]) == ("dane", "dane-ee match", "mx.c.test"), s
-    # C's smtpd records the hop: TLS, from A's edge.
-    assert re.search(r"from mta\.a\.test .*\[203\.0\.113\.2\].*\(using TLSv1\.[23]",
+    # C's smtpd records the hop: TLS, from A's own MTA (not its edge: source_address client).
+    assert re.search(rf"from mta\.a\.test .*\[{re.escape(A_MTA)}\].*\(using TLSv1\.[23]",
                      received_headers(message)), received_headers(message)
 
 
@@ -181,8 +184,9 @@ def test_ipv6_path_a_to_c(lab: SiteLab) -> None:
     assert not cap.contains(marker)
     assert s["tls"] == "dane" and s["peer_name"] == "mx.c.test", s
     assert "(using TLSv1." in received_headers(message)
-    # C's smtpd saw A's edge over IPv6 (the gateway connects from its own v6 address).
-    assert f"[IPv6:{LINKS['edge_a'].site_v6}]" in received_headers(message)
+    # From A's own MTA (2001:db8:a::2), not its edge's public address.
+    assert "[IPv6:2001:db8:a::2]" in received_headers(message)
+    assert f"[IPv6:{LINKS['edge_a'].site_v6}]" not in received_headers(message)
 
 
 def test_bogus_b_test_defers_never_in_clear(lab: SiteLab) -> None:
@@ -306,7 +310,7 @@ def test_demo_report(lab: SiteLab) -> None:
     text = buf.getvalue()
     assert text.count("[PASS]") == 3 and "FAIL" not in text, text
     assert "encrypted, TLSv1.3, DANE-verified (dane-ee match)" in text, text
-    assert "B's MTA saw the client as 203.0.113.2" in text, text
+    assert "B's MTA saw the client as 198.51.100.2 (A's own MTA" in text, text
     assert "421 4.7.5 smtpgate: TLS to peer failed: no matching record" in text, text
     assert "1 copy on A's next retry" in text and "lab removed;" in text, text
 
