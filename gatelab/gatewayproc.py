@@ -205,6 +205,31 @@ class GatewayProcess:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
+def cli(ns: Netns, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[Any]:
+    """The real ``smtpgate`` command inside ``ns``, as an operator runs it on the gateway host
+    (output captured as text; the exit status is the caller's to judge)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return ns.run([sys.executable, "-m", "gateway", *args], check=False, env=env, cwd=ROOT,
+                  timeout=timeout)
+
+
+def firewall_leftovers(ns: Netns, table: int = 100) -> list[str]:
+    """Everything of ``smtpgate firewall``'s still in ``ns``: nft table, iptables chains and
+    socket rules, ip rules and the routes of ``table`` (empty when clean)."""
+    found = [line for line in ns.run(["nft", "list", "ruleset"]).stdout.splitlines()
+             if "smtpgate" in line.lower()]
+    for tool in ("iptables-save", "ip6tables-save"):
+        found += [line for line in ns.run([tool]).stdout.splitlines()
+                  if "SMTPGATE" in line or "socket --transparent" in line]
+    for fam in ("-4", "-6"):
+        rules = ns.run(["ip", fam, "rule", "show"]).stdout
+        found += [line for line in rules.splitlines()
+                  if "proto 25" in line or f"lookup {table}" in line]
+        routes = ns.run(["ip", fam, "route", "show", "table", str(table)], check=False).stdout
+        found += [f"table {table}: {line}" for line in routes.splitlines()]
+    return found
+
+
 def log_lines(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
     """The gateway's JSON log lines among ``lines`` (what else its log holds, such as a
     traceback, left out)."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -47,7 +46,7 @@ from typing import Any
 from gatelab import certs
 from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld, ptr_name, reverse_zone
-from gatelab.gatewayproc import GatewayProcess, gateway_config
+from gatelab.gatewayproc import GatewayProcess, cli, gateway_config
 from gatelab.monitoring import Prometheus
 from gatelab.netlab import Netns, _link_ready, delete_all
 from gatelab.postfix_instance import (
@@ -57,8 +56,6 @@ from gatelab.postfix_instance import (
     tls_receiver_settings,
 )
 from gateway.dane import tlsa_record
-
-ROOT = Path(__file__).resolve().parent.parent
 
 NSD_V4, NSD_V6 = "192.0.2.53", "2001:db8:53::53"
 RESOLVER_V4 = "192.0.2.54"
@@ -235,9 +232,9 @@ class SiteLab:
         time.sleep(B_TTL + 0.2)
 
     def _firewall(self, ns: Netns, config: Path, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        ns.run([sys.executable, "-m", "gateway", "firewall", "-c", str(config), "--apply",
-                *args], env=env, cwd=ROOT)
+        r = cli(ns, "firewall", "-c", str(config), "--apply", *args)
+        if r.returncode != 0:
+            raise RuntimeError(f"smtpgate firewall --apply failed: {r.stderr}")
 
     def _gateways(self) -> None:
         # Peers see A's MTA itself (edge A is its router: the replies pass it).

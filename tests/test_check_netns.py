@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
+from gatelab.gatewayproc import cli
 from gatelab.netlab import Lab, Server
 from gatelab.postfix_instance import PostfixInstance, receiver_settings, tls_receiver_settings
 from gateway.dane import tlsa_data, tlsa_record
@@ -34,7 +34,6 @@ if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
         or postfix_instance.postfix_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 FINGER = shutil.which("posttls-finger", path="/usr/sbin:/usr/bin")
 needs_finger = pytest.mark.skipif(FINGER is None, reason="posttls-finger not installed")
 BREAKER, SILENT = "203.0.113.6", "203.0.113.7"
@@ -108,9 +107,7 @@ def break_tls(conn: socket.socket) -> None:
 
 
 def smtpgate_check(w: World, *args: str) -> subprocess.CompletedProcess[Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return w.lab.gw.run([sys.executable, "-m", "gateway", "check", "--helo", "gw.example",
-                         *args], env=env, cwd=ROOT, check=False, timeout=60)
+    return cli(w.lab.gw, "check", "--helo", "gw.example", *args)
 
 
 def finger_config(work: Path) -> Path:

@@ -6,18 +6,15 @@ leaves nothing of smtpgate's behind."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from gatelab import netlab
-from gatelab.gatewayproc import GatewayProcess, gateway_config
+from gatelab.gatewayproc import GatewayProcess, cli, firewall_leftovers, gateway_config
 from gatelab.netlab import (
     GW_MTA_IF,
     GW_PEER_IF,
@@ -42,7 +39,6 @@ _tools = ("nft", "iptables-restore", "ip6tables-restore", "iptables-save", "ip6t
 if (_missing := [t for t in _tools if shutil.which(t) is None]):
     pytest.skip(f"not installed: {', '.join(_missing)}", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 
 def config(*listeners: str) -> str:
     """No limits section; the rest as every lab has it (policy none: pure relays)."""
@@ -90,12 +86,6 @@ upstream: {{mark: 0x40000}}
 ]
 
 
-def smtpgate(ns: Netns, *args: str) -> Any:
-    """The real CLI run inside ``ns`` (as an operator would, on the gateway host)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return ns.run([sys.executable, "-m", "gateway", *args], check=False, env=env, cwd=ROOT)
-
-
 def generate(config_text: str, args: list[str], fmt: str) -> fw.Ruleset:
     """The same ruleset the CLI makes, built in-process for the direct load checks."""
     values: dict[str, list[str]] = {}
@@ -125,22 +115,6 @@ def namespace() -> Iterator[Netns]:
         ns.delete()
 
 
-def leftovers(ns: Netns, table: int = 100) -> list[str]:
-    """Everything of smtpgate's still in ``ns`` (empty when clean)."""
-    found = []
-    ruleset = ns.run(["nft", "list", "ruleset"]).stdout
-    found += [line for line in ruleset.splitlines() if "smtpgate" in line.lower()]
-    for tool in ("iptables-save", "ip6tables-save"):
-        found += [line for line in ns.run([tool]).stdout.splitlines() if "SMTPGATE" in line]
-    for fam in ("-4", "-6"):
-        rules = ns.run(["ip", fam, "rule", "show"]).stdout
-        found += [line for line in rules.splitlines()
-                  if "proto 25" in line or f"lookup {table}" in line]
-        routes = ns.run(["ip", fam, "route", "show", "table", str(table)], check=False).stdout
-        found += [f"table {table}: {line}" for line in routes.splitlines()]
-    return found
-
-
 # -- every ruleset loads ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("config_text", "args"), [c[1:] for c in CASES],
@@ -162,25 +136,25 @@ def test_every_ruleset_loads(config_text: str, args: list[str], tmp_path: Path) 
         assert ns.run(["nft", "list", "ruleset"]).stdout.strip() == ""  # -c loaded nothing
         # The printed script runs as it is, and --remove takes away what it loaded.
         for fmt in ("nft", "iptables"):
-            out = smtpgate(ns, "firewall", "-c", str(path), "--format", fmt, *args)
+            out = cli(ns, "firewall", "-c", str(path), "--format", fmt, *args)
             assert out.returncode == 0, out.stderr
             r = ns.run(["sh", "-s"], input=out.stdout, check=False)
             assert r.returncode == 0, r.stderr
-            assert leftovers(ns, table), "the script loaded nothing"
-            r = smtpgate(ns, "firewall", "--remove")
+            assert firewall_leftovers(ns, table), "the script loaded nothing"
+            r = cli(ns, "firewall", "--remove")
             assert r.returncode == 0 and r.stdout.startswith("removed: "), r.stderr
-            assert leftovers(ns, table) == []
+            assert firewall_leftovers(ns, table) == []
 
 
 def test_remove_and_apply_are_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "smtpgate.yaml"
     path.write_text(inbound_config("transparent", "tproxy"))
     with namespace() as ns:
-        r = smtpgate(ns, "firewall", "--remove")
+        r = cli(ns, "firewall", "--remove")
         assert (r.returncode, r.stdout) == (
             0, "nothing to remove: no smtpgate firewall rules are loaded\n")
         for fmt in ("iptables", "iptables", "nft", "nft"):
-            r = smtpgate(ns, "firewall", "-c", str(path), "--format", fmt, "--apply",
+            r = cli(ns, "firewall", "-c", str(path), "--format", fmt, "--apply",
                          "--internet-interface", GW_PEER_IF)
             assert r.returncode == 0, r.stderr
         # Applied four times, switching format: one table, one rule and route per family.
@@ -192,8 +166,8 @@ def test_remove_and_apply_are_idempotent(tmp_path: Path) -> None:
             assert len(ns.run(["ip", fam, "route", "show", "table", "100"]).stdout
                        .splitlines()) == 1
         for _ in range(2):
-            assert smtpgate(ns, "firewall", "--remove").returncode == 0
-        assert leftovers(ns) == []
+            assert cli(ns, "firewall", "--remove").returncode == 0
+        assert firewall_leftovers(ns) == []
 
 
 def test_failed_apply_leaves_nothing(tmp_path: Path) -> None:
@@ -203,12 +177,12 @@ def test_failed_apply_leaves_nothing(tmp_path: Path) -> None:
     path.write_text(outbound_config("tproxy", 10027))
     with namespace() as ns:
         ns.ip("route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100")
-        r = smtpgate(ns, "firewall", "-c", str(path), "--apply", "--mta-interface", GW_MTA_IF)
+        r = cli(ns, "firewall", "-c", str(path), "--apply", "--mta-interface", GW_MTA_IF)
         assert r.returncode == 1
         assert r.stderr.startswith("smtpgate: firewall: ip route add local 0.0.0.0/0 dev lo "
                                    "table 100 proto 25: ")
         assert "nothing of smtpgate's is left loaded" in r.stderr
-        assert leftovers(ns) == ["table 100: local default dev lo scope host "]
+        assert firewall_leftovers(ns) == ["table 100: local default dev lo scope host "]
 
 
 # -- the lab: apply, relay, remove ------------------------------------------------------------
@@ -236,15 +210,15 @@ def connect(ns: Netns, host: str) -> tuple[bytes, str]:
 
 def apply_twice(lab: Lab, path: Path, *args: str) -> None:
     for _ in range(2):  # the second replaces the first
-        r = smtpgate(lab.gw, "firewall", "-c", str(path), "--apply", *args)
+        r = cli(lab.gw, "firewall", "-c", str(path), "--apply", *args)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith("loaded: ")
 
 
 def remove_and_check(lab: Lab) -> None:
-    r = smtpgate(lab.gw, "firewall", "--remove")
+    r = cli(lab.gw, "firewall", "--remove")
     assert r.returncode == 0, r.stderr
-    assert leftovers(lab.gw) == []
+    assert firewall_leftovers(lab.gw) == []
     # Nothing left in the base chains iptables-nft created either.
     for tool in ("iptables-save", "ip6tables-save"):
         assert "-A " not in lab.gw.run([tool]).stdout

@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import re
-import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gatelab import certs, netlab, postfix_instance
 from gatelab.fakedns import FakeDns, knows_nothing
-from gatelab.gatewayproc import GatewayProcess, gateway_config
+from gatelab.gatewayproc import GatewayProcess, cli, firewall_leftovers, gateway_config
 from gatelab.netlab import (
     GW_MTA_IF,
     GW_MTA_V4,
@@ -55,7 +52,6 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 if (_why := netlab.netns_usable() or postfix_instance.postfix_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parent.parent
 # domain -> (peer address, the MTA's address the peer must log, the gateway's it must not,
 #            the session's tls)
 ROUTES = {
@@ -64,26 +60,6 @@ ROUTES = {
     "b6.test": (PEER_V6, MTA_V6, GW_PEER_V6, "tls"),
     "b6p.test": (PEER_V6_ALT, MTA_V6, GW_PEER_V6, None),
 }
-
-
-def smtpgate(ns: Netns, *args: str) -> Any:
-    """The real CLI inside ``ns``, as an operator runs it on the gateway host."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return ns.run([sys.executable, "-m", "gateway", *args], check=False, env=env, cwd=ROOT)
-
-
-def leftovers(ns: Netns) -> list[str]:
-    """smtpgate's rules, ip rules and routes still in ``ns``."""
-    found = [line for line in ns.run(["nft", "list", "ruleset"]).stdout.splitlines()
-             if "smtpgate" in line]
-    for ip in (["ip"], ["ip", "-6"]):
-        found += [line for line in ns.run([*ip, "rule", "show"]).stdout.splitlines()
-                  if "proto 25" in line or "protocol 25" in line]
-        found += ns.run([*ip, "route", "show", "table", "100"], check=False).stdout.splitlines()
-    for tool in ("iptables-save", "ip6tables-save"):
-        found += [line for line in ns.run([tool]).stdout.splitlines()
-                  if "SMTPGATE" in line or "socket --transparent" in line]
-    return found
 
 
 @pytest.mark.parametrize("fmt", ["nft", "iptables"])
@@ -106,7 +82,7 @@ def test_the_peer_sees_the_mtas_own_address(tmp_path: Path, mode: str, fmt: str)
     with Lab() as lab, contextlib.closing(FakeDns(knows_nothing()).serve_in(lab.gw)):
         # DNS is not the subject: a resolver that knows nothing (no recipient asks for DANE).
         gw = GatewayProcess(lab.gw, tmp_path / "gw", text)
-        r = smtpgate(lab.gw, "firewall", "-c", str(gw.config_path), "--format", fmt, "--apply",
+        r = cli(lab.gw, "firewall", "-c", str(gw.config_path), "--format", fmt, "--apply",
                      "--mta-interface", GW_MTA_IF)
         assert r.returncode == 0, r.stderr
         assert "warning" not in r.stderr, r.stderr  # gw forwards: it is on the return path
@@ -126,9 +102,9 @@ def test_the_peer_sees_the_mtas_own_address(tmp_path: Path, mode: str, fmt: str)
                 log = peer.log_text()
                 sessions = gw.wait_sessions(len(ROUTES))
         finally:
-            r = smtpgate(lab.gw, "firewall", "--remove")
+            r = cli(lab.gw, "firewall", "--remove")
         assert r.returncode == 0, r.stderr
-        assert leftovers(lab.gw) == []
+        assert firewall_leftovers(lab.gw) == []
     for peer_addr, mta_addr, _gw, tls in ROUTES.values():
         # The receiving Postfix logged the MTA's own address as the client, never the edge's.
         assert re.search(rf"connect from unknown\[{re.escape(mta_addr)}\]", log), log
