@@ -100,6 +100,6 @@ async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
         async with asyncio.timeout(budget):
             return await _drive(resolver, recipient_walk(domain, address))
     except TimeoutError:
-        return RecipientRule(domain, doubt=f"lookups for {domain} did not finish in {budget}s")
+        return RecipientRule(domain, doubt=f"its lookups did not finish within {budget}s")
 
 

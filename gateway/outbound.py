@@ -16,7 +16,7 @@ from .discovery import recipient_rule, recipient_rule_cached
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
-from .policy import Action, Auth, Plan, recipient_decision, verify_peer
+from .policy import Action, Auth, Plan, recipient_checked, recipient_decision, verify_peer
 from .relay import End, Leg, Pump
 from .smtp import RemoteProtocolError
 from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, StartTlsMta, Upgrade
@@ -208,6 +208,14 @@ class OutboundUpgrade(TlsPhase):
             if self.pump.done.done():
                 return
             if isinstance(cmd, CheckRecipient):
+                plan = self.machine.plan
+                if not recipient_checked(plan.level if plan is not None
+                                         else self.config.policy.default,
+                                         self.config.policy.for_recipient(cmd.domain)):
+                    # No DANE at this level: nothing to ask DNS (a resolver failure must not
+                    # defer a path the operator made opportunistic).
+                    self._decide_recipient(cmd, RecipientRule(cmd.domain))
+                    continue
                 rule = recipient_rule_cached(self.ctx.resolver, cmd.domain,
                                              self.destination.host)
                 if rule is not None:

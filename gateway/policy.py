@@ -173,6 +173,19 @@ def static_plan(address: IPAddress, config: PolicyConfig) -> Plan | None:
     return plan(address, Discovery(address, ()), config)
 
 
+# The destination levels under which a recipient domain's own DANE is enforced.
+RECIPIENT_DANE = frozenset({Level.DANE, Level.DANE_ONLY})
+
+
+def recipient_checked(level: Level | None, required: Level | None) -> bool:
+    """Whether a recipient is looked up in DNS at all: where the destination's level
+    enforces DANE (``level``, the plan's; None before a plan: the default applies), or a
+    ``policy.recipients`` entry requires something of its domain.  Under ``none``, ``may``,
+    ``encrypt`` and ``fingerprint`` the operator chose no DANE for this destination: asking
+    DNS could only turn a working path into a deferral when the resolver fails."""
+    return required is not None or level in RECIPIENT_DANE
+
+
 def recipient_decision(rule: RecipientRule, encrypted: bool, chain: list[bytes],
                        required: Level | None = None) -> tuple[bool, str, str]:
     """Whether a recipient may be forwarded on this session: (allow, reason, metric label).
@@ -183,7 +196,7 @@ def recipient_decision(rule: RecipientRule, encrypted: bool, chain: list[bytes],
     (gateway.discovery.recipient_rule), so a forged or unsigned reverse zone cannot lift it.
     """
     if rule.doubt is not None:
-        return False, f"cannot trust DNS: {rule.doubt}", "dns"
+        return False, f"cannot check DANE for {rule.domain}: {rule.doubt}", "dns"
     if required is not None and not encrypted:
         return False, f"policy requires TLS for {rule.domain}", "policy"
     if required is Level.DANE_ONLY and not (rule.host and rule.records):

@@ -144,10 +144,16 @@ class RecipientRule:
     doubt: str | None = None
 
 
+def _went(answer: Answer) -> str:
+    """A distrusted answer in plain words, for the MTA's log."""
+    return ("failed DNSSEC validation" if answer.status is Status.BOGUS
+            else "got no answer from the resolver")
+
+
 def recipient_walk(domain: str, address: IPAddress) -> Walk[RecipientRule]:
     mx = yield (domain, "MX")
     if distrust(mx):
-        return RecipientRule(domain, doubt=f"MX lookup of {domain} is {mx.status}")
+        return RecipientRule(domain, doubt=f"its MX lookup {_went(mx)}")
     if mx.status is not Status.SECURE or not mx.exists:
         # Unsigned, or no MX (implicit MX is the domain itself): the domain asks nothing
         # that DNSSEC could vouch for at this level; the PTR-based plan still applies.
@@ -158,14 +164,15 @@ def recipient_walk(domain: str, address: IPAddress) -> Walk[RecipientRule]:
     for host in hosts[:10]:
         addresses = yield (host, rdtype)
         if distrust(addresses):
-            return RecipientRule(domain, doubt=f"{rdtype} lookup of MX {host} is "
-                                               f"{addresses.status}")
+            return RecipientRule(domain, doubt=f"the {rdtype} lookup of its MX {host.rstrip('.')}"
+                                               f" {_went(addresses)}")
         if addresses.status is not Status.SECURE or not any(
                 ipaddress.ip_address(r.address) == address for r in addresses.records):
             continue
         tlsa = yield (f"_25._tcp.{host}", "TLSA")
         if distrust(tlsa):
-            return RecipientRule(domain, host, doubt=f"TLSA lookup of {host} is {tlsa.status}")
+            return RecipientRule(domain, host, doubt=f"the TLSA lookup of its MX "
+                                                     f"{host.rstrip('.')} {_went(tlsa)}")
         if tlsa.status is Status.SECURE and tlsa.exists:
             records = tuple(TLSARecord(r.usage, r.selector, r.mtype, bytes(r.cert))
                             for r in tlsa.records)

@@ -16,7 +16,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from gateway.answers import Answer, Status
+from gateway.answers import Answer, Status, failed
 from gateway.config import DnsConfig, Level, PolicyConfig, PolicyEntry
 from gateway.dane import TLSARecord
 from gateway.discovery import discover
@@ -245,6 +245,37 @@ def _chain_and_records() -> tuple[list[bytes], TLSARecord, TLSARecord]:
 
     leaf = certs.make_leaf(None, ["mx.b.test"])
     return [leaf.der], tlsa_record(leaf.der), TLSARecord(3, 1, 1, b"\x5a" * 32)
+
+
+@pytest.mark.parametrize(("level", "required", "checked"), [
+    (Level.DANE, None, True), (Level.DANE_ONLY, None, True), (None, None, False),
+    (Level.MAY, None, False), (Level.NONE, None, False), (Level.ENCRYPT, None, False),
+    (Level.FINGERPRINT, None, False), (Level.MAY, Level.ENCRYPT, True),
+    (Level.NONE, Level.DANE_ONLY, True)])
+def test_recipients_are_looked_up_only_where_dane_is_enforced(
+        level: Level | None, required: Level | None, checked: bool) -> None:
+    """Under none/may/encrypt/fingerprint the operator chose no DANE for the destination:
+    no MX lookup, so a resolver failure cannot defer a recipient there; a policy.recipients
+    entry is always checked."""
+    from gateway.policy import recipient_checked
+
+    assert recipient_checked(level, required) is checked
+
+
+def test_a_recipient_in_doubt_is_told_why_in_plain_words() -> None:
+    from gateway.policy import recipient_decision
+    from gateway.walks import RecipientRule, recipient_walk
+
+    walk = recipient_walk("peer.test", ipaddress.ip_address("192.0.2.1"))
+    next(walk)
+    with pytest.raises(StopIteration) as done:
+        walk.send(failed("peer.test.", "MX", "TIMEOUT", "no answer"))
+    rule = done.value.value
+    assert isinstance(rule, RecipientRule)
+    allow, reason, label = recipient_decision(rule, True, [])
+    assert (allow, label) == (False, "dns")
+    assert reason == "cannot check DANE for peer.test: its MX lookup got no answer from the " \
+                     "resolver", reason
 
 
 def test_recipient_decision_table() -> None:

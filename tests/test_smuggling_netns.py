@@ -5,13 +5,14 @@ message content.  The figure (variants, byte-equal) is printed by
 message.
 
     mta: the sender (in-process)  --  gw: smtpgate :10025  --  peer: fake receivers
-                                                              203.0.113.2 TLS     (encrypt)
-                                                              203.0.113.3 no TLS  (may)
+                                                              203.0.113.2 TLS     (dane)
+                                                              203.0.113.3 no TLS  (dane)
                                                               203.0.113.4 no TLS  (none)
 
-Three gateway modes: an upgraded session (policy ``encrypt``: the gateway does STARTTLS and
-its envelope tracker frames DATA to CRLF.CRLF and BDAT by count), the same tracker on a
-plaintext session (``may``, the peer offers no STARTTLS), and pure passthrough (``none``).
+Three gateway modes: an upgraded session (policy ``dane``, no TLSA: the gateway does
+STARTTLS and its envelope tracker frames DATA to CRLF.CRLF and BDAT by count, looking up
+each RCPT's domain as DANE per recipient wants), the same tracker on a plaintext session
+(the peer offers no STARTTLS), and pure passthrough (``none``).
 Each session sends one variant in a first transaction and a plain second one, then QUIT.
 
 Per session, what the receiver actually got decides:
@@ -156,9 +157,8 @@ class World:
 
 def smuggling_config() -> str:
     return gateway_config(listeners=OUTBOUND_LISTENERS[:1], idle=10, session=60, drain=2,
-                          log_level="info", dns_timeout=0.5, budget=2, policy="encrypt",
-                          entries=[f"{{match: {PEER_V4_ALT}/32, level: may}}",
-                                   f"{{match: {NONE_PEER}/32, level: none}}"])
+                          log_level="info", dns_timeout=0.5, budget=2, policy="dane",
+                          entries=[f"{{match: {NONE_PEER}/32, level: none}}"])
 
 
 @pytest.fixture(scope="module")
@@ -335,6 +335,7 @@ def test_the_detectors_see_a_command_the_gateway_does_act_on(world: World) -> No
     s = world.log.next_session(f"{MODES['tls']}:25", timeout=20)
     problems = judge("tls", v, c, conns=peer.settle(mark), s=s, queries=world.dns.names(),
                      domains=("tripwire.test", "control.test"))
-    assert b"450 4.7.5 smtpgate: cannot trust DNS" in c.plain_in, bytes(c.plain_in)
+    assert b"450 4.7.5 smtpgate: cannot check DANE for tripwire.test" in c.plain_in, \
+        bytes(c.plain_in)
     assert any("looked up" in p for p in problems), problems
     assert any("replies differ" in p for p in problems), problems
