@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -568,10 +569,12 @@ def parse(data: object, source: str = "<config>") -> Config:
     top = _Section(source, "", data)
 
     listeners: list[Listener] = []
+    endpoints: set[Endpoint] = set()
     for path, item in top.items("listeners"):
         listener = _listener(source, path, item)
-        if any(lst.endpoint == listener.endpoint for lst in listeners):
+        if listener.endpoint in endpoints:
             raise ConfigError(source, path, f"duplicate listener {listener.endpoint}")
+        endpoints.add(listener.endpoint)
         listeners.append(listener)
     if not listeners:
         raise top.error("listeners", "at least one listener is required")
@@ -667,20 +670,105 @@ def parse(data: object, source: str = "<config>") -> Config:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20  # far beyond any real config; bounds the time a file can take
+MAX_DEPTH = 100  # no config nests deeper than a handful of levels
+
+class _Loader(yaml.SafeLoader):
+    """``safe_load``, stricter where YAML 1.1 surprises an operator: a repeated key is an
+    error, not a silent win; an integer with a leading zero (octal in YAML 1.1) or with
+    colons (base 60) is refused rather than read as another number."""
+
+
+def _strict_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            repeated = key in seen
+        except TypeError:
+            continue  # unhashable: construct_mapping says so
+        if repeated:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"found a repeated key {key!r}: the second would silently win",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+def _number(kind: str) -> Callable[[yaml.SafeLoader, yaml.ScalarNode], Any]:
+    construct = getattr(yaml.constructor.SafeConstructor, f"construct_yaml_{kind}")
+
+    def strict(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        text = str(node.value).replace("_", "")
+        if ":" in text:
+            problem = "digits with ':' are a base-60 number in YAML; write the number plainly"
+        elif re.fullmatch(r"[-+]?0[0-9]+", text):
+            problem = "a number with a leading zero is octal in YAML; write it without the zero"
+        else:
+            return construct(loader, node)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value}: {problem} (or quote it to mean the text)",
+            node.start_mark)
+    return strict
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _strict_mapping)
+_Loader.add_constructor("tag:yaml.org,2002:int", _number("int"))
+_Loader.add_constructor("tag:yaml.org,2002:float", _number("float"))
+
+
+_OPEN = (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken)
+_CLOSE = (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken, yaml.BlockEndToken)
+
+
+def _yaml(text: str) -> object:
+    """The document in ``text``; yaml.YAMLError (with a mark where there is one).
+
+    The nesting is measured on the scanner's tokens first: the parser and constructors
+    recurse once per level, and 5,000 levels would exhaust Python's stack."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"nested more than {MAX_DEPTH} deep", token.start_mark)
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader
+
+
 def load(path: str | Path) -> Config:
     """Reads and validates a config file; every failure is a ConfigError naming the file."""
     source = str(path)
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(source, "", f"is {size} bytes: a config file is at most "
+                                          f"{MAX_CONFIG_BYTES} bytes")
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(source, "", "is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = _yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(source, "", f"{where}{problem}") from None
+        raise ConfigError(source, "", _yaml_problem(exc, text)) from None
     return parse(data, source)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """One line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = str(getattr(exc, "problem", None) or "invalid YAML")
+    position = getattr(exc, "position", None)  # a ReaderError: a character YAML refuses
+    if mark is None and isinstance(position, int):
+        line = text.count("\n", 0, position)
+        column = position - (text.rfind("\n", 0, position) + 1)
+        return (f"line {line + 1}, column {column + 1}: a NUL byte (or another control "
+                "character) is not allowed")
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{problem}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +217,65 @@ def test_check_command_prints_the_error_and_exits_2(tmp_path: Path) -> None:
                          ids=lambda p: p.name)
 def test_deploy_examples_are_valid(example: Path) -> None:
     load(example)
+
+
+# -- YAML edges: one line each, naming where, in milliseconds (issue 20, defect 5) --------
+
+def listeners_text(n: int) -> str:
+    return "listeners:\n" + "".join(
+        f"  - {{address: 10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}, port: 25}}\n"
+        for i in range(n))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("listeners: []\nmetrics: {listen: \x00}\n",
+     "line 2, column 19: a NUL byte (or another control character) is not allowed"),
+    (L + "metrics: {listen: '127.0.0.1:1'}\nmetrics: {listen: null}\n",
+     "line 3, column 1: found a repeated key 'metrics': the second would silently win"),
+    ("listeners: [{address: 127.0.0.1, port: 010025}]\n",
+     "line 1, column 40: 010025: a number with a leading zero is octal in YAML; write it "
+     "without the zero (or quote it to mean the text)"),
+    (L + "timeouts: {connect: 1:30}\n",
+     "line 2, column 21: 1:30: digits with ':' are a base-60 number in YAML; write the "
+     "number plainly (or quote it to mean the text)"),
+])
+def test_yaml_surprises_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert str(err.value) == f"{tmp_path / 'smtpgate.yaml'}: {message}", str(err.value)
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("text", ["listeners: " + "[" * 5000 + "]" * 5000 + "\n",
+                                  "listeners:\n" + "".join(f"{' ' * i}- \n" for i in range(150))])
+def test_deep_nesting_is_one_line(tmp_path: Path, text: str) -> None:
+    """5,000 levels used to be a RecursionError traceback; 150 block levels, within the YAML
+    parser's own limit, are refused as well: no config nests that deep."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, text))
+    assert re.fullmatch(r".*smtpgate\.yaml: line \d+, column \d+: nested more than 100 deep",
+                        str(err.value)), str(err.value)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_config_file_is_bounded_in_size_and_checked_in_linear_time(tmp_path: Path) -> None:
+    big = write(tmp_path, "# x\n" * 300_000)
+    with pytest.raises(ConfigError) as err:
+        load(big)
+    assert str(err.value) == f"{big}: is {big.stat().st_size} bytes: a config file is at most " \
+                             "1048576 bytes"
+    # 5,000 listeners load, and a duplicate behind them is found, in linear time (the
+    # duplicate check compared every pair: 20,000 took 201 s).
+    text = listeners_text(5_000)
+    started = time.monotonic()
+    assert len(load(write(tmp_path, text)).listeners) == 5_000
+    with pytest.raises(ConfigError, match=r"listeners\[5000\]: duplicate listener 10.0.0.0:25"):
+        load(write(tmp_path, text + "  - {address: 10.0.0.0, port: 25}\n"))
+    assert time.monotonic() - started < 5, time.monotonic() - started
+
+
+def test_hex_and_plain_numbers_still_read(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, L + "upstream: {mark: 0x2525}\ntimeouts: {connect: 0.5}\n"))
+    assert cfg.upstream.mark == 0x2525 and cfg.timeouts.connect == 0.5
