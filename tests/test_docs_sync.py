@@ -18,6 +18,7 @@ each, which the sample gives (an outbound and an inbound listener, one policy en
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,3 +290,60 @@ def test_no_doc_names_a_metric_that_does_not_exist() -> None:
             if name not in known:
                 stale.append((str(path.relative_to(ROOT)), name))
     assert stale == [], f"DOCS OUT OF SYNC: names no metric: {stale}"
+
+
+# -- the session line: every value the code writes is documented --------------------------
+
+def verify_values() -> set[str]:
+    """Every text the shells put in the session line's ``verify``: literals assigned to
+    ``tls["verify"]`` or to ``reason`` in a handshake method, and dane.Reason."""
+    from gateway.dane import Reason
+
+    found = {r.value for r in Reason}
+    for path in (ROOT / "gateway" / "outbound.py", ROOT / "gateway" / "inbound.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.AsyncFunctionDef | ast.FunctionDef) \
+                    or "handshake" not in fn.name:
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Assign):
+                    continue
+                target = node.targets[0]
+                named = (isinstance(target, ast.Name) and target.id == "reason") or (
+                    isinstance(target, ast.Subscript)
+                    and isinstance(target.slice, ast.Constant)
+                    and target.slice.value == "verify")
+                if not named:
+                    continue
+                for c in ast.walk(node.value):
+                    if isinstance(c, ast.JoinedStr):  # an f-string: its text up to the first field
+                        head = c.values[0]
+                        if isinstance(head, ast.Constant):
+                            found.add(f"{head.value}*")
+                    elif isinstance(c, ast.Constant) and isinstance(c.value, str) and not any(
+                            c in j.values for j in ast.walk(node.value)
+                            if isinstance(j, ast.JoinedStr)):
+                        found.add(c.value)
+    return found
+
+
+def session_field(name: str) -> str:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    [row] = [cells for _, cells in table_rows(text) if cells and cells[0] == f"`{name}`"]
+    return row[-1]
+
+
+def test_operations_md_lists_every_verify_value() -> None:
+    documented = backticked(session_field("verify"))
+    values = verify_values()
+    assert "resumed" in values and "handshake failed" in values  # the finder sees them
+    missing = [v for v in values if (v[:-1] if v.endswith("*") else v) not in documented
+               and not (v.endswith("*") and any(d.startswith(v[:-1]) for d in documented))]
+    assert not missing, missing
+
+
+def test_the_duration_is_as_documented() -> None:
+    """Seconds, rounded to the millisecond, a JSON number: what operations.md says."""
+    assert "rounded to the millisecond" in session_field("duration")
+    source = (ROOT / "gateway" / "session.py").read_text()
+    assert '"duration": round(duration, 3),' in source
