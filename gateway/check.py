@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from . import dane
-from .answers import Answer
+from .answers import Answer, Status
 from .commands import Relay, Result, SendClient, SendPeer, authenticated
 from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
 from .context import client_context
@@ -39,6 +39,7 @@ from .smtp import RemoteProtocolError, Reply, ReplyReader, capabilities
 from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, Upgrade, UpgradeState
 
 SMTP_PORT = 25
+UNTESTED = 3  # exit status: the check could not be made (DNS or the peer failed)
 DEFAULT_TIMEOUT = 10.0
 # The MTA's command after its EHLO, held by the machine and never sent (QUIT goes instead):
 # any command but STARTTLS and QUIT makes the gateway decide about TLS.
@@ -72,22 +73,30 @@ def mta_starttls_line(config: Config, p: Plan, mta: IPAddress | None) -> str:
 async def check(config: Config, target: str, out: Callable[[str], None], *,
                 connect: bool = True, helo: str | None = None,
                 step_timeout: float = DEFAULT_TIMEOUT, mta: IPAddress | None = None) -> int:
-    """Prints the report; returns 1 when the target could not be resolved at all or when the
-    gateway would defer a session to one of its addresses (without ``connect``: when the
-    plan alone defers), else 0 -- also when the peer itself fails (unreachable, silent):
-    the MTA meets that failure with or without the gateway.  ``step_timeout`` bounds
-    the connect, each reply and the TLS handshake of the dry run."""
+    """Prints the report; returns (the worst of its addresses) 1 when the gateway would defer
+    a session (without ``connect``: when the plan alone defers) or the name has no address,
+    3 when the check could not be made (DNS gave no answer for the name; the peer refused,
+    was unreachable or silent: the MTA meets that with or without the gateway, but nothing
+    was shown to work), else 0.  ``step_timeout`` bounds the connect, each reply and the
+    TLS handshake of the dry run."""
     resolver = Resolver(config.dns)
-    code = 0
+    deferred = untested = False
     try:
         addresses: list[IPAddress] = []
         try:
             addresses.append(ipaddress.ip_address(target))
         except ValueError:
+            failed = []
             for rdtype in ("A", "AAAA"):
                 answer = await resolver.lookup(target, rdtype)
                 out(_line(answer))
                 addresses += [ipaddress.ip_address(r.address) for r in answer.records]
+                if answer.status is Status.FAILED:
+                    failed.append(f"{rdtype}: {answer.rcode}")
+            if not addresses and failed:
+                out(f"{target}: its addresses are unknown: DNS gave no answer "
+                    f"({', '.join(failed)})")
+                return UNTESTED
             if not addresses:
                 out(f"{target}: no addresses")
                 return 1
@@ -108,15 +117,15 @@ async def check(config: Config, target: str, out: Callable[[str], None], *,
             out(mta_starttls_line(config, p, mta))
             if not connect:
                 if p.action is Action.DEFER:
-                    code = 1  # decided without the peer: no session can go through
+                    deferred = True  # decided without the peer: no session can go through
                 continue
             probe = Probe(config, address, p, helo=helo or socket.gethostname(),
                           timeout=step_timeout, out=out)
             outcome = await asyncio.to_thread(probe.run)
             out(f"  result: {outcome.describe()}")
-            if outcome.deferred:
-                code = 1
-        return code
+            deferred |= outcome.deferred
+            untested |= outcome.result is None
+        return 1 if deferred else UNTESTED if untested else 0
     finally:
         await resolver.close()
 

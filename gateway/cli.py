@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import os
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 2
     return asyncio.run(check(config, args.target, _print_now, connect=args.connect,
                              helo=args.helo, step_timeout=args.timeout, mta=args.mta))
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _target(text: str) -> str:
+    """An IP address or a host name (letters, digits, hyphens, dots): nothing else is sent
+    to DNS."""
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    name = text.rstrip(".")
+    if 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither an IP address nor a host name")
 
 
 def _address(text: str) -> IPAddress:
@@ -445,8 +463,10 @@ def parser() -> argparse.ArgumentParser:
                                      "against the plan, then QUIT (no mail is sent). Exit 0 "
                                      "when the plan allows the result, 1 when the gateway "
                                      "would defer (or a name has no addresses), 2 for a bad "
-                                     "config.")
-    chk.add_argument("target", help="destination IP address or host name")
+                                     "config or target, 3 when the check could not be made "
+                                     "(DNS gave no answer for the name; the peer refused, "
+                                     "was unreachable or silent).")
+    chk.add_argument("target", type=_target, help="destination IP address or host name")
     chk.add_argument("-c", "--config",
                      help="config file for dns, policy and upstream (default: built-in "
                           "defaults: resolver 127.0.0.1:53, policy dane)")

@@ -23,7 +23,7 @@ import pytest
 
 from gatelab import certs, dnslab, netlab, postfix_instance
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import cli
+from gatelab.gatewayproc import cli, gateway_config
 from gatelab.netlab import Lab, Server
 from gatelab.postfix_instance import PostfixInstance, receiver_settings, tls_receiver_settings
 from gateway.dane import tlsa_data, tlsa_record
@@ -275,15 +275,36 @@ def test_failed_handshake_falls_back_to_plaintext_like_a_session(world: World) -
 
 
 def test_unreachable_and_silent_peers_are_bounded_and_not_a_deferral(world: World) -> None:
+    """Not a deferral (1): the check could not be made (3), and says why."""
     refused = smtpgate_check(world, dnslab.DNS_V4)  # a host with no SMTP server
-    assert refused.returncode == 0, refused.stdout + refused.stderr
+    assert refused.returncode == 3, refused.stdout + refused.stderr
     assert refused.stdout.splitlines()[-1] == (
         f"  result: unreachable: connect to {dnslab.DNS_V4}:25: Connection refused")
     silent = smtpgate_check(world, "--timeout", "1", SILENT)
-    assert silent.returncode == 0, silent.stdout + silent.stderr
+    assert silent.returncode == 3, silent.stdout + silent.stderr
     assert silent.stdout.splitlines()[-2:] == [
         f"  connect {SILENT}:25: connected from 203.0.113.1 (mark 0x2525)",
         "  result: peer failed: no complete banner within 1s"]
+
+
+def test_a_name_dns_cannot_answer_for_is_not_a_name_without_addresses(
+        world: World, tmp_path: Path) -> None:
+    """A resolver that does not answer (a port nothing listens on) is not "no addresses"."""
+    path = tmp_path / "dead-dns.yaml"
+    path.write_text(gateway_config(resolvers=["127.0.0.1:5399"], dns_timeout=0.2))
+    r = smtpgate_check(world, "-c", str(path), "--no-connect", "mx.b.test")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1].startswith(
+        "mx.b.test: its addresses are unknown: DNS gave no answer (A: "), r.stdout
+    nx = smtpgate_check(world, "--no-connect", "nosuchhost.b.test")
+    assert nx.returncode == 1 and nx.stdout.splitlines()[-1] == "nosuchhost.b.test: no addresses"
+
+
+def test_an_invalid_target_is_refused_before_dns(world: World) -> None:
+    r = smtpgate_check(world, "not a host!")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "'not a host!' is neither an IP address nor a host name" in r.stderr
+    assert r.stdout == ""
 
 
 def test_no_connect_prints_only_discovery_and_the_plan(world: World) -> None:

@@ -318,8 +318,8 @@ def verify_values() -> set[str]:
                 for c in ast.walk(node.value):
                     if isinstance(c, ast.JoinedStr):  # an f-string: its text up to the first field
                         head = c.values[0]
-                        if isinstance(head, ast.Constant):
-                            found.add(f"{head.value}*")
+                        if isinstance(head, ast.Constant) and isinstance(head.value, str):
+                            found.add(head.value + "*")
                     elif isinstance(c, ast.Constant) and isinstance(c.value, str) and not any(
                             c in j.values for j in ast.walk(node.value)
                             if isinstance(j, ast.JoinedStr)):
