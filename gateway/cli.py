@@ -41,6 +41,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        from .keys import site_pairs
+
+        try:
+            pairs = site_pairs(config)  # the key files, read as start and reload read them
+        except ConfigError as exc:
+            print(f"smtpgate: {exc}", file=sys.stderr)
+            return 2
+        for pair in pairs or ():
+            for warning in pair.warnings if pair is not None else ():
+                print(f"smtpgate: {config.source}: warning: {warning}", file=sys.stderr)
         roles = ", ".join(f"{lst.label} ({lst.mode})" for lst in config.listeners)
         print(f"{config.source}: OK: {len(config.listeners)} listener(s): {roles}")
         return 0

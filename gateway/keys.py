@@ -38,7 +38,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .dane import TLSARecord, tlsa_record
 from .keyfiles import KeyFileError, read_file
 from .keygen import DEFAULT_DAYS, PrivateKey, generate_key, self_signed
@@ -379,6 +379,21 @@ def server_context(pair: KeyPair, next_pair: KeyPair | None = None) -> ssl.SSLCo
     if next_pair is not None:
         _load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), next_pair)
     return ctx
+
+
+def site_pairs(config: Config) -> tuple[KeyPair, KeyPair | None] | None:
+    """``tls.key``/``tls.cert`` and the next pair, read and validated as at start and on
+    SIGHUP (ConfigError naming the key); None when no key is configured.  ``run --check``
+    calls it too, so a check passes only what the gateway will take."""
+    t = config.tls
+    if not (t.key and t.cert):
+        return None
+    pair = load_keypair(t.key, t.cert, config.source, "tls.key", cert_path_name="tls.cert")
+    following = (load_keypair(t.next_key, t.next_cert, config.source, "tls.next_key",
+                              cert_path_name="tls.next_cert")
+                 if t.next_key and t.next_cert else None)
+    server_context(pair, following)  # what OpenSSL refuses fails here, not at the next start
+    return pair, following
 
 
 class RotatingContext:

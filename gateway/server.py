@@ -18,7 +18,7 @@ from . import config as config_mod
 from . import logs
 from .config import ClientAddress, Config, ConfigError, Listener
 from .context import Context
-from .keys import RotatingContext, load_keypair
+from .keys import RotatingContext, site_pairs
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import (
@@ -168,13 +168,10 @@ class Gateway:
 def site_context(config: Config) -> RotatingContext | None:
     """The inbound TLS server context from tls.key/cert (and the next pair, validated so a
     rollover cannot fail later); None when no key is configured."""
-    t = config.tls
-    if not (t.key and t.cert):
+    pairs = site_pairs(config)
+    if pairs is None:
         return None
-    pair = load_keypair(t.key, t.cert, config.source, "tls.key", cert_path_name="tls.cert")
-    following = (load_keypair(t.next_key, t.next_cert, config.source, "tls.next_key",
-                              cert_path_name="tls.next_cert")
-                 if t.next_key and t.next_cert else None)
+    pair, following = pairs
     for warning in (*pair.warnings, *(following.warnings if following else ())):
         event(log, "key warning", logging.WARNING, warning=warning)
     return RotatingContext(pair, following)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gatelab import certs
 from gateway.config import (
     ConfigError,
     Direction,
@@ -205,12 +206,39 @@ def test_check_command_prints_the_error_and_exits_2(tmp_path: Path) -> None:
                        timeout=30)
     assert r.returncode == 2
     assert r.stderr.strip() == f"smtpgate: {bad}: limits.max_sessions: must be a positive integer"
-    good = write(tmp_path, GOOD)
+    pki = certs.write_pki(tmp_path / "pki", certs.make_leaf(None, ["mx.example.net"]))
+    good = write(tmp_path, GOOD.replace("/etc/smtpgate/key.pem", str(pki["key"]))
+                 .replace("/etc/smtpgate/cert.pem", str(pki["cert"])))
     r = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c", str(good)],
                        check=False, capture_output=True, text=True, cwd=ROOT,
                        timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{good}: OK: 3 listener(s)")
+
+
+def test_check_reads_the_key_files_as_start_and_reload_do(tmp_path: Path) -> None:
+    """run --check (systemd's ExecReload runs it before the HUP) passed a config whose key
+    the gateway then refused: now it reads the tls files as start and reload do."""
+    pki = certs.write_pki(tmp_path / "pki", certs.make_leaf(None, ["mx.example.net"]))
+    other = certs.write_pki(tmp_path / "other", certs.make_leaf(None, ["mx.example.net"]))
+
+    def check(key: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+        path = write(tmp_path, GOOD.replace("/etc/smtpgate/key.pem", str(key))
+                     .replace("/etc/smtpgate/cert.pem", str(cert)))
+        return subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "-c",
+                               str(path)], check=False, capture_output=True, text=True,
+                              cwd=ROOT, timeout=30)
+
+    assert check(pki["key"], pki["cert"]).returncode == 0
+    pki["key"].chmod(0o644)
+    r = check(pki["key"], pki["cert"])
+    assert r.returncode == 2 and "tls.key:" in r.stderr and "readable by group or others" \
+        in r.stderr, r.stderr
+    pki["key"].chmod(0o600)
+    r = check(pki["key"], tmp_path / "missing.pem")
+    assert r.returncode == 2 and "tls.cert:" in r.stderr, r.stderr
+    r = check(pki["key"], other["cert"])
+    assert r.returncode == 2 and "does not match" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "deploy").glob("*.yaml")),
