@@ -56,7 +56,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from .server import run  # uvloop and the server only when we really run
 
-    return run(args.config, config, args.worker_metrics)
+    return run(args.config, config, args.worker_metrics, args.worker_index)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -459,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
     # Set by the worker supervisor (config `workers` > 1): serve metrics here, not on
     # metrics.listen, and run as one worker.
     run.add_argument("--worker-metrics", help=argparse.SUPPRESS)
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.add_argument("--check", action="store_true",
                      help="validate the config and exit: 0 when valid, 2 with the error")
     run.set_defaults(func=_cmd_run)

@@ -12,6 +12,13 @@ from .config import LogFormat
 
 log = logging.getLogger("smtpgate")
 session_log = logging.getLogger("smtpgate.session")
+_worker: int | None = None  # this process's index under a supervisor (workers > 1)
+
+
+def set_worker(index: int) -> None:
+    """From here every line says which worker wrote it (``worker`` after ``logger``)."""
+    global _worker
+    _worker = index
 
 
 class _JsonFormatter(logging.Formatter):
@@ -35,8 +42,11 @@ class _JsonFormatter(logging.Formatter):
         if second != self._second:  # one strftime per second, not per line
             self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S",
                                                               time.gmtime(second))
-        return {"ts": f"{self._stamp}.{int((created - second) * 1000):03d}Z",
-                "level": level, "logger": logger}
+        head: dict[str, Any] = {"ts": f"{self._stamp}.{int((created - second) * 1000):03d}Z",
+                                "level": level, "logger": logger}
+        if _worker is not None:
+            head["worker"] = _worker
+        return head
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -50,6 +60,8 @@ class _TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
+        if _worker is not None:
+            fields = {"worker": _worker, **(fields or {})}
         if fields is not None:
             # key=value, values with spaces quoted: greppable and awk-able.
             text = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -214,17 +214,29 @@ async def serve(registry: CollectorRegistry | Callable[[], bytes], listen: Endpo
                                     listen.port, reuse_address=True)
 
 
-def aggregate(expositions: list[str]) -> bytes:
+def aggregate(expositions: list[str], retired: Sequence[str] = (),
+              drop: Collection[str] = ()) -> bytes:
     """Several workers' expositions as one: samples with the same name and labels are added
     (counters, gauges, histogram buckets and sums); ``_created`` takes the earliest; info
-    series are the same everywhere and taken once."""
+    series are the same everywhere and taken once.
+
+    ``retired``: the last expositions of workers that have died; only their counters and
+    histograms count (what they counted happened; their gauges are gone), so the sum never
+    decreases while the supervisor runs.  ``drop``: families left out (the supervisor
+    exports its own)."""
     families: dict[str, tuple[str, str]] = {}  # name -> (type, help)
     values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     order: dict[str, list[tuple[str, tuple[tuple[str, str], ...]]]] = {}
-    for text in expositions:
+    for text, dead in [*((t, False) for t in expositions), *((t, True) for t in retired)]:
         for family in text_string_to_metric_families(text):
+            # (a counter's _created comes as a gauge family of its own: dropped with it)
+            if family.name.removesuffix("_created") in drop or (
+                    dead and family.type not in ("counter", "histogram")):
+                continue
             families.setdefault(family.name, (family.type, family.documentation))
             for sample in family.samples:
+                if dead and sample.name.endswith("_created"):
+                    continue
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if key not in values:
                     order.setdefault(family.name, []).append(key)

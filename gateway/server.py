@@ -252,7 +252,10 @@ async def _serve(path: str, config: Config, metrics_socket: str | None = None) -
     return 0
 
 
-def run(path: str, config: Config, worker_metrics: str | None = None) -> int:
+def run(path: str, config: Config, worker_metrics: str | None = None,
+        worker_index: int | None = None) -> int:
+    if worker_index is not None:
+        logs.set_worker(worker_index)
     logs.setup(config.logging.format, config.logging.level)
     raise_open_files_limit()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -5,8 +5,12 @@ Each worker is a plain ``smtpgate run`` of the same file with ``--worker-metrics
 no fork of a running event loop, nothing shared but the ports.  The supervisor forwards
 SIGHUP and SIGTERM, restarts a worker that dies (not while draining), gives up when a worker
 cannot start at all, and answers ``/metrics`` with the sum of the workers' expositions
-(``metrics.aggregate``) — a worker's counters vanish with it when it dies, which a restart
-shows as a counter reset, as Prometheus expects.
+(``metrics.aggregate``).  A worker that dies leaves what it counted: its last exposition
+the supervisor served is kept (counters and histograms only), so no counter of the
+supervisor's ``/metrics`` ever decreases while it runs.  A reload is decided once, here:
+the file is read and checked as a worker would, the verdict logged and counted by the
+supervisor alone (``smtpgate_config_reloads_total``), and only a good file is passed to the
+workers by SIGHUP.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import sys
 import tempfile
 import time
 
-from .config import Config
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from .config import Config, ConfigError, load
+from .keys import site_pairs
 from .logs import event, log
 from .metrics import aggregate, serve
+
+RELOADS = "smtpgate_config_reloads"
 
 START_GRACE = 5.0  # a worker that exits within this after its start could not start
 SCRAPE_TIMEOUT = 2.0
@@ -58,7 +67,7 @@ class _Worker:
             os.unlink(self.socket_path)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", self.path,
-             "--worker-metrics", self.socket_path])
+             "--worker-metrics", self.socket_path, "--worker-index", str(self.index)])
         self.started = time.monotonic()
         event(log, "worker started", worker=self.index, pid=self.proc.pid)
 
@@ -73,9 +82,26 @@ async def supervise(path: str, config: Config) -> int:
     workers = [_Worker(path, i, os.path.join(tmp, f"{i}.sock"))
                for i in range(config.workers)]
     draining = asyncio.Event()
+    last: dict[int, str] = {}  # each worker's exposition as last served
+    retired: list[str] = []  # the last expositions of workers that died
+    registry = CollectorRegistry()
+    reloads = Counter(RELOADS, "Configuration reloads, by result.", ["result"],
+                      registry=registry)
+    for result in ("ok", "rejected"):
+        reloads.labels(result)
 
     def render() -> bytes:
-        return aggregate([t for w in workers if (t := _scrape(w.socket_path))])
+        texts = []
+        for w in workers:
+            if text := _scrape(w.socket_path):
+                last[w.index] = text
+                texts.append(text)
+        # The workers' own reload counts are left out: each counts the one reload.
+        return aggregate(texts, retired, drop={RELOADS}) + generate_latest(registry)
+
+    def retire(w: _Worker) -> None:
+        if (text := last.pop(w.index, None)) is not None:
+            retired.append(text)
 
     exporter = None
     try:
@@ -95,6 +121,14 @@ async def supervise(path: str, config: Config) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, stop)
         def reload() -> None:
+            try:
+                site_pairs(load(path))  # as a worker reads it: the keys too
+            except ConfigError as exc:
+                reloads.labels("rejected").inc()
+                event(log, "reload rejected", logging.ERROR, error=str(exc))
+                return
+            reloads.labels("ok").inc()
+            event(log, "reload passed to the workers", workers=len(workers))
             for w in workers:
                 w.signal(signal.SIGHUP)
 
@@ -118,6 +152,7 @@ async def supervise(path: str, config: Config) -> int:
                     code = 1
                     continue
                 event(log, "worker exited", logging.WARNING, worker=w.index, code=rc)
+                retire(w)
                 w.start()
                 alive += 1
             if draining.is_set() and alive == 0:

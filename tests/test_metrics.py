@@ -108,3 +108,28 @@ def test_aggregate_sums_workers_and_keeps_the_format() -> None:
     assert samples[("smtpgate_build_info",
                     (("python", __import__("platform").python_version()),
                      ("version", "0.1.0")))] == 1  # info: once, not summed
+
+
+def test_a_dead_workers_counts_stay_and_its_gauges_go() -> None:
+    """The supervisor keeps a dead worker's last exposition: its counters and histograms
+    stay in the sum (a counter never decreases while the supervisor runs), its gauges and
+    _created do not; a dropped family is left out everywhere."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import aggregate
+
+    dead, alive = CollectorRegistry(), CollectorRegistry()
+    for reg, n in ((dead, 3), (alive, 1)):
+        m = Metrics(reg)
+        m.sessions.labels("outbound", "relayed").inc(n)
+        m.active.labels("outbound").set(5)
+        m.reloads.labels("ok").inc()
+    merged = aggregate([generate_latest(alive).decode()], [generate_latest(dead).decode()],
+                       drop={"smtpgate_config_reloads"}).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(merged) for s in f.samples}
+    relayed = ("smtpgate_sessions_total", (("direction", "outbound"), ("outcome", "relayed")))
+    assert samples[relayed] == 4  # 3 from the dead worker, 1 from the live one
+    assert samples[("smtpgate_sessions_active", (("direction", "outbound"),))] == 5  # live only
+    assert not any(name.startswith("smtpgate_config_reloads") for name, _ in samples)
