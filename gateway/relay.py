@@ -459,6 +459,17 @@ class Pump:
         else:
             self.finish(self.reset_by(leg))
 
+    def closed_before_reset(self, outcome: str) -> bool:
+        """Whether a reset came only after the other side had closed its sending side and
+        that close was passed on: the conversation was over (an end-to-end TLS session,
+        where no QUIT can be read, ends this way when a side closes with the other's last
+        record unread)."""
+        if outcome == End.CLIENT_RESET:
+            return self.upstream.eof and self.client.wrote_eof
+        if outcome == End.UPSTREAM_RESET:
+            return self.client.eof and self.upstream.wrote_eof
+        return False
+
     def reset_by(self, leg: Leg) -> End:
         """The end of a session that ``leg``'s peer cut off."""
         return End.CLIENT_RESET if leg is self.client else End.UPSTREAM_RESET

@@ -355,6 +355,10 @@ class Session:
             # A reset after QUIT was answered (MTAs close without waiting for our close, or
             # TLS's close_notify): the session was complete.
             outcome = End.DONE.value
+        elif self.pump.closed_before_reset(outcome):
+            # Unread bytes (TLS's close_notify) made one side's close a reset after the other
+            # side had ended the conversation and its end was passed on: nothing was cut.
+            outcome = End.DONE.value
         m = self.ctx.metrics
         d = self.direction.value
         up, down = self.pump.client.bytes_in, self.pump.upstream.bytes_in

@@ -354,6 +354,36 @@ def test_a_client_reset_after_its_quit_went_out_ends_like_a_close() -> None:
     run(main())
 
 
+def test_a_reset_after_the_other_side_ended_is_no_cut() -> None:
+    """End-to-end TLS hides QUIT: the peer says its last words and closes, the gateway
+    passes the close on, then the MTA's kernel resets (the peer's close_notify was left
+    unread).  The pump still reports the reset (mirrored as ever); the session counts it as
+    the clean end it was.  A reset with nothing closed before it stays a reset."""
+
+    async def main() -> None:
+        r = await rig()
+        loop = asyncio.get_running_loop()
+        r.server.sendall(b"221 2.0.0 Bye\r\n")
+        r.server.shutdown(socket.SHUT_WR)
+        r.client.settimeout(5)
+        got = b""
+        while chunk := await loop.run_in_executor(None, r.client.recv, 100):
+            got += chunk
+        assert got == b"221 2.0.0 Bye\r\n"  # then the FIN, passed on
+        reset_close(r.client)
+        end = await asyncio.wait_for(r.pump.done, 5)
+        assert end is End.CLIENT_RESET and r.pump.closed_before_reset(end)
+        r.server.close()
+
+        r = await rig()
+        reset_close(r.client)
+        end = await asyncio.wait_for(r.pump.done, 5)
+        assert end is End.CLIENT_RESET and not r.pump.closed_before_reset(end)
+        r.server.close()
+
+    run(main())
+
+
 def test_idle_timeout() -> None:
     async def main() -> None:
         r = await rig(idle=0.3)

@@ -276,9 +276,10 @@ def test_an_mta_that_verifies_on_its_own_is_left_alone(world: World) -> None:
         s = session_to(gw, f"{PEER_V4}:25", 0)
         assert str(s["client"]).startswith(VERIFYING_V4), s
         assert (s["tls"], s["mta_starttls"]) == ("end_to_end", "stepped_aside"), s
-        # Inside the MTA's own TLS the gateway cannot see QUIT: a reset by either side at
-        # the end (a close with the other's last record unread) is counted as it comes;
-        # the delivery and the MTA's own verification above are what count.
+        # Inside the MTA's own TLS the gateway cannot see QUIT: a reset at the end (a close
+        # with the other's last record unread) ends relayed when the other side's close was
+        # passed on first, and is counted as it comes when it races that close; the
+        # delivery and the MTA's own verification above are what count.
         assert s["outcome"] in ("relayed", "upstream_reset", "client_reset"), s
 
 
