@@ -189,8 +189,9 @@ def test_no_ptr_at_all(world: DnsWorld) -> None:
 
 def test_check_command_prints_the_chain_and_the_plan(world: DnsWorld) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = world.resolver_ns.run([sys.executable, "-m", "gateway", "check", "203.0.113.2"],
-                                env=env, cwd=ROOT).stdout
+    # --no-connect: the chain and the plan are the subject (no SMTP server listens here).
+    out = world.resolver_ns.run([sys.executable, "-m", "gateway", "check", "--no-connect",
+                                 "203.0.113.2"], env=env, cwd=ROOT).stdout
     lines = out.splitlines()
     assert lines[0] == "destination 203.0.113.2"
     assert lines[1].startswith("  PTR   2.113.0.203.in-addr.arpa. PTR: mx.b.test. [secure, ttl ")
@@ -202,7 +203,8 @@ def test_check_command_prints_the_chain_and_the_plan(world: DnsWorld) -> None:
                         "SNI mx.b.test, on failure: defer (4xx) — default policy dane: "
                         "secure usable TLSA")
     by_name = world.resolver_ns.run(
-        [sys.executable, "-m", "gateway", "check", "mx.nodane.test"], env=env, cwd=ROOT).stdout
+        [sys.executable, "-m", "gateway", "check", "--no-connect", "mx.nodane.test"], env=env,
+        cwd=ROOT).stdout
     assert "destination 203.0.113.3" in by_name
     assert "plan: TLS if offered, else plaintext" in by_name
 
@@ -314,16 +316,18 @@ def test_check_without_resolver_config_uses_loopback(tmp_path: Path) -> None:
     is failed, and the command says so instead of crashing."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with Lab() as lab:
-        r = lab.gw.run([sys.executable, "-m", "gateway", "check", "203.0.113.2"], env=env,
-                       cwd=ROOT, check=False, timeout=60)
+        r = lab.gw.run([sys.executable, "-m", "gateway", "check", "--no-connect", "203.0.113.2"],
+                       env=env, cwd=ROOT, check=False, timeout=60)
         by_name = lab.gw.run([sys.executable, "-m", "gateway", "check", "mx.example"],
                              env=env, cwd=ROOT, check=False, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1] == ("  PTR   2.113.0.203.in-addr.arpa. PTR: TIMEOUT "
                                         "[failed, ttl 0] (no answer from 127.0.0.1:53)")
     assert "plan: TLS if offered, else plaintext" in r.stdout
-    assert by_name.returncode == 1
-    assert by_name.stdout.splitlines()[-1] == "mx.example: no addresses"
+    # No answer is not "no addresses": the check could not be made (exit 3).
+    assert by_name.returncode == 3, by_name.stdout
+    assert by_name.stdout.splitlines()[-1] == (
+        "mx.example: its addresses are unknown: DNS gave no answer (A: TIMEOUT, AAAA: TIMEOUT)")
 
 
 def test_gateway_sessions_log_the_plan_from_dns(tmp_path: Path) -> None:
