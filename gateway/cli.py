@@ -449,6 +449,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smtpgate",
         description="Transparent encryption gateway for port-25 SMTP.")
+    p.add_argument("--version", action="version", version=f"smtpgate {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway",

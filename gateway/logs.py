@@ -58,6 +58,13 @@ class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """ISO 8601 in UTC with milliseconds, as the JSON lines: 2026-12-07T05:07:47.123Z
+        (logging's default has neither the zone nor the T)."""
+        second = int(record.created)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{stamp}.{int((record.created - second) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         if _worker is not None:

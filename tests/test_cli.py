@@ -23,6 +23,8 @@ def smtpgate(*args: str) -> subprocess.CompletedProcess[str]:
 def test_version() -> None:
     r = smtpgate("version")
     assert (r.returncode, r.stdout) == (0, f"smtpgate {gateway.__version__}\n")
+    r = smtpgate("--version")
+    assert (r.returncode, r.stdout) == (0, f"smtpgate {gateway.__version__}\n")
     r = smtpgate("version", "-v")
     assert "uvloop" in r.stdout and "dnspython" in r.stdout
 

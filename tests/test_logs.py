@@ -28,8 +28,11 @@ def test_session_line(fmt: LogFormat, capsys: pytest.CaptureFixture[str]) -> Non
         assert (doc["client"], doc["outcome"], doc["reason"], doc["bytes_up"]) == (
             "198.51.100.2:4000", "relayed", "two words", 12)
     else:
-        assert err[0].endswith('smtpgate.session: session client=198.51.100.2:4000 '
+        assert err[0].endswith(' INFO smtpgate.session: session client=198.51.100.2:4000 '
                                'outcome=relayed reason="two words" bytes_up=12')
+        # The same stamp as the JSON lines: ISO 8601, UTC, milliseconds.
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z",
+                            err[0].split(" ", 1)[0]), err[0]
 
 
 @contextlib.contextmanager
