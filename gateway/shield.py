@@ -20,7 +20,7 @@ in CRLF, nothing else; RFC 2920: DATA ends a pipelined group):
 * ``reject`` (as ``smtpd_forbid_bare_newline = reject`` with
   ``smtpd_forbid_unauth_pipelining``): the first bare LF or CR, or a byte pipelined after
   DATA before its reply, ends the session: the client gets ``550 5.5.2`` / ``554 5.5.0``, the
-  MTA's connection is reset (an unfinished message is discarded), nothing is delivered.
+  MTA's connection is closed (an unfinished message is discarded), nothing is delivered.
 * ``off``: the shield is not used.
 
 Command lines: a bare LF ending is made CRLF (``normalize``) or refused (``reject``); a bare
@@ -51,8 +51,8 @@ from .smtp import LIMITS, Limits, RemoteProtocolError, ReplyReader, take_line, v
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Tell the client ``reply``, reset the MTA's connection (an unfinished message is
-    discarded there), close: nothing more reaches the MTA."""
+    """Tell the client ``reply`` and close both connections: nothing more reaches the MTA
+    (inside DATA it discards the message it never saw end)."""
 
     reply: bytes
     reason: str
@@ -263,6 +263,7 @@ class Shield:
                 if nxt == b"\r\n":
                     if not self._after_bare:  # CRLF "." CRLF
                         out.append(SendPeer(bytes(sent + b".\r\n")))
+                        self._owed.append(b".")  # the message's own reply (250 or 5xx)
                         self.state = Sh.COMMANDS
                         return buf[i + 3:]
                     sent += b"..\r\n"  # after a bare ending: content, stuffed
@@ -313,7 +314,7 @@ class Shield:
     def _refuse_content(self, sent: bytearray, kind: str,
                         out: list[ShieldCommand]) -> bytes:
         if sent:
-            out.append(SendPeer(bytes(sent)))  # the MTA's reset discards the unended message
+            out.append(SendPeer(bytes(sent)))  # the MTA's close discards the unended message
         out += self._refuse(b"550 5.5.2", f"bare <{kind[5:].upper()}> received", kind)
         return b""
 

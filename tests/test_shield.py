@@ -210,3 +210,21 @@ def test_any_content_reaches_the_mta_strictly_framed(content: bytes, size: int) 
     assert whole_shield.state is ShieldState.COMMANDS
     if b"\r" not in content.replace(b"\r\n", b"") and b"\n" not in content.replace(b"\r\n", b""):
         assert body == b"\r\n" + client  # nothing to normalize: byte for byte
+
+
+def test_the_reply_to_the_end_of_data_is_owed_too() -> None:
+    """The final dot has a reply of its own.  A client that pipelines its next transaction
+    behind the dot (RFC 2920 allows it after the end of data) gets its replies counted in
+    order: the second DATA's 354 opens the second content, which is framed as content, not
+    read as commands."""
+    second = b"Subject: second\r\n\r\nx" + VARIANTS["LF.LF"] + SMUGGLE + b"after" + END
+    _, out = same([*GREET, ("client", ENVELOPE), ("mta", ENVELOPE_OK),
+                   ("client", b"one" + END + ENVELOPE),
+                   ("mta", b"250 2.0.0 queued\r\n" + ENVELOPE_OK),
+                   ("client", second + b"QUIT\r\n"),
+                   ("mta", b"250 2.0.0 queued\r\n221 bye\r\n")])
+    sent = to_mta(out)
+    body = sent[sent.index(ENVELOPE, sent.index(b"one")) + len(ENVELOPE) - 2:]  # from CRLF
+    # One end of data in the second message, its own: the bare "\n.\n" stayed content.
+    assert body.count(END) == 1 and body.endswith(END + b"QUIT\r\n"), body
+    assert b"\r\n..\r\nMAIL FROM:<x@tripwire.test>" in body
