@@ -392,8 +392,7 @@ def site_pairs(config: Config) -> tuple[KeyPair, KeyPair | None] | None:
     following = (load_keypair(t.next_key, t.next_cert, config.source, "tls.next_key",
                               cert_path_name="tls.next_cert")
                  if t.next_key and t.next_cert else None)
-    server_context(pair, following)  # what OpenSSL refuses fails here, not at the next start
-    return pair, following
+    return pair, following  # load_keypair has had OpenSSL load each pair already
 
 
 class RotatingContext:
