@@ -221,6 +221,39 @@ def _hosts(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from .starter import init
+
+    return init(args.role, args.config, hosts=args.host, key=args.key, cert=args.cert,
+                force=args.force)
+
+
+def _init_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``init``: a starter config and, inbound, the site's key (gateway.starter)."""
+    ini = sub.add_parser(
+        "init", help="write a commented starter config (inbound: and the site's key)",
+        description="Write a commented starter config for the role, ready for "
+                    "`smtpgate run --check`; for the inbound role also the site's key and a "
+                    "self-signed certificate, as keygen makes them, and print their TLSA "
+                    "records to publish. Then print the next steps. Creates the directory; "
+                    "existing files are not overwritten without --force. " + _EXITS)
+    ini.add_argument("--role", required=True, choices=("outbound", "inbound"),
+                     help="outbound: the MTA sends through the gateway; inbound: the "
+                          "gateway offers STARTTLS in front of the MTA")
+    ini.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
+                     help=f"config file to write (default: {DEFAULT_CONFIG})")
+    ini.add_argument("--host", action="append", default=[], type=host_name, metavar="NAME",
+                     help="inbound, required: MX host name the key serves (repeat for several)")
+    ini.add_argument("--key", metavar="PATH",
+                     help="inbound: private key file to write (default: key.pem next to the "
+                          "config)")
+    ini.add_argument("--cert", metavar="PATH",
+                     help="inbound: certificate file to write (default: cert.pem next to the "
+                          "config)")
+    ini.add_argument("--force", action="store_true", help="replace existing files")
+    ini.set_defaults(func=_cmd_init)
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     hosts = _hosts(args.host)
     key_path, cert_path = Path(args.key), Path(args.cert)
@@ -495,6 +528,7 @@ def parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=_cmd_check)
 
     _key_commands(sub)
+    _init_command(sub)
 
     fw = sub.add_parser("firewall", help="print, apply or remove the interception rules",
                         description="Print the nftables or iptables rules (and the ip rule / "
