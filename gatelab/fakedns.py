@@ -114,8 +114,9 @@ class FakeDns:
                 self._serve_tcp, sock=ns.listen(host, self.port))
         return self
 
-    def serve_in(self, ns: Netns, host: str = "127.0.0.1", port: int = 53) -> FakeDns:
-        """Starts serving ``host:port`` in ``ns`` on an event loop of its own (a thread);
+    def serve_in(self, ns: Netns | None, host: str = "127.0.0.1", port: int = 53) -> FakeDns:
+        """Starts serving ``host:port`` in ``ns`` (None: this process's namespace; port 0:
+        a free one, see ``self.port``) on an event loop of its own (a thread);
         :meth:`close` stops it."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True, name="fakedns")

@@ -34,12 +34,13 @@ def gateway_config(*, listeners: Sequence[str] = OUTBOUND_LISTENERS, mark: str =
                    log_level: str = "debug", resolvers: Sequence[str] = (),
                    trusted: Sequence[str] = (), dns_timeout: float = 0.3, budget: float = 1,
                    cache: str | None = None, policy: str = "none", entries: Sequence[str] = (),
-                   tls: tuple[Path, Path] | None = None, workers: int | None = None) -> str:
+                   tls: tuple[Path, Path] | None = None, workers: int | None = None,
+                   selftest: str | None = None) -> str:
     """A lab gateway's config (YAML).  ``listeners`` and ``entries`` (policy entries) are
-    YAML flow mappings, ``cache`` the inside of one; ``tls`` is (key, cert); a limit or
-    setting given as None is left out.  The defaults: the outbound listeners above, policy
-    ``none`` (outbound sessions are pure relays) and a DNS that gives up fast (no resolver
-    in a lab without a DNS world)."""
+    YAML flow mappings, ``cache`` and ``selftest`` (dns.selftest) the inside of one; ``tls``
+    is (key, cert); a limit or setting given as None is left out.  The defaults: the
+    outbound listeners above, policy ``none`` (outbound sessions are pure relays) and a DNS
+    that gives up fast (no resolver in a lab without a DNS world)."""
     lines = ["listeners:", *(f"  - {listener}" for listener in listeners),
              _flow("upstream", mark=mark, on_failure=on_failure)]
     if max_sessions is not None or buffer_bytes is not None:
@@ -49,7 +50,8 @@ def gateway_config(*, listeners: Sequence[str] = OUTBOUND_LISTENERS, mark: str =
               _flow("log", format="json", level=log_level),
               _flow("dns", resolvers=_list(resolvers), trusted=_list(trusted),
                     timeout=dns_timeout, budget=budget,
-                    cache=None if cache is None else f"{{{cache}}}"),
+                    cache=None if cache is None else f"{{{cache}}}",
+                    selftest=None if selftest is None else f"{{{selftest}}}"),
               _flow("policy", default=policy,
                     entries=f"[{', '.join(entries)}]" if entries else None)]
     if tls is not None:

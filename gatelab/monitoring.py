@@ -19,8 +19,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from gatelab.netlab import Netns, http_get
+from gateway.health import Check, Health
+from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -33,6 +36,16 @@ DS_PROVISIONING = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yam
 DASH_PROVISIONING = GRAFANA_DIR / "provisioning" / "dashboards" / "smtpgate.yaml"
 
 PROMTOOL = shutil.which("promtool")
+
+
+def process_registry() -> tuple[CollectorRegistry, Metrics]:
+    """A registry as a gateway process fills it: every metric of gateway.metrics and the
+    health gauges of gateway.health, with one DNS self-test verdict so that the self-test's
+    labelled series exist."""
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    Health(registry, "<config>").dns_result([Check("127.0.0.1:53", "validates", True, "")])
+    return registry, m
 
 # Grafana's built-in variables, and what they stand for when a query is checked outside
 # Grafana (long enough to cover a test's traffic; $__rate_interval is 4 scrapes or more).

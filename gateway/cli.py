@@ -72,6 +72,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
                              helo=args.helo, step_timeout=args.timeout, mta=args.mta))
 
 
+def _load_checked(path: str) -> object:
+    """The config as ``run --check`` reads it (the key files too); None after the error was
+    printed."""
+    from .keys import site_pairs
+
+    try:
+        config = load(path)
+        site_pairs(config)
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    return control.status(config, _print_now, as_json=args.json)
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from . import control
+    from .config import Config
+
+    config = _load_checked(args.config)  # a bad file never reaches the gateway
+    if not isinstance(config, Config):
+        return 2
+    return control.reload(config, _print_now, pid=args.pid, timeout=args.timeout)
+
+
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -526,6 +561,36 @@ def parser() -> argparse.ArgumentParser:
                      help="limit for the connect, each reply and the TLS handshake "
                           "(default: 10)")
     chk.set_defaults(func=_cmd_check)
+
+    st = sub.add_parser("status", help="what the running gateway runs and what is wrong",
+                        description="Ask the running gateway (over metrics.listen, /status): "
+                                    "version and pid, the config it runs, where it came from "
+                                    "and since when, the last reload's result, sessions now, "
+                                    "listeners, the DNS self-test per resolver, workers, and "
+                                    "every problem. Exit 0 when it serves without problems, 1 "
+                                    "when degraded or draining, 2 for a bad config, 3 when it "
+                                    "did not answer.")
+    st.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help=f"config file, for metrics.listen (default: {DEFAULT_CONFIG})")
+    st.add_argument("--json", action="store_true", help="print /status as it came")
+    st.set_defaults(func=_cmd_status)
+
+    rl = sub.add_parser("reload", help="reload the running gateway and report its verdict",
+                        description="Check the config file as `run --check` does, send "
+                                    "SIGHUP to the gateway answering on metrics.listen and "
+                                    "wait for its verdict (with workers: every worker's). "
+                                    "Exit 0 when it reloaded, 1 when it rejected the file "
+                                    "(it keeps the config it runs), 2 for a bad file (no "
+                                    "signal sent), 3 when it could not be asked or said "
+                                    "nothing in time.")
+    rl.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help=f"config file (default: {DEFAULT_CONFIG})")
+    rl.add_argument("--pid", type=int, metavar="PID",
+                    help="the gateway's pid (systemd: $MAINPID); refused when another "
+                         "process answers on metrics.listen")
+    rl.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                    help="how long to wait for the verdict (default: 30)")
+    rl.set_defaults(func=_cmd_reload)
 
     _key_commands(sub)
     _init_command(sub)

@@ -203,6 +203,19 @@ class DnsCache:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsSelfTest:
+    """Asked of every resolver at start, on reload and every ``interval`` (0: never again):
+    a name that must validate (a signed zone's apex: its DNSKEY is asked) and, when one is
+    configured, a name that must fail validation.  The root's DNSKEY validates wherever a
+    validating resolver works; a known-bogus name is the operator's to choose (none is
+    guaranteed to stay bogus)."""
+
+    secure: str | None = "."  # None: no self-test at all
+    bogus: str | None = None
+    interval: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     # Validating resolvers, tried in order when one does not answer.
     resolvers: tuple[Endpoint, ...] = (Endpoint(ipaddress.ip_address("127.0.0.1"), 53),)
@@ -212,6 +225,7 @@ class DnsConfig:
     budget: float = 5.0  # one whole discovery (PTR, forward, TLSA)
     max_queries: int = 200  # concurrent queries in flight
     cache: DnsCache = field(default_factory=DnsCache)
+    selftest: DnsSelfTest = field(default_factory=DnsSelfTest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +293,9 @@ class Config:
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Defaults are read from instances: slotted dataclasses keep no class-level field values.
-_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE = (
-    Upstream(), Limits(), Timeouts(), Metrics(), Logging(), DnsConfig(), DnsCache())
+_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE, _SELFTEST = (
+    Upstream(), Limits(), Timeouts(), Metrics(), Logging(), DnsConfig(), DnsCache(),
+    DnsSelfTest())
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -503,6 +518,25 @@ def _policy_entry(source: str, path: str, data: object) -> PolicyEntry:
     return PolicyEntry(str(match), level, network, host, tuple(prints))
 
 
+def _selftest(t: _Section) -> DnsSelfTest:
+    names: dict[str, str | None] = {}
+    for key, default in (("secure", _SELFTEST.secure), ("bogus", _SELFTEST.bogus)):
+        value = t.raw(key) if t.has(key) else default
+        if value is None or value is False:  # `secure: null` (or off) turns the test off
+            names[key] = None
+            continue
+        name = _hostname(value) if isinstance(value, str) and value.strip() != "." else (
+            "." if value == "." else None)
+        if name is None or (name.startswith(".") and name != "."):
+            raise t.error(key, "must be a DNS name (the root is \".\") or null")
+        names[key] = name
+    if names["secure"] is None and names["bogus"] is not None:
+        raise t.error("bogus", "the self-test is off (dns.selftest.secure: null)")
+    interval = t.seconds("interval", _SELFTEST.interval, zero_ok=True)
+    t.done()
+    return DnsSelfTest(secure=names["secure"], bogus=names["bogus"], interval=interval)
+
+
 def _dns(top: _Section) -> DnsConfig:
     d = top.section("dns")
     resolvers = tuple(parse_endpoint(v, d.source, p) for p, v in d.items("resolvers")) \
@@ -524,6 +558,7 @@ def _dns(top: _Section) -> DnsConfig:
     c.done()
     if cache.min_ttl > cache.max_ttl:
         raise c.error("min_ttl", "must not exceed dns.cache.max_ttl")
+    selftest = _selftest(d.section("selftest"))
     config = DnsConfig(
         resolvers=resolvers,
         trusted=trusted,
@@ -531,6 +566,7 @@ def _dns(top: _Section) -> DnsConfig:
         budget=d.seconds("budget", _DNS.budget),
         max_queries=d.integer("max_queries", _DNS.max_queries),
         cache=cache,
+        selftest=selftest,
     )
     d.done()
     return config

@@ -8,11 +8,12 @@ or a domain, so the number of series stays flat whatever the traffic.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import platform
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -148,15 +149,28 @@ class Metrics:
         self.buffered.set_function(fn)
 
 
+class Report(Protocol):
+    """What ``/healthz`` and ``/status`` say (gateway.health.Health and the process)."""
+
+    def serving(self) -> bool:
+        """False while draining: the probes' 503."""
+
+    def problems(self) -> list[str]:
+        """What is wrong while serving (the body of ``/healthz``)."""
+
+    def status(self) -> dict[str, Any]:
+        """The JSON of ``/status``."""
+
+
 class _Exporter(asyncio.Protocol):
     """Answers one HTTP/1.0-style GET per connection; anything else is refused."""
 
     MAX_REQUEST = 8192
     TIMEOUT = 10.0
 
-    def __init__(self, render: Callable[[], bytes], health: Callable[[], bool]) -> None:
+    def __init__(self, render: Callable[[], bytes], report: Report) -> None:
         self._render = render
-        self._health = health
+        self._report = report
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
 
@@ -184,8 +198,18 @@ class _Exporter(asyncio.Protocol):
         if path == b"/metrics":
             self._respond(200, self._render(), CONTENT_TYPE_LATEST, head=parts[0] == b"HEAD")
         elif path in (b"/healthz", b"/"):
-            ok = self._health()
-            self._respond(200 if ok else 503, b"ok\n" if ok else b"draining\n")
+            # The status code is for probes: serving or not.  The body says what is wrong
+            # (first line: ok, degraded or draining; then one line per problem).
+            if not self._report.serving():
+                self._respond(503, b"draining\n")
+            elif problems := self._report.problems():
+                self._respond(200, "".join(f"{line}\n"
+                                           for line in ["degraded", *problems]).encode())
+            else:
+                self._respond(200, b"ok\n")
+        elif path == b"/status":
+            self._respond(200, json.dumps(self._report.status(), indent=1).encode() + b"\n",
+                          "application/json")
         else:
             self._respond(404, b"not found\n")
 
@@ -201,7 +225,7 @@ class _Exporter(asyncio.Protocol):
 
 
 async def serve(registry: CollectorRegistry | Callable[[], bytes], listen: Endpoint | str,
-                health: Callable[[], bool]) -> asyncio.Server:
+                report: Report) -> asyncio.Server:
     """The Prometheus endpoint, on the gateway's own loop (no thread, nothing to fork).
 
     ``registry`` may be a render function instead (the worker supervisor's aggregate);
@@ -209,8 +233,8 @@ async def serve(registry: CollectorRegistry | Callable[[], bytes], listen: Endpo
     loop = asyncio.get_running_loop()
     render = registry if callable(registry) else (lambda: generate_latest(registry))
     if isinstance(listen, str):
-        return await loop.create_unix_server(lambda: _Exporter(render, health), listen)
-    return await loop.create_server(lambda: _Exporter(render, health), str(listen.host),
+        return await loop.create_unix_server(lambda: _Exporter(render, report), listen)
+    return await loop.create_server(lambda: _Exporter(render, report), str(listen.host),
                                     listen.port, reuse_address=True)
 
 

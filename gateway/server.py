@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from . import config as config_mod
 from . import logs
-from .config import ClientAddress, Config, ConfigError, Listener
+from .config import ClientAddress, Config, ConfigError, Direction, Listener
 from .context import Context
+from .health import Health
 from .keys import RotatingContext, site_pairs
 from .logs import event, log
 from .metrics import Metrics, serve
@@ -45,6 +46,12 @@ class Gateway:
         self.draining = False
         self._reloading = asyncio.Lock()  # two quick SIGHUPs must not interleave
         metrics.track_buffered(self.ctx.buffered)
+        self.health = Health(metrics.registry, config.source)
+        # A worker leaves the DNS self-test to its supervisor (gateway.workers), which
+        # answers for the whole gateway.
+        self.selftest = metrics_socket is None
+        self._selftest_wake = asyncio.Event()
+        self._tasks = TaskGroup()
 
     @property
     def config(self) -> Config:
@@ -106,9 +113,27 @@ class Gateway:
         await self._apply_listeners(self.config)
         target = self.metrics_socket or self.config.metrics.listen
         if target is not None:
-            self._metrics_server = await serve(self.metrics.registry, target,
-                                               lambda: not self.draining)
+            self._metrics_server = await serve(self.metrics.registry, target, self)
             event(log, "metrics", address=str(target))
+        if self.selftest:
+            self._tasks.spawn(self.health.selftest_loop(lambda: self.config.dns,
+                                                        self._selftest_wake),
+                              name="dns self-test")
+
+    # -- what /healthz and /status say (gateway.metrics.Report) --------------------------
+    def serving(self) -> bool:
+        return not self.draining
+
+    def problems(self) -> list[str]:
+        return self.health.problems()
+
+    def status(self) -> dict[str, object]:
+        reg = self.metrics.registry
+        sessions = {d.value: int(reg.get_sample_value("smtpgate_sessions_active",
+                                                      {"direction": d.value}) or 0)
+                    for d in Direction}
+        return {**self.health.status(), "state": "draining" if self.draining else "serving",
+                "sessions": sessions, "listeners": [lst.label for lst in self.ctx.listening]}
 
     async def reload(self, path: str | Path) -> bool:
         """SIGHUP: a bad new config is refused and the old one stays."""
@@ -130,6 +155,7 @@ class Gateway:
             await self._apply_listeners(new)
         except (ConfigError, OSError) as exc:
             self.metrics.reloads.labels("rejected").inc()
+            self.health.reloaded(False, str(path), str(exc))
             event(log, "reload rejected", logging.ERROR, error=str(exc))
             return False
         warn_open_files(new)
@@ -137,7 +163,9 @@ class Gateway:
         self.ctx.reconfigure(new, tls_server)
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
+        self.health.reloaded(True, new.source)
         event(log, "reloaded", source=new.source, listeners=len(new.listeners))
+        self._selftest_wake.set()  # the resolvers may have changed
         return True
 
     async def drain(self) -> None:
@@ -160,6 +188,7 @@ class Gateway:
             await ctx.tasks.cancel_all()
             await asyncio.sleep(0)  # the pumps' done callbacks write the summaries
         await ctx.resolver.close()
+        await self._tasks.cancel_all()
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -26,13 +27,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, Direction, load
+from .health import FAMILIES, Health
 from .keys import site_pairs
 from .logs import event, log
 from .metrics import aggregate, serve
+from .tasks import TaskGroup
 
 RELOADS = "smtpgate_config_reloads"
 
@@ -40,13 +44,13 @@ START_GRACE = 5.0  # a worker that exits within this after its start could not s
 SCRAPE_TIMEOUT = 2.0
 
 
-def _scrape(path: str) -> str:
-    """One worker's exposition over its Unix socket ("" when it does not answer)."""
+def _get(path: str, what: str = "/metrics") -> str:
+    """One worker's answer over its Unix socket ("" when it does not answer)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(SCRAPE_TIMEOUT)
             s.connect(path)
-            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            s.sendall(f"GET {what} HTTP/1.0\r\n\r\n".encode())
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
@@ -89,29 +93,75 @@ async def supervise(path: str, config: Config) -> int:
                       registry=registry)
     for result in ("ok", "rejected"):
         reloads.labels(result)
+    health = Health(registry, config.source)
+    current = config  # what the workers run (the last file that passed)
 
     def render() -> bytes:
         texts = []
         for w in workers:
-            if text := _scrape(w.socket_path):
+            if text := _get(w.socket_path):
                 last[w.index] = text
                 texts.append(text)
-        # The workers' own reload counts are left out: each counts the one reload.
-        return aggregate(texts, retired, drop={RELOADS}) + generate_latest(registry)
+        # The workers' own reload counts and health gauges are left out: the supervisor
+        # decides reloads and runs the DNS self-test for all.
+        return aggregate(texts, retired, drop={RELOADS, *FAMILIES}) + generate_latest(registry)
 
     def retire(w: _Worker) -> None:
         if (text := last.pop(w.index, None)) is not None:
             retired.append(text)
 
+    def up(w: _Worker) -> bool:
+        return w.proc is not None and w.proc.poll() is None
+
+    def worker_status(w: _Worker) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = json.loads(_get(w.socket_path, "/status") or "null")
+        except ValueError:
+            return None
+        return found
+
+    class Report:
+        """/healthz and /status for the whole gateway (gateway.metrics.Report)."""
+
+        def serving(self) -> bool:
+            # Healthy while not draining and every worker is up (a restart shows as 503).
+            return not draining.is_set() and all(up(w) for w in workers)
+
+        def problems(self) -> list[str]:
+            found = health.problems()
+            for w in workers:
+                st = worker_status(w) if up(w) else None
+                if st is None:
+                    found.append(f"worker {w.index}: not answering")
+                    continue
+                found += [f"worker {w.index}: {p}" for p in st.get("problems", [])]
+            return found
+
+        def status(self) -> dict[str, Any]:
+            sessions = dict.fromkeys((d.value for d in Direction), 0)
+            each = []
+            for w in workers:
+                st = worker_status(w) if up(w) else None
+                for direction, n in (st or {}).get("sessions", {}).items():
+                    sessions[direction] = sessions.get(direction, 0) + n
+                each.append({"index": w.index, "pid": w.proc.pid if w.proc else None,
+                             "alive": up(w), "reloads": (st or {}).get("reloads"),
+                             "last_reload": (st or {}).get("last_reload")})
+            return {**health.status(), "problems": self.problems(),
+                    "state": "draining" if draining.is_set() else "serving",
+                    "sessions": sessions, "listeners": [lst.label for lst in current.listeners],
+                    "workers": each}
+
     exporter = None
+    tasks: TaskGroup | None = None
     try:
         for w in workers:
             w.start()
         if config.metrics.listen is not None:
-            # Healthy while not draining and every worker is up (a restart shows as 503).
-            exporter = await serve(render, config.metrics.listen, lambda: not draining.is_set()
-                                   and all(w.proc is not None and w.proc.poll() is None
-                                           for w in workers))
+            exporter = await serve(render, config.metrics.listen, Report())
+        wake = asyncio.Event()
+        tasks = TaskGroup()
+        tasks.spawn(health.selftest_loop(lambda: current.dns, wake), name="dns self-test")
 
         def stop() -> None:
             draining.set()
@@ -121,16 +171,25 @@ async def supervise(path: str, config: Config) -> int:
         loop.add_signal_handler(signal.SIGTERM, stop)
         loop.add_signal_handler(signal.SIGINT, stop)
         def reload() -> None:
+            nonlocal current
             try:
-                site_pairs(load(path))  # as a worker reads it: the keys too
+                new = load(path)
+                site_pairs(new)  # as a worker reads it: the keys too
+                if new.workers != current.workers or new.metrics != current.metrics:
+                    key = "workers" if new.workers != current.workers else "metrics.listen"
+                    raise ConfigError(path, key, "cannot change on reload; restart the gateway")
             except ConfigError as exc:
                 reloads.labels("rejected").inc()
+                health.reloaded(False, path, str(exc))
                 event(log, "reload rejected", logging.ERROR, error=str(exc))
                 return
+            current = new
             reloads.labels("ok").inc()
+            health.reloaded(True, new.source)
             event(log, "reload passed to the workers", workers=len(workers))
             for w in workers:
                 w.signal(signal.SIGHUP)
+            wake.set()
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         event(log, "supervising", workers=len(workers), source=path)
@@ -161,6 +220,8 @@ async def supervise(path: str, config: Config) -> int:
         event(log, "stopped", workers=len(workers))
         return code
     finally:
+        if tasks is not None:
+            await tasks.cancel_all()
         if exporter is not None:
             exporter.close()
         for w in workers:  # on an error path: none may outlive its supervisor

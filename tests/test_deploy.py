@@ -290,7 +290,9 @@ def test_gateway_unit_settings() -> None:
     s = "Service"
     assert one(unit, s, "ExecStart") == f"/usr/local/bin/smtpgate run -c {UNIT_CONFIG}"
     assert unit[s]["ExecStartPre"] == [f"/usr/local/bin/smtpgate run --check -c {UNIT_CONFIG}"]
-    assert unit[s]["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
+    # Checks the file, signals the unit's own process, and waits for its verdict.
+    assert unit[s]["ExecReload"] == [
+        f"/usr/local/bin/smtpgate reload -c {UNIT_CONFIG} --pid $MAINPID"]
     assert one(unit, s, "KillSignal") == "SIGTERM"
     assert one(unit, s, "Restart") == "on-failure"
     assert one(unit, s, "DynamicUser") == "yes"
@@ -359,6 +361,11 @@ def test_unit_command_lines_are_accepted_by_the_cli(tmp_path: Path) -> None:
                         continue  # --remove reads no config and has no other option
                 if argv[0] == "run" and "--check" not in argv:
                     argv.insert(1, "--check")  # the real run, validated only
+                if argv[0] == "reload":  # no gateway to signal here: the options parse
+                    args = cli.parser().parse_args(
+                        [a.replace("$MAINPID", "4242") for a in argv])
+                    assert (args.pid, args.config) == (4242, str(DEPLOY / "outbound.yaml"))
+                    argv = ["run", "--check", "-c", args.config]  # and the file it checks
                 cp = smtpgate(*argv)
                 assert cp.returncode == 0, f"{unit_file.name} {key}: {argv}: {cp.stderr}"
     # ... which fails without firewall.env's arguments:
@@ -487,6 +494,10 @@ def test_containerfile_copies_what_the_package_build_needs() -> None:
     # The lab (gatelab/) builds network namespaces and real MTAs: it has no place in the image.
     assert "gatelab" in packages and "gatelab" not in copied
     needed = {"pyproject.toml", project["project"]["readme"], *packages - {"gatelab"}}
+    # The data files the package carries (the systemd units): setuptools fails without them.
+    data_files = project["tool"]["setuptools"].get("data-files", {})
+    needed |= {str(Path(pattern).parent) for patterns in data_files.values()
+               for pattern in patterns}
     assert needed <= copied, f"not copied into the build: {needed - copied}"
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("0", "root")

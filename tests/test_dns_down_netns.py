@@ -4,6 +4,8 @@
     gw:   smtpgate outbound, no DNS at all
     peer: Postfix, no TLS
 
+The self-test says so at start (gauge, /healthz, ``smtpgate status``).
+
 Under ``may`` (and none, encrypt, fingerprint) the operator chose no DANE for the destination:
 the recipient is not looked up, the message is delivered.  Under ``dane`` (the default) a
 recipient domain whose MX cannot be looked up might publish TLSA: it is deferred with a reply
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gatelab import netlab, postfix_instance
-from gatelab.gatewayproc import GatewayProcess, gateway_config
+from gatelab.gatewayproc import GatewayProcess, cli, gateway_config
 from gatelab.netlab import PEER_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, null_client_settings, receiver_settings
 
@@ -52,3 +54,12 @@ def test_without_a_resolver(tmp_path: Path, level: str) -> None:
                 assert ("450 4.7.5 smtpgate: cannot check DANE for peer.test: its MX lookup "
                         "got no answer from the resolver") in m.group(1), m.group(1)
                 assert peer.maildir_messages() == [] and len(mta.queue()) == 1
+            # And the gateway says so before any mail is affected: the self-test at start
+            # found no resolver, /healthz (still 200: it serves) and status name it.
+            assert gw.metric("smtpgate_dns_selftest", resolver="127.0.0.1:53",
+                             check="answers") == 0
+            head, body = netlab.http_get(lab.gw, "127.0.0.1", gw.metrics_port, "/healthz")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert body.startswith(b"degraded\ndns 127.0.0.1:53 answers: FAILED: . DNSKEY: ")
+            r = cli(lab.gw, "status", "-c", str(gw.config_path))
+            assert r.returncode == 1 and "127.0.0.1:53: answers FAILED" in r.stdout, r.stdout

@@ -25,8 +25,8 @@ from pathlib import Path
 from unittest import mock
 
 import yaml
-from prometheus_client import CollectorRegistry
 
+from gatelab.monitoring import process_registry
 from gateway import config, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,8 +203,7 @@ def test_configuration_md_complete_example_is_valid_and_complete() -> None:
 
 def exposed_families() -> dict[str, tuple[str, set[str]]]:
     """Exposed name → (type, label names) for every metric the exporter defines."""
-    registry = CollectorRegistry()
-    metrics.Metrics(registry)
+    registry, _ = process_registry()
     out: dict[str, tuple[str, set[str]]] = {}
     for fam in registry.collect():
         name = fam.name + {"counter": "_total", "info": "_info"}.get(fam.type, "")
@@ -216,8 +215,7 @@ def exposed_families() -> dict[str, tuple[str, set[str]]]:
 
 
 def exposed_sample_names() -> set[str]:
-    registry = CollectorRegistry()
-    metrics.Metrics(registry)
+    registry, _ = process_registry()
     registry_names = {s.name for fam in registry.collect() for s in fam.samples}
     # Histogram sample names exist even before the first observation.
     return registry_names | {n + suffix for n, (t, _) in exposed_families().items()
@@ -269,12 +267,13 @@ def test_metrics_md_lists_the_created_series() -> None:
 def test_metrics_md_lists_every_label_value() -> None:
     """Every label value the exporter creates at start, and every upgrade reason, appears
     in docs/metrics.md as `value`."""
-    registry = CollectorRegistry()
-    metrics.Metrics(registry)
+    registry, _ = process_registry()
     values: set[str] = set(metrics.TLS_REASONS) | set(metrics.TLS_RESULTS)
     for fam in registry.collect():
         for s in fam.samples:
-            values |= {v for k, v in s.labels.items() if k not in ("le", "version", "python")}
+            # (resolver: an address from the config, not a fixed value)
+            values |= {v for k, v in s.labels.items()
+                       if k not in ("le", "version", "python", "resolver")}
     text = METRICS_MD.read_text()
     missing = sorted(v for v in values if f"`{v}`" not in text)
     assert missing == [], f"DOCS OUT OF SYNC (docs/metrics.md, Label values): {missing}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import socket
 
 import uvloop
@@ -61,10 +62,20 @@ def test_exporter_serves_metrics_health_and_refuses_the_rest() -> None:
     m = Metrics(reg)
     m.sessions.labels("outbound", "upstream_failed").inc(3)
     draining = [False]
+    problems: list[str] = []
+
+    class Report:
+        def serving(self) -> bool:
+            return not draining[0]
+
+        def problems(self) -> list[str]:
+            return problems
+
+        def status(self) -> dict[str, object]:
+            return {"pid": 1, "problems": problems}
 
     async def main() -> None:
-        server = await serve(reg, Endpoint(ipaddress.ip_address("127.0.0.1"), 0),
-                             lambda: not draining[0])
+        server = await serve(reg, Endpoint(ipaddress.ip_address("127.0.0.1"), 0), Report())
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
 
@@ -76,6 +87,15 @@ def test_exporter_serves_metrics_health_and_refuses_the_rest() -> None:
         assert (b'smtpgate_sessions_total{direction="outbound",outcome="upstream_failed"} 3.0'
                 in body)
         assert (await get(b"GET /healthz HTTP/1.0\r\n\r\n")).endswith(b"\r\n\r\nok\n")
+        # Serving with a problem: still 200 for the probes, the body says what is wrong.
+        problems.append("dns 127.0.0.1:53 answers: FAILED: . DNSKEY: no answer")
+        degraded = await get(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert degraded.startswith(b"HTTP/1.1 200")
+        assert degraded.endswith(b"\r\n\r\ndegraded\ndns 127.0.0.1:53 answers: FAILED: "
+                                 b". DNSKEY: no answer\n")
+        status = await get(b"GET /status HTTP/1.0\r\n\r\n")
+        assert b"Content-Type: application/json" in status
+        assert json.loads(status.split(b"\r\n\r\n", 1)[1])["problems"] == problems
         draining[0] = True
         assert (await get(b"GET /healthz HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 503")
         assert (await get(b"POST /metrics HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 405")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 from gatelab.monitoring import (
     ALERTS,
@@ -27,13 +27,13 @@ from gatelab.monitoring import (
     all_panels,
     dashboard_queries,
     load_dashboard,
+    process_registry,
     promtool,
     substitute,
     variable_queries,
     variable_values,
     variables_used,
 )
-from gateway.metrics import Metrics
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
@@ -54,8 +54,7 @@ def exporter_text(observe: bool = True) -> str:
     """The exporter's real output: gateway.metrics.Metrics on a fresh registry; with
     ``observe``, one sample of every counter, gauge and histogram counted (so label pairs
     that are not created at start, such as upgrades with reason verify, are there too)."""
-    registry = CollectorRegistry()
-    m = Metrics(registry)
+    registry, m = process_registry()
     if observe:
         m.track_buffered(lambda: 4096)
         for metric in vars(m).values():
