@@ -8,6 +8,11 @@ and PEM; :func:`write_chain_file` writes what Postfix's ``smtpd_tls_chain_files`
     inter = make_intermediate(root)
     leaf = make_leaf(inter, ["mx.example.net"])
     chain_der = [leaf.der, inter.der]          # as a server would present it
+
+The certificates follow the CA/B Forum's profile where a WebPKI verifier looks (SAN
+dNSNames, serverAuth, keyUsage, basicConstraints, key identifiers), so they validate as
+WebPKI ones against their root (:class:`WebPki`, :func:`write_ca_bundle`); AIA and
+certificate policies, which no offline verifier needs, are left out.
 """
 
 from __future__ import annotations
@@ -198,6 +203,16 @@ def make_leaf(
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
+    # The CA/B Forum's subscriber profile: digitalSignature, plus keyEncipherment for an
+    # RSA key (TLS 1.2 RSA key transport).  WebPKI verifiers accept it absent too.
+    builder = builder.add_extension(
+        x509.KeyUsage(
+            digital_signature=True, content_commitment=False,
+            key_encipherment=key_type == "rsa", data_encipherment=False, key_agreement=False,
+            key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+        ),
+        critical=True,
+    )
     if issuer is not None:
         builder = builder.add_extension(_aki(issuer), critical=False)
     return Issued(key, builder.sign(issuer.key if issuer else key, hashes.SHA256()))
@@ -249,6 +264,60 @@ def write_pki(directory: Path, leaf: Issued, *issuers: Issued) -> dict[str, Path
         paths["ca"] = directory / "ca.pem"
         paths["ca"].write_bytes(issuers[-1].pem)
     return paths
+
+
+def write_ca_bundle(path: Path, *cas: Issued) -> Path:
+    """Write ``cas`` as one PEM file: a client's trust anchors (e.g. the gateway's CA file
+    for WebPKI validation), mode 0644."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(ca.pem for ca in cas))
+    path.chmod(0o644)
+    return path
+
+
+@dataclass(frozen=True)
+class WebPki:
+    """A test CA shaped like a public one: a root (the trust anchor clients are given) and,
+    by default, an intermediate that issues the leaves and that servers send after them.
+    Its leaves pass ``cryptography.x509.verification``'s WebPKI server verifier.
+
+        pki = WebPki.make()
+        leaf = pki.leaf(["mta-sts.b.test"])
+        chain = [leaf, *pki.chain]             # what a server presents
+        pki.write_bundle(tmp_path / "ca.pem")  # what a client trusts
+    """
+
+    root: Issued
+    intermediate: Issued | None = None
+
+    @classmethod
+    def make(cls, cn: str = "smtpgate test WebPKI root", *, intermediate: bool = True,
+             key_type: KeyType = "ec") -> WebPki:
+        root = make_root(cn, key_type)
+        inter = make_intermediate(root, f"{cn} - issuing CA", key_type) if intermediate else None
+        return cls(root, inter)
+
+    @property
+    def issuer(self) -> Issued:
+        """What signs the leaves: the intermediate, else the root."""
+        return self.intermediate or self.root
+
+    @property
+    def chain(self) -> tuple[Issued, ...]:
+        """The certificates a server sends after its leaf (never the root)."""
+        return (self.intermediate,) if self.intermediate is not None else ()
+
+    def leaf(self, names: Sequence[str], key_type: KeyType = "ec", *,
+             not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+             server_auth: bool = True) -> Issued:
+        """A server certificate for ``names`` (see :func:`make_leaf`)."""
+        return make_leaf(self.issuer, names, key_type=key_type, not_before=not_before,
+                         not_after=not_after, server_auth=server_auth)
+
+    def write_bundle(self, path: Path) -> Path:
+        """The root as a PEM CA file (see :func:`write_ca_bundle`)."""
+        return write_ca_bundle(path, self.root)
 
 
 def server_context(directory: Path, leaf: Issued, *issuers: Issued) -> ssl.SSLContext:

@@ -816,6 +816,36 @@ class DnsWorld:
                 raise
             self._republish([z], [z])
 
+    def set_records(
+        self, zone: str, owner: str, rdtype: str, rdatas: Iterable[str], ttl: int | None = None
+    ) -> None:
+        """Replace one RRset of a declared zone (``owner`` relative to it or absolute;
+        no ``rdatas``: remove it), the zone's other records kept. Before start() this
+        changes the declaration; once running, it is published as by :meth:`update`."""
+        with self._lock:
+            z = self._get(zone)
+            name = dns.name.from_text(owner, z.name)
+            qtype = dns.rdatatype.RdataType.make(rdtype)
+            # The caller's lines as dnspython reads them (owners resolved, continuation
+            # lines attached), minus the RRset, back as absolute zone-file lines.
+            text = "\n".join([f"$ORIGIN {z.name}", f"$TTL {z.ttl}", *z.records]) + "\n"
+            try:
+                parsed = dns.zone.from_text(text, z.name, relativize=False, check_origin=False)
+            except dns.exception.DNSException as exc:
+                raise ValueError(f"zone {z.text}: {exc}") from exc
+            parsed.delete_rdataset(name, qtype)
+            kept = [line for line in parsed.to_text(relativize=False).splitlines() if line]
+            new = [f"{name} {ttl or z.ttl} IN {qtype.name} {rd}" for rd in rdatas]
+            old = z.records
+            z.records = [*kept, *new]
+            try:
+                self._zone_text(z)
+            except ValueError:
+                z.records = old
+                raise
+            if self._started:
+                self._republish([z], [z])
+
     def make_bogus(self, name: str) -> None:
         """Re-sign the zone with signatures that expired a week ago: under a secure
         delegation every answer from it is bogus (SERVFAIL; data only with CD)."""
