@@ -106,6 +106,11 @@ class GatewayProcess:
         wait_port(self.ns, self.host, self.metrics_port)
         return self
 
+    def wait_selftest(self, timeout: float = 15.0) -> None:
+        """Until the DNS self-test of the start has run (gateway.health): its series and
+        its sockets come and go in the background; a test that counts either waits."""
+        self.wait_event("dns self-test", timeout=timeout)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None

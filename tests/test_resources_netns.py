@@ -624,6 +624,7 @@ def test_fd_exhaustion_is_survived_and_recovered_from(
     PeerServer(peer_loop, PEER_V4)
     # max_sessions far above what the descriptors allow: the fd limit, not this, is hit.
     gw = gateways(gateway_config(max_sessions=2000), nofile=FD_LIMIT)
+    gw.wait_selftest()  # its resolver socket must not count as an idle descriptor
     assert resource.prlimit(gw.pid, resource.RLIMIT_NOFILE) == (FD_LIMIT, FD_LIMIT)
     assert mta_loop.run(bounded(3, [lambda: quit_session(PEER_V4)] * 3), 15) == ["ok"] * 3
     time.sleep(0.2)
@@ -797,6 +798,7 @@ def test_metric_series_stay_flat_with_traffic_from_many_peers(
     mta_loop, peer_loop = loops
     PeerServer(peer_loop, "::")
     gw = gateways(gateway_config(max_sessions=2000))
+    gw.wait_selftest()  # its series appear once it has run: they are not traffic's
     at_start = series(gw)
 
     def traffic(start: int, n: int) -> tuple[Counter[str], float]:
