@@ -13,6 +13,7 @@ connecting, each reply and the handshake each get at most ``timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 import ssl
@@ -20,23 +21,40 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import Store
 
 from . import dane
 from .answers import Answer, Status
-from .commands import Relay, Result, SendClient, SendPeer, authenticated
-from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls
+from .commands import ENCRYPTED, Relay, Result, SendClient, SendPeer, authenticated
+from .config import Config, Direction, Endpoint, IPAddress, Listener, MtaStartTls, StsUse
 from .context import client_context
-from .discovery import discover
+from .discovery import discover, recipient_rule, sts_candidates
 from .dns import Resolver
+from .envelope import defer_recipient
 from .netfilter import upstream_socket
 from .outbound import presented_chain
-from .policy import Action, Auth, Plan, plan, verify_peer
+from .policy import (
+    Action,
+    Auth,
+    Plan,
+    plan,
+    recipient_checked,
+    recipient_decision,
+    sts_use,
+    verify_peer,
+)
 from .smtp import RemoteProtocolError, Reply, ReplyReader, capabilities
+from .sts import Policy as StsPolicy
+from .sts import Verdict, applied, decide
 from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, Upgrade, UpgradeState
+from .walks import RecipientRule
+
+if TYPE_CHECKING:
+    from .stsfetch import Policies
 
 SMTP_PORT = 25
 UNTESTED = 3  # exit status: the check could not be made (DNS or the peer failed)
@@ -72,15 +90,19 @@ def mta_starttls_line(config: Config, p: Plan, mta: IPAddress | None) -> str:
 
 async def check(config: Config, target: str, out: Callable[[str], None], *,
                 connect: bool = True, helo: str | None = None,
-                step_timeout: float = DEFAULT_TIMEOUT, mta: IPAddress | None = None) -> int:
+                step_timeout: float = DEFAULT_TIMEOUT, mta: IPAddress | None = None,
+                rcpt: str | None = None) -> int:
     """Prints the report; returns (the worst of its addresses) 1 when the gateway would defer
     a session (without ``connect``: when the plan alone defers) or the name has no address,
     3 when the check could not be made (DNS gave no answer for the name; the peer refused,
     was unreachable or silent: the MTA meets that with or without the gateway, but nothing
     was shown to work), else 0.  ``step_timeout`` bounds the connect, each reply and the
-    TLS handshake of the dry run."""
+    TLS handshake of the dry run.  With ``rcpt``, also what that recipient gets on the
+    session: its domain's DANE MX and MTA-STS policy, and the 250 or 450 the MTA would
+    see; a 450 counts as deferred."""
     resolver = Resolver(config.dns)
     deferred = untested = False
+    recipients = Recipients(config, resolver, out) if rcpt is not None else None
     try:
         addresses: list[IPAddress] = []
         try:
@@ -118,6 +140,8 @@ async def check(config: Config, target: str, out: Callable[[str], None], *,
             if not connect:
                 if p.action is Action.DEFER:
                     deferred = True  # decided without the peer: no session can go through
+                if recipients is not None and rcpt is not None:
+                    deferred |= not await recipients.report(rcpt, address, p, None)
                 continue
             probe = Probe(config, address, p, helo=helo or socket.gethostname(),
                           timeout=step_timeout, out=out)
@@ -125,9 +149,119 @@ async def check(config: Config, target: str, out: Callable[[str], None], *,
             out(f"  result: {outcome.describe()}")
             deferred |= outcome.deferred
             untested |= outcome.result is None
+            if recipients is not None and rcpt is not None and not outcome.deferred \
+                    and outcome.result is not None:
+                encrypted = outcome.result in ENCRYPTED
+                deferred |= not await recipients.report(rcpt, address, p,
+                                                        (encrypted, probe.chain))
         return 1 if deferred else UNTESTED if untested else 0
     finally:
+        if recipients is not None:
+            await recipients.close()
         await resolver.close()
+
+
+class Recipients:
+    """``--rcpt``: what a recipient gets on a session, decided as the session decides it
+    (gateway.outbound): its domain's DANE MX for the destination, then MTA-STS."""
+
+    def __init__(self, config: Config, resolver: Resolver, out: Callable[[str], None]) -> None:
+        self.config, self.resolver, self.out = config, resolver, out
+        self.policies: Policies | None = None
+        self.store: Store | None = None
+
+    async def _sts(self) -> tuple[Policies, Store]:
+        if self.policies is None or self.store is None:
+            from .keys import webpki_store
+            from .stsfetch import Policies
+
+            store = webpki_store(dataclasses.replace(
+                self.config, mta_sts=dataclasses.replace(self.config.mta_sts, enabled=True)))
+            assert store is not None
+            # The running gateway's cache is read, never written: check is not the gateway.
+            self.policies = Policies(
+                dataclasses.replace(self.config.mta_sts, enabled=True), lambda: self.resolver,
+                None, read_only=True)
+            await self.policies.open()
+            self.store = store
+        return self.policies, self.store
+
+    async def close(self) -> None:
+        if self.policies is not None:
+            await self.policies.close()
+
+    async def report(self, rcpt: str, address: IPAddress, p: Plan,
+                     hop: tuple[bool, list[bytes]] | None) -> bool:
+        """Prints what ``rcpt`` gets on a session to ``address`` (``hop``: encrypted by the
+        gateway, the presented chain; None without a connection); True when forwarded."""
+        out, policy = self.out, self.config.policy
+        domain = rcpt.rsplit("@", 1)[-1].rstrip(".").lower()
+        out(f"  recipient {rcpt}")
+        required = policy.for_recipient(domain)
+        if recipient_checked(p.level, required):
+            rule = await recipient_rule(self.resolver, domain, address, self.config.dns.budget)
+        else:
+            rule = RecipientRule(domain)
+            out(f"    DANE: not looked up (level {p.level}, no policy.recipients entry)")
+        if rule.doubt:
+            out(f"    DANE: {rule.doubt}")
+        elif rule.host:
+            out(f"    DANE: its MX {rule.host} is this destination, "
+                f"{len(rule.records)} usable TLSA")
+        elif recipient_checked(p.level, required):
+            out("    DANE: no MX of the domain with secure TLSA is this destination")
+        encrypted, chain = hop if hop is not None else (p.action is not Action.PASSTHROUGH, [])
+        allow, reason, label = recipient_decision(rule, encrypted, chain, required)
+        use = sts_use(self.config.mta_sts.enabled, p.entry, policy.recipient_entry(domain))
+        if use is StsUse.OFF:
+            out("    MTA-STS: off for this recipient")
+        elif rule.host and rule.records:
+            out("    MTA-STS: not applied: DANE decides (RFC 8461 2)")
+        else:
+            policies, store = await self._sts()
+            found = await policies.policy(domain)
+            if found.policy is None:
+                out(f"    MTA-STS: no policy ({found.error or 'none published'}; "
+                    f"source {found.source})")
+            else:
+                fp = found.policy
+                out(f"    MTA-STS: policy id {found.policy_id}, mode {fp.mode}, max_age "
+                    f"{fp.max_age}, mx {', '.join(fp.mx) or '(none)'}; source {found.source}"
+                    + (f", fetched {_stamp(found.fetched)}" if found.fetched else "")
+                    + (f" (last refresh failed: {found.error})" if found.error else ""))
+            applies = applied(domain, found.policy, found.error, use is StsUse.REQUIRE)
+            verdict: Verdict | None = applies if isinstance(applies, Verdict) else None
+            if isinstance(applies, StsPolicy):
+                candidates = await sts_candidates(self.resolver, domain, address, applies,
+                                                  self.config.dns.budget)
+                if candidates.doubt:
+                    out(f"    MTA-STS: {candidates.doubt}")
+                else:
+                    out(f"    MTA-STS: MX hosts it lists that are this destination: "
+                        f"{', '.join(candidates.hosts) or 'none'}")
+                if hop is None:
+                    out("    MTA-STS: not connected: the certificate is not checked")
+                    verdict = decide(domain, applies, candidates, True, [], store=store) \
+                        if not candidates.hosts or candidates.doubt else None
+                else:
+                    verdict = decide(domain, applies, candidates, encrypted, chain,
+                                     store=store)
+                if verdict is not None:
+                    out(f"    MTA-STS: {applies.mode}: {verdict.result}"
+                        + (f" ({verdict.reason})" if verdict.reason else ""))
+            if verdict is not None and allow and not verdict.allow:
+                allow, reason, label = False, verdict.reason, "mta_sts"
+            elif verdict is not None and allow and verdict.result == "success":
+                label = "mta_sts"
+        if allow:
+            out(f"    result: forwarded ({label})")
+        else:
+            out(f"    result: would defer: {defer_recipient(reason).decode().strip()}")
+        return allow
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +366,7 @@ class Probe:
         self.context = client_context()
         self.sock: socket.socket | None = None  # plaintext, or the TLS socket after STARTTLS
         self.encrypted = False
+        self.chain: list[bytes] = []  # what the peer presented (for --rcpt)
         self.reader = ReplyReader()  # our own view of the replies, for printing
         self.asked: deque[str] = deque()  # what each awaited reply answers, in order
         self.deadline = 0.0
@@ -305,7 +440,7 @@ class Probe:
         self.out(f"  TLS: {tls.version()}, {cipher}, SNI {sni or '(none)'}")
         # presented_chain() asks for getpeercert() and, on 3.11/3.12, the C object's
         # get_unverified_chain() behind ``_sslobj``: an SSLSocket has both, as an SSLObject.
-        chain = presented_chain(cast(ssl.SSLObject, tls))
+        chain = self.chain = presented_chain(cast(ssl.SSLObject, tls))
         if not chain:
             self.out("  no certificate presented")
         for depth, der in enumerate(chain):

@@ -41,10 +41,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        from .keys import site_pairs
+        from .keys import site_pairs, webpki_store
 
         try:
             pairs = site_pairs(config)  # the key files, read as start and reload read them
+            webpki_store(config)  # and the MTA-STS trust anchors
         except ConfigError as exc:
             print(f"smtpgate: {exc}", file=sys.stderr)
             return 2
@@ -69,17 +70,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(check(config, args.target, _print_now, connect=args.connect,
-                             helo=args.helo, step_timeout=args.timeout, mta=args.mta))
+                             helo=args.helo, step_timeout=args.timeout, mta=args.mta,
+                             rcpt=args.rcpt))
 
 
 def _load_checked(path: str) -> object:
     """The config as ``run --check`` reads it (the key files too); None after the error was
     printed."""
-    from .keys import site_pairs
+    from .keys import site_pairs, webpki_store
 
     try:
         config = load(path)
         site_pairs(config)
+        webpki_store(config)
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
         return None
@@ -122,6 +125,13 @@ def _target(text: str) -> str:
     if 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split(".")):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither an IP address nor a host name")
+
+
+def _recipient(text: str) -> str:
+    local, at, domain = text.rpartition("@")
+    if at and local and _target(domain) and not any(c in text for c in "<> \t\r\n"):
+        return text
+    raise argparse.ArgumentTypeError(f"not an address user@domain: {text!r}")
 
 
 def _address(text: str) -> IPAddress:
@@ -557,6 +567,11 @@ def parser() -> argparse.ArgumentParser:
     chk.add_argument("--mta", type=_address, metavar="ADDRESS",
                      help="say what a session from the MTA at this address gets when it "
                           "does STARTTLS itself (listeners[].verifying_mtas)")
+    chk.add_argument("--rcpt", type=_recipient, metavar="USER@DOMAIN",
+                     help="also say what this recipient gets on the session: its domain's "
+                          "DANE MX for the destination and its MTA-STS policy (where it "
+                          "came from: the gateway's cache or a fetch now), then 250 or "
+                          "450 (exit 1)")
     chk.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                      help="limit for the connect, each reply and the TLS handshake "
                           "(default: 10)")

@@ -61,6 +61,14 @@ class Level(StrEnum):
     FINGERPRINT = "fingerprint"  # TLS required, peer key or certificate pinned by SHA-256
 
 
+class StsUse(StrEnum):
+    """What MTA-STS (RFC 8461) a destination or a recipient domain gets (``mta_sts``)."""
+
+    ON = "on"  # as the recipient domain publishes it (the default)
+    OFF = "off"  # not looked up, not applied
+    REQUIRE = "require"  # a testing policy counts as enforce; no valid policy: 450
+
+
 class StartTls(StrEnum):
     """Inbound: who gives the client STARTTLS."""
 
@@ -235,6 +243,7 @@ class PolicyEntry:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
     host: str | None = None  # absolute, lower case; a leading "." matches subdomains
     fingerprints: tuple[bytes, ...] = ()  # SHA-256 of the certificate or of its public key
+    mta_sts: StsUse | None = None  # None: as mta_sts.enabled says
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +251,8 @@ class RecipientPolicy:
     """What a recipient domain requires of the hop, whatever its DNS says."""
 
     domain: str  # absolute, lower case; a leading "." matches subdomains
-    level: Level  # encrypt or dane-only
+    level: Level | None  # encrypt or dane-only; None: only mta_sts was said
+    mta_sts: StsUse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,12 +261,30 @@ class PolicyConfig:
     entries: tuple[PolicyEntry, ...] = ()
     recipients: tuple[RecipientPolicy, ...] = ()
 
-    def for_recipient(self, domain: str) -> Level | None:
+    def recipient_entry(self, domain: str) -> RecipientPolicy | None:
         name = domain.lower().rstrip(".") + "."
         for r in self.recipients:
             if name == r.domain or (r.domain.startswith(".") and name.endswith(r.domain)):
-                return r.level
+                return r
         return None
+
+    def for_recipient(self, domain: str) -> Level | None:
+        entry = self.recipient_entry(domain)
+        return entry.level if entry is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class MtaSts:
+    """MTA-STS (RFC 8461): policies of recipient domains, fetched and kept (gateway.stsfetch)."""
+
+    enabled: bool = True
+    # The policy cache file (SQLite): policies survive a restart, so the first message
+    # after it is protected too.  "auto": $STATE_DIRECTORY/mta-sts.sqlite3 where systemd
+    # gives the unit a state directory, else memory only; null: memory only.
+    cache: str | None = "auto"
+    ca_file: str | None = None  # PEM trust anchors; None: this host's (OpenSSL's default)
+    fetch_timeout: float = 10.0  # the whole HTTPS fetch of one policy
+    max_policies: int = 10000  # domains kept; the least recently used go first
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,16 +314,24 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     tls: TlsKeys = field(default_factory=TlsKeys)
+    mta_sts: MtaSts = field(default_factory=MtaSts)
     # Processes sharing the listeners (SO_REUSEPORT); 1 runs everything in this process.
     workers: int = 1
     source: str = "<config>"
 
+    @property
+    def sts_wanted(self) -> bool:
+        """Whether any recipient can get MTA-STS: on by default, or turned on by an entry."""
+        said = [e.mta_sts for e in self.policy.entries]
+        said += [r.mta_sts for r in self.policy.recipients]
+        return self.mta_sts.enabled or StsUse.ON in said or StsUse.REQUIRE in said
+
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Defaults are read from instances: slotted dataclasses keep no class-level field values.
-_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE, _SELFTEST = (
+_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE, _SELFTEST, _STS = (
     Upstream(), Limits(), Timeouts(), Metrics(), Logging(), DnsConfig(), DnsCache(),
-    DnsSelfTest())
+    DnsSelfTest(), MtaSts())
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -503,6 +539,7 @@ def _policy_entry(source: str, path: str, data: object) -> PolicyEntry:
     if network is None and host is None:
         raise s.error("match", "not an IP network or hostname")
     level = s.choice("level", Level, Level.DANE)
+    sts = _sts_use(s)
     prints: list[bytes] = []
     for p, v in s.items("fingerprints"):
         fp = _fingerprint(v)
@@ -515,7 +552,18 @@ def _policy_entry(source: str, path: str, data: object) -> PolicyEntry:
         raise s.error("fingerprints", "level fingerprint needs at least one fingerprint")
     if prints and level is not Level.FINGERPRINT:
         raise s.error("fingerprints", "only with level: fingerprint")
-    return PolicyEntry(str(match), level, network, host, tuple(prints))
+    return PolicyEntry(str(match), level, network, host, tuple(prints), sts)
+
+
+def _sts_use(s: _Section) -> StsUse | None:
+    if not s.has("mta_sts"):
+        return None
+    raw = s.raw("mta_sts")
+    if raw is False:  # YAML 1.1 reads a bare `off` as false, `on` as true
+        return StsUse.OFF
+    if raw is True:
+        return StsUse.ON
+    return s.choice("mta_sts", StsUse, StsUse.ON)
 
 
 def _selftest(t: _Section) -> DnsSelfTest:
@@ -593,11 +641,37 @@ def _recipient_policy(source: str, path: str, data: object) -> RecipientPolicy:
     domain = _hostname(raw) if isinstance(raw, str) else None
     if domain is None:
         raise s.error("domain", "not a domain name or .suffix")
-    level = s.choice("level", Level, Level.ENCRYPT)
+    sts = _sts_use(s)
+    # An entry that says only mta_sts asks nothing else of the hop.
+    level: Level | None = s.choice("level", Level, Level.ENCRYPT) \
+        if s.has("level") or sts is None else None
     s.done()
-    if level not in (Level.ENCRYPT, Level.DANE_ONLY):
+    if level not in (Level.ENCRYPT, Level.DANE_ONLY, None):
         raise s.error("level", "must be one of: encrypt, dane-only")
-    return RecipientPolicy(domain, level)
+    return RecipientPolicy(domain, level, sts)
+
+
+def _mta_sts(top: _Section) -> MtaSts:
+    m = top.section("mta_sts")
+    enabled = _STS.enabled
+    if m.has("enabled"):
+        raw = m.raw("enabled")
+        if not isinstance(raw, bool):
+            raise m.error("enabled", "must be true or false")
+        enabled = raw
+    cache = _STS.cache
+    if m.has("cache"):
+        raw = m.raw("cache")
+        if raw is not None and not (isinstance(raw, str) and raw):
+            raise m.error("cache", "must be a file path, auto or null")
+        cache = raw
+    ca_file = m.string("ca_file", "") or None if m.has("ca_file") and m.raw("ca_file") \
+        is not None else None
+    sts = MtaSts(enabled=enabled, cache=cache, ca_file=ca_file,
+                 fetch_timeout=m.seconds("fetch_timeout", _STS.fetch_timeout),
+                 max_policies=m.integer("max_policies", _STS.max_policies))
+    m.done()
+    return sts
 
 
 def parse(data: object, source: str = "<config>") -> Config:
@@ -662,6 +736,7 @@ def parse(data: object, source: str = "<config>") -> Config:
 
     dns_config = _dns(top)
     policy = _policy(top)
+    mta_sts = _mta_sts(top)
     workers = 1
     if top.has("workers"):
         raw_workers = top.raw("workers")
@@ -701,6 +776,7 @@ def parse(data: object, source: str = "<config>") -> Config:
         dns=dns_config,
         policy=policy,
         tls=keys,
+        mta_sts=mta_sts,
         workers=workers,
         source=source,
     )

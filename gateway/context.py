@@ -10,7 +10,9 @@ import asyncio
 import ssl
 import time
 from collections import OrderedDict
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from cryptography.x509.verification import Store
 
 from .config import Config, Endpoint, IPAddress, Listener
 from .dns import Resolver
@@ -19,6 +21,9 @@ from .metrics import Metrics
 from .netfilter import is_local_address
 from .policy import Plan, static_plan
 from .tasks import TaskGroup
+
+if TYPE_CHECKING:
+    from .stsfetch import Policies
 
 STATIC_PLAN_CACHE = 10_000
 LOCAL_ADDRESS_TTL = 30.0  # seconds: addresses added to or removed from the host
@@ -83,6 +88,10 @@ class Context:
         # Inbound STARTTLS with tls.key; rebuilt hourly so session-ticket keys rotate.
         self.tls_server: RotatingContext | None = None
         self.sessions: set[Live] = set()
+        # MTA-STS: the policies of recipient domains and the Web PKI roots their MX
+        # certificates must chain to (set by gateway.server when mta_sts is enabled).
+        self.sts: Policies | None = None
+        self.webpki: Store | None = None
         self.idle = asyncio.Event()  # set when the last session ends (drain waits on it)
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).

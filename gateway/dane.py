@@ -310,7 +310,7 @@ def _san_matches(pattern: str, name: str) -> bool:
     return bool(label) and "." in rest and rest == pattern[2:]
 
 
-def _matching_names(leaf: x509.Certificate, names: Sequence[str]) -> list[str]:
+def matching_names(leaf: x509.Certificate, names: Sequence[str]) -> list[str]:
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -324,7 +324,7 @@ def _matching_names(leaf: x509.Certificate, names: Sequence[str]) -> list[str]:
     ]
 
 
-def _path_error(exc: Exception) -> Reason:
+def path_error(exc: Exception) -> Reason:
     # The verifier reports a certificate outside its validity period (leaf, intermediate
     # or TA) only in its message.
     return Reason.EXPIRED if "not valid at validation time" in str(exc) else Reason.CHAIN_INVALID
@@ -345,7 +345,7 @@ def _validate_path(leaf: x509.Certificate, intermediates: list[x509.Certificate]
         try:
             verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            last = (_path_error(exc), str(exc))
+            last = (path_error(exc), str(exc))
             continue
         except ValueError as exc:  # a field parsed only now (a name, say) does not parse
             last = (Reason.BAD_CERTIFICATE, str(exc))
@@ -478,7 +478,7 @@ def _check_ta(chain: _Chain, anchor: x509.Certificate, names: Sequence[str],
     if now > leaf.not_valid_after_utc:
         return Reason.EXPIRED, f"leaf expired {leaf.not_valid_after_utc:%Y-%m-%d}"
     try:
-        matched = _matching_names(leaf, names)
+        matched = matching_names(leaf, names)
     # A malformed extension surfaces on first access, not always as a ValueError.
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         return Reason.BAD_CERTIFICATE, str(exc)

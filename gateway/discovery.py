@@ -15,6 +15,7 @@ import asyncio
 from .answers import failed
 from .config import IPAddress
 from .dns import Resolver
+from .sts import Candidates, Policy, sts_walk
 from .walks import (
     Discovery,
     Progress,
@@ -103,3 +104,24 @@ async def recipient_rule(resolver: Resolver, domain: str, address: IPAddress,
         return RecipientRule(domain, doubt=f"its lookups did not finish within {budget}s")
 
 
+
+
+def sts_candidates_cached(resolver: Resolver, domain: str, address: IPAddress,
+                          policy: Policy) -> Candidates | None:
+    """Which MX hosts of ``domain`` listed by its MTA-STS policy are this destination,
+    from cached answers only; None when one is missing."""
+    key = ("sts", domain, address, policy.mx)
+    found = resolver.recall(key)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    return _replay(resolver, key, sts_walk(domain, address, policy))[1]
+
+
+async def sts_candidates(resolver: Resolver, domain: str, address: IPAddress, policy: Policy,
+                         budget: float) -> Candidates:
+    """Never raises for DNS trouble; bounded by ``budget``."""
+    try:
+        async with asyncio.timeout(budget):
+            return await _drive(resolver, sts_walk(domain, address, policy))
+    except TimeoutError:
+        return Candidates(doubt=f"its lookups did not finish within {budget}s")

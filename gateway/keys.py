@@ -37,12 +37,14 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.verification import Store
 
 from .config import Config, ConfigError
 from .dane import TLSARecord, tlsa_record
 from .keyfiles import KeyFileError, read_file
 from .keygen import DEFAULT_DAYS, PrivateKey, generate_key, self_signed
 from .logs import event, log
+from .sts import load_store
 
 if TYPE_CHECKING:
     pass
@@ -437,3 +439,21 @@ class RotatingContext:
         self._due = self.clock() + self.rotate_after
         self.rotations += 1
         return context
+
+
+def webpki_store(config: Config) -> Store | None:
+    """The roots MX certificates must chain to under MTA-STS: ``mta_sts.ca_file``, else
+    OpenSSL's default bundle on this host; None when no recipient can get MTA-STS."""
+    sts = config.mta_sts
+    if not config.sts_wanted:
+        return None
+    paths = ssl.get_default_verify_paths()
+    path = sts.ca_file or paths.cafile or paths.openssl_cafile
+    try:
+        return load_store(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(config.source, "mta_sts.ca_file",
+                          f"cannot read trust anchors from {path}: {why}"
+                          + ("" if sts.ca_file else " (install ca-certificates, set "
+                             "mta_sts.ca_file, or mta_sts.enabled: false)")) from None

@@ -34,8 +34,17 @@ OUTCOMES = (
 SMUGGLING = (("normalized", "bare_lf"), ("normalized", "bare_cr"), ("refused", "bare_lf"),
              ("refused", "bare_cr"), ("refused", "pipelining"), ("refused", "protocol"))
 RECIPIENT_LABELS = (("allowed", "none"), ("allowed", "tls"), ("allowed", "dane"),
-                    ("deferred", "dns"), ("deferred", "not_encrypted"),
-                    ("deferred", "key_mismatch"), ("deferred", "policy"))
+                    ("allowed", "mta_sts"), ("deferred", "dns"), ("deferred", "not_encrypted"),
+                    ("deferred", "key_mismatch"), ("deferred", "policy"),
+                    ("deferred", "mta_sts"))
+# MTA-STS (gateway.sts, gateway.stsfetch): HTTPS fetches of policies by result, and the
+# verdicts per recipient by the policy's mode and the RFC 8460 result type.
+STS_FETCH_RESULTS = ("ok", "http_status", "redirect", "content_type", "too_large", "invalid",
+                     "tls", "timeout", "network")
+STS_MODES = ("enforce", "testing", "none")
+STS_RESULTS = ("success", "starttls_not_supported", "certificate_host_mismatch",
+               "certificate_not_trusted", "certificate_expired", "validation_failure", "dns",
+               "no_policy")
 TLS_RESULTS = ("dane", "fingerprint", "tls", "end_to_end", "plaintext", "passthrough",
                "deferred")
 TLS_REASONS = ("none", "not_offered", "starttls_refused", "handshake", "verify", "injection",
@@ -103,6 +112,17 @@ class Metrics:
             "client's stream strict (normalized) or ended the session (refused), by what it met: "
             "bare_lf, bare_cr, pipelining (bytes before the reply to DATA), protocol.",
             ["action", "kind"], registry=registry)
+        self.sts_fetches = Counter(
+            "smtpgate_mta_sts_fetches", "HTTPS fetches of MTA-STS policies, by result.",
+            ["result"], registry=registry)
+        self.sts_policies = Gauge(
+            "smtpgate_mta_sts_policies", "MTA-STS policies held (in force or kept past a "
+            "failed refresh), by mode.", ["mode"], registry=registry)
+        self.sts_recipients = Counter(
+            "smtpgate_mta_sts_recipients", "Recipients whose domain's MTA-STS policy was "
+            "applied, by the policy's mode and the result (RFC 8460 result types; "
+            "no_policy: mta_sts require without a valid policy).",
+            ["mode", "result"], registry=registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -126,6 +146,13 @@ class Metrics:
                     self.tls.labels(d.value, tls_result, tls_reason)
         for result in ("hit", "miss", "shared"):
             self.dns_cache.labels(result)
+        for fetch in STS_FETCH_RESULTS:
+            self.sts_fetches.labels(fetch)
+        for sts_mode in STS_MODES:
+            self.sts_policies.labels(sts_mode)
+            if sts_mode != "none":
+                for sts_result in STS_RESULTS:
+                    self.sts_recipients.labels(sts_mode, sts_result)
         for handling in MTA_STARTTLS:
             self.mta_starttls.labels(handling)
         for action, kind in SMUGGLING:

@@ -7,20 +7,38 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .commands import ENCRYPTED, Relay, Result, ShutdownClient, ShutdownPeer, authenticated
-from .config import Config, Endpoint, Level, MtaStartTls
+from .config import Config, Endpoint, Level, MtaStartTls, StsUse
 from .context import Context, SessionCache
-from .discovery import recipient_rule, recipient_rule_cached
+from .discovery import (
+    recipient_rule,
+    recipient_rule_cached,
+    sts_candidates,
+    sts_candidates_cached,
+)
 from .envelope import CheckRecipient, Envelope, EnvelopeCommand
 from .logs import log
 from .phase import HANDSHAKE_ERRORS, TlsPhase
-from .policy import Action, Auth, Plan, recipient_checked, recipient_decision, verify_peer
+from .policy import (
+    Action,
+    Auth,
+    Plan,
+    recipient_checked,
+    recipient_decision,
+    sts_use,
+    verify_peer,
+)
 from .relay import End, Leg, Pump
 from .smtp import RemoteProtocolError
+from .sts import NO_POLICY, Candidates, Verdict, applied, decide
+from .sts import Policy as StsPolicy
 from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, StartTlsMta, Upgrade
 from .walks import RecipientRule
+
+if TYPE_CHECKING:
+    from .stsfetch import Found
 
 # What the upgrade asks of its session: the plan once known (None if discovery broke), and
 # a new connection to the same upstream ("" when made, else why not).
@@ -208,32 +226,108 @@ class OutboundUpgrade(TlsPhase):
             if self.pump.done.done():
                 return
             if isinstance(cmd, CheckRecipient):
-                plan = self.machine.plan
-                if not recipient_checked(plan.level if plan is not None
-                                         else self.config.policy.default,
-                                         self.config.policy.for_recipient(cmd.domain)):
-                    # No DANE at this level: nothing to ask DNS (a resolver failure must not
-                    # defer a path the operator made opportunistic).
-                    self._decide_recipient(cmd, RecipientRule(cmd.domain))
-                    continue
-                rule = recipient_rule_cached(self.ctx.resolver, cmd.domain,
-                                             self.destination.host)
-                if rule is not None:
-                    self._decide_recipient(cmd, rule)  # answered now, in order
-                else:
-                    self.ctx.tasks.spawn(self._check_recipient(cmd),
-                                         name=f"recipient {cmd.domain}")
+                check = self._recipient_check(cmd.domain)
+                decided = self._recipient_now(cmd, check)
+                if decided:
+                    continue  # answered now, in order
+                self.ctx.tasks.spawn(self._check_recipient(cmd, check),
+                                     name=f"recipient {cmd.domain}")
             else:
                 self.forward(cmd)
 
-    async def _check_recipient(self, cmd: CheckRecipient) -> None:
-        rule = await recipient_rule(self.ctx.resolver, cmd.domain, self.destination.host,
-                                    self.config.dns.budget)
-        self._decide_recipient(cmd, rule)
+    def _recipient_check(self, domain: str) -> tuple[bool, StsUse]:
+        """(look up the domain's DANE MX, what MTA-STS it gets) on this session."""
+        plan = self.machine.plan
+        policy = self.config.policy
+        dane_checked = recipient_checked(plan.level if plan is not None else policy.default,
+                                         policy.for_recipient(domain))
+        use = sts_use(self.config.mta_sts.enabled, plan.entry if plan is not None else None,
+                      policy.recipient_entry(domain))
+        if self.ctx.sts is None:  # a reload turned it on; this process has not started it
+            use = StsUse.OFF
+        return dane_checked, use
 
-    def _decide_recipient(self, cmd: CheckRecipient, rule: RecipientRule) -> None:
+    def _recipient_now(self, cmd: CheckRecipient, check: tuple[bool, StsUse]) -> bool:
+        """Decides from what is cached (DNS answers, the policy); False when something must
+        be looked up first."""
+        dane_checked, use = check
+        resolver = self.ctx.resolver
+        if dane_checked:
+            rule = recipient_rule_cached(resolver, cmd.domain, self.destination.host)
+            if rule is None:
+                return False
+        else:
+            # No DANE at this level: nothing to ask DNS (a resolver failure must not defer a
+            # path the operator made opportunistic).
+            rule = RecipientRule(cmd.domain)
+        if use is StsUse.OFF or (rule.host and rule.records):  # DANE first (RFC 8461 2)
+            self._decide_recipient(cmd, rule, None)
+            return True
+        assert self.ctx.sts is not None
+        found = self.ctx.sts.cached(cmd.domain)
+        if found is None:
+            return False
+        policy = self._sts_policy(found, use)
+        if policy is None or isinstance(policy, Verdict):
+            self._decide_recipient(cmd, rule, (found, policy))
+            return True
+        candidates = sts_candidates_cached(resolver, cmd.domain, self.destination.host, policy)
+        if candidates is None:
+            return False
+        self._decide_recipient(cmd, rule, (found, self._sts_verdict(cmd.domain, policy,
+                                                                    candidates)))
+        return True
+
+    async def _check_recipient(self, cmd: CheckRecipient, check: tuple[bool, StsUse]) -> None:
+        dane_checked, use = check
+        budget = self.config.dns.budget
+        resolver = self.ctx.resolver
+        address = self.destination.host
+        rule = await recipient_rule(resolver, cmd.domain, address, budget) if dane_checked \
+            else RecipientRule(cmd.domain)
+        sts: tuple[Found, Verdict | None] | None = None
+        if use is not StsUse.OFF and not (rule.host and rule.records):
+            assert self.ctx.sts is not None
+            found = self.ctx.sts.cached(cmd.domain) or await self.ctx.sts.policy(cmd.domain)
+            policy = self._sts_policy(found, use)
+            if policy is None or isinstance(policy, Verdict):
+                sts = (found, policy)
+            else:
+                candidates = await sts_candidates(resolver, cmd.domain, address, policy,
+                                                  budget)
+                sts = (found, self._sts_verdict(cmd.domain, policy, candidates))
+        self._decide_recipient(cmd, rule, sts)
+
+    @staticmethod
+    def _sts_policy(found: Found, use: StsUse) -> StsPolicy | Verdict | None:
+        return applied(found.domain, found.policy, found.error, use is StsUse.REQUIRE)
+
+    def _sts_verdict(self, domain: str, policy: StsPolicy, candidates: Candidates) -> Verdict:
+        encrypted = self.machine.result in ENCRYPTED
+        chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
+        assert self.ctx.webpki is not None  # built with ctx.sts
+        verdict = decide(domain, policy, candidates, encrypted, chain, store=self.ctx.webpki)
+        m = self.ctx.metrics
+        m.child(m.sts_recipients, policy.mode.value, verdict.result).inc()
+        self.tls.setdefault("mta_sts", "")
+        self.tls["mta_sts"] += f"{domain}={policy.mode}:{verdict.result}; "
+        if verdict.result != "success" and verdict.allow:
+            self.tls["mta_sts"] = self.tls["mta_sts"][:-2] + f" ({verdict.reason}); "
+        return verdict
+
+    def _decide_recipient(self, cmd: CheckRecipient, rule: RecipientRule,
+                          sts: tuple[Found, Verdict | None] | None) -> None:
         assert self.envelope is not None
         allow, reason, label = self._satisfies(rule)
+        if sts is not None and sts[1] is not None:
+            verdict = sts[1]
+            if verdict.result == NO_POLICY:
+                m = self.ctx.metrics
+                m.child(m.sts_recipients, "enforce", NO_POLICY).inc()
+            if allow and not verdict.allow:
+                allow, reason, label = False, verdict.reason, "mta_sts"
+            elif allow and verdict.result == "success":
+                label = "mta_sts"
         m = self.ctx.metrics
         m.child(m.recipients, "allowed" if allow else "deferred", label).inc()
         if not allow:

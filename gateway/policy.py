@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from . import dane
-from .config import IPAddress, Level, PolicyConfig, PolicyEntry
+from .config import IPAddress, Level, PolicyConfig, PolicyEntry, RecipientPolicy, StsUse
 from .dane import TLSARecord
 from .walks import Discovery, RecipientRule
 
@@ -184,6 +184,16 @@ def recipient_checked(level: Level | None, required: Level | None) -> bool:
     ``encrypt`` and ``fingerprint`` the operator chose no DANE for this destination: asking
     DNS could only turn a working path into a deferral when the resolver fails."""
     return required is not None or level in RECIPIENT_DANE
+
+
+def sts_use(enabled: bool, entry: PolicyEntry | None,
+            recipient: RecipientPolicy | None) -> StsUse:
+    """What MTA-STS a recipient gets on a session: its ``policy.recipients`` entry decides,
+    then the destination's ``policy.entries`` entry, then ``mta_sts.enabled``."""
+    for said in (recipient, entry):
+        if said is not None and said.mta_sts is not None:
+            return said.mta_sts
+    return StsUse.ON if enabled else StsUse.OFF
 
 
 def recipient_decision(rule: RecipientRule, encrypted: bool, chain: list[bytes],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import resource
@@ -19,7 +20,7 @@ from . import logs
 from .config import ClientAddress, Config, ConfigError, Direction, Listener
 from .context import Context
 from .health import Health
-from .keys import RotatingContext, site_pairs
+from .keys import RotatingContext, site_pairs, webpki_store
 from .logs import event, log
 from .metrics import Metrics, serve
 from .netfilter import (
@@ -110,7 +111,10 @@ class Gateway:
         check_upstream(self.config)
         warn_open_files(self.config)
         self.ctx.tls_server = site_context(self.config)
+        self.ctx.webpki = webpki_store(self.config)
         await self._apply_listeners(self.config)
+        if self.config.sts_wanted:
+            await self._start_sts(self.config)
         target = self.metrics_socket or self.config.metrics.listen
         if target is not None:
             self._metrics_server = await serve(self.metrics.registry, target, self)
@@ -119,6 +123,15 @@ class Gateway:
             self._tasks.spawn(self.health.selftest_loop(lambda: self.config.dns,
                                                         self._selftest_wake),
                               name="dns self-test")
+
+    async def _start_sts(self, config: Config) -> None:
+        from .stsfetch import Policies  # the HTTP client only where MTA-STS is on
+
+        ctx = self.ctx
+        policies = Policies(dataclasses.replace(config.mta_sts, enabled=True),
+                            lambda: ctx.resolver, self.metrics)
+        await policies.open()
+        ctx.sts = policies
 
     # -- what /healthz and /status say (gateway.metrics.Report) --------------------------
     def serving(self) -> bool:
@@ -152,6 +165,10 @@ class Gateway:
             if new.metrics != self.config.metrics:
                 raise ConfigError(str(path), "metrics.listen",
                                   "cannot change on reload; restart the gateway")
+            if new.mta_sts.cache != self.config.mta_sts.cache and self.ctx.sts is not None:
+                raise ConfigError(str(path), "mta_sts.cache",
+                                  "cannot change on reload; restart the gateway")
+            webpki = webpki_store(new)
             await self._apply_listeners(new)
         except (ConfigError, OSError) as exc:
             self.metrics.reloads.labels("rejected").inc()
@@ -161,6 +178,12 @@ class Gateway:
         warn_open_files(new)
         # Sessions already running keep the config they started with.
         self.ctx.reconfigure(new, tls_server)
+        self.ctx.webpki = webpki
+        if self.ctx.sts is not None:
+            # (enabled: false with an entry that turns it on: the policies are looked up)
+            self.ctx.sts.config = dataclasses.replace(new.mta_sts, enabled=True)
+        elif new.sts_wanted:
+            await self._start_sts(new)
         logs.setup(new.logging.format, new.logging.level)
         self.metrics.reloads.labels("ok").inc()
         self.health.reloaded(True, new.source)
@@ -188,6 +211,8 @@ class Gateway:
             await ctx.tasks.cancel_all()
             await asyncio.sleep(0)  # the pumps' done callbacks write the summaries
         await ctx.resolver.close()
+        if ctx.sts is not None:
+            await ctx.sts.close()
         await self._tasks.cancel_all()
         if self._metrics_server is not None:
             self._metrics_server.close()

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from .config import Config, ConfigError, Direction, load
 from .health import FAMILIES, Health
-from .keys import site_pairs
+from .keys import site_pairs, webpki_store
 from .logs import event, log
 from .metrics import aggregate, serve
 from .tasks import TaskGroup
@@ -175,6 +175,7 @@ async def supervise(path: str, config: Config) -> int:
             try:
                 new = load(path)
                 site_pairs(new)  # as a worker reads it: the keys too
+                webpki_store(new)
                 if new.workers != current.workers or new.metrics != current.metrics:
                     key = "workers" if new.workers != current.workers else "metrics.listen"
                     raise ConfigError(path, key, "cannot change on reload; restart the gateway")

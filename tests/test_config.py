@@ -88,6 +88,30 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.timeouts.connect == 30.0
     assert cfg.upstream.on_failure is FailureSignal.REPLY
     assert str(cfg.metrics.listen) == "127.0.0.1:9125"
+    assert (cfg.mta_sts.enabled, cfg.mta_sts.cache, cfg.mta_sts.ca_file) == (True, "auto", None)
+
+
+def test_mta_sts_per_destination_and_recipient(tmp_path: Path) -> None:
+    from gateway.config import Level, StsUse
+    from gateway.policy import sts_use
+
+    cfg = load(write(tmp_path, L + "mta_sts: {enabled: false, cache: null}\n"
+                     "policy:\n  entries: [{match: .partner.example, mta_sts: off},\n"
+                     "            {match: .pay.example, level: may, mta_sts: require}]\n"
+                     "  recipients: [{domain: bank.example, mta_sts: require},\n"
+                     "               {domain: shop.example, level: encrypt, mta_sts: on}]\n"))
+    off, require = cfg.policy.entries
+    bank, shop = cfg.policy.recipients
+    assert (off.mta_sts, require.mta_sts) == (StsUse.OFF, StsUse.REQUIRE)  # YAML's bare off
+    assert (bank.level, bank.mta_sts) == (None, StsUse.REQUIRE)  # only mta_sts: no level
+    assert (shop.level, shop.mta_sts) == (Level.ENCRYPT, StsUse.ON)
+    assert cfg.mta_sts.cache is None
+    # The recipient's entry first, then the destination's, then mta_sts.enabled.
+    assert sts_use(False, None, None) is StsUse.OFF
+    assert sts_use(True, None, None) is StsUse.ON
+    assert sts_use(False, require, None) is StsUse.REQUIRE
+    assert sts_use(True, off, bank) is StsUse.REQUIRE
+    assert sts_use(True, require, shop) is StsUse.ON
 
 
 L = "listeners: [{address: 127.0.0.1, port: 10025}]\n"
@@ -188,6 +212,14 @@ BAD = [
     (L + "dns: {selftest: {interval: -1}}\n",
      "dns.selftest.interval: must be a non-negative number of seconds"),
     (L + "dns: {selftest: {every: 5}}\n", "dns.selftest.every: unknown key"),
+    (L + "mta_sts: {enabled: maybe}\n", "mta_sts.enabled: must be true or false"),
+    (L + "mta_sts: {cache: 5}\n", "mta_sts.cache: must be a file path, auto or null"),
+    (L + "mta_sts: {fetch_timeout: 0}\n",
+     "mta_sts.fetch_timeout: must be a positive number of seconds"),
+    (L + "policy: {entries: [{match: mx.example.com, mta_sts: sometimes}]}\n",
+     "policy.entries[0].mta_sts: must be one of: on, off, require"),
+    (L + "policy: {recipients: [{domain: bank.example, mta_sts: maybe}]}\n",
+     "policy.recipients[0].mta_sts: must be one of: on, off, require"),
     ("listeners: [\n", "line 2, column 1: expected the node content, but found '<stream end>'"),
     ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
 ]
