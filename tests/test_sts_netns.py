@@ -283,3 +283,26 @@ def test_check_shows_the_policy_its_source_and_the_recipients_fate(world: World)
     r = cli(world.lab.gw, "check", "-c", cfg, "--no-connect", "--rcpt", "u@notlisted.test",
             "203.0.113.2")
     assert r.returncode == 1 and "this server is not an MX it lists" in r.stdout, r.stdout
+
+
+def test_require_and_off_per_recipient_domain(world: World) -> None:
+    """policy.recipients: `require` defers a domain without a policy; `off` lets a domain
+    whose enforce policy this hop fails through (the operator's choice)."""
+    original = world.gw.config_path.read_text()
+    world.gw.config_path.write_text(original.replace("policy: {default: dane}", (
+        "policy: {default: dane, recipients: [{domain: plain.nopolicy.test, mta_sts: "
+        "require}, {domain: wrongname.test, mta_sts: off}]}")))
+    assert "mta_sts: require" in world.gw.config_path.read_text()
+    try:
+        r = cli(world.lab.gw, "reload", "-c", str(world.gw.config_path))
+        assert r.returncode == 0, r.stdout + r.stderr
+        send(world, "r@plain.nopolicy.test")
+        world.mta.wait_log(r"to=<r@plain\.nopolicy\.test>.*status=deferred \(.*450 4\.7\.5 "
+                           r"smtpgate: policy requires MTA-STS for plain\.nopolicy\.test: "
+                           r"it publishes no policy", timeout=30)
+        marker = send(world, "o@wrongname.test")
+        world.other.wait_delivered(marker, 30)
+        assert sts_count(world, "enforce", "no_policy") >= 1
+    finally:
+        world.gw.config_path.write_text(original)
+        assert cli(world.lab.gw, "reload", "-c", str(world.gw.config_path)).returncode == 0
