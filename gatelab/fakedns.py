@@ -14,6 +14,7 @@ as its resolver::
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import threading
@@ -87,6 +88,19 @@ class FakeDns:
                     ns: Netns | None = None) -> FakeDns:
         """Serves UDP and TCP on ``host:port`` (port 0: a free one, see ``self.port``), in
         the namespace ``ns`` when given."""
+        for _ in range(20 if port == 0 else 1):
+            try:
+                return await self._start(host, port, ns)
+            except OSError as exc:
+                # Port 0: the free UDP port may be taken for TCP; try another pair.
+                if port != 0 or exc.errno != errno.EADDRINUSE:
+                    raise
+                if self._udp is not None:
+                    self._udp.close()
+                    self._udp = None
+        raise OSError(errno.EADDRINUSE, "no free port for both UDP and TCP")
+
+    async def _start(self, host: str, port: int, ns: Netns | None) -> FakeDns:
         loop = asyncio.get_running_loop()
         fake = self
 

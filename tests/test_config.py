@@ -329,6 +329,7 @@ def test_deep_nesting_is_one_line(tmp_path: Path, text: str) -> None:
     assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.slow  # seconds: kept out of the quick tier
 def test_a_config_file_is_bounded_in_size_and_checked_in_linear_time(tmp_path: Path) -> None:
     big = write(tmp_path, "# x\n" * 300_000)
     with pytest.raises(ConfigError) as err:

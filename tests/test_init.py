@@ -10,7 +10,9 @@ edit the template, then ``.venv/bin/python -m tests.test_init`` rewrites deploy/
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import os
 import re
 import stat
@@ -22,9 +24,10 @@ import pytest
 import yaml
 from cryptography import x509
 
+from gatelab.markdown import markdown_section
 from gateway import starter
+from gateway.cli import main
 from gateway.config import Direction, load
-from tests.test_docs_sync import markdown_section
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = ROOT / ".venv" / "bin" / "smtpgate"
@@ -49,7 +52,19 @@ def smtpgate(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def init(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return smtpgate("init", "-c", str(tmp / "etc" / "smtpgate.yaml"), *args, cwd=tmp)
+    """``smtpgate init`` through the same entry point, in this process (a subprocess per
+    case cost the quick tier seconds); the real command runs in the tests that call
+    :func:`smtpgate` and :func:`check`."""
+    argv = ["init", "-c", str(tmp / "etc" / "smtpgate.yaml"), *args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(tmp), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["smtpgate", *argv], code, out.getvalue(),
+                                       err.getvalue())
 
 
 def check(config: Path) -> subprocess.CompletedProcess[str]:

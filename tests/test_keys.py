@@ -682,6 +682,7 @@ def test_rollover_force_promotes_next_and_keeps_old(tmp_path: Path,
     load_keypair(p["key"], p["cert"], "c.yaml", "tls.key")
 
 
+@pytest.mark.slow  # seconds: kept out of the quick tier
 def test_rollover_refuses_when_dns_cannot_confirm(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """No resolver listens on 127.0.0.1:9 (the discard port): the lookup fails, the

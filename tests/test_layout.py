@@ -8,6 +8,7 @@ context below the sessions, the sessions below the server.  A cycle, even one hi
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
@@ -103,10 +104,10 @@ def test_the_pure_core_loads_no_shell() -> None:
     load nothing that does I/O: no resolver, no event-loop code, no sockets."""
     edges = graph()
     shell = {"dns", "discovery", "tasks", "metrics", "relay", "tls", "session", "server",
-             "netfilter", "context", "planning", "phase", "outbound", "inbound", "workers"}
+             "netfilter", "context", "planning", "phase", "outbound", "inbound", "workers",
+             "stsfetch", "health", "control"}
     for pure in ("policy", "walks", "answers", "dane", "smtp", "commands", "upgrade", "offload",
-                 "shield",
-                 "envelope", "admission"):
+                 "shield", "envelope", "admission", "sts"):
         assert not reach(edges, pure) & shell, (pure, reach(edges, pure) & shell)
 
 
@@ -117,3 +118,12 @@ def test_the_wire_knows_no_machine() -> None:
     assert edges["smtp"] == set()
     assert "offload" not in edges["upgrade"] and "upgrade" not in edges["offload"]
     assert {"smtp", "commands"} <= edges["upgrade"] & edges["offload"]
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in gatelab/, typed and reviewed as code: a test module
+    importing another one would run that module's tests' import-time setup too."""
+    tests = Path(__file__).resolve().parent
+    offenders = sorted(p.name for p in tests.glob("test_*.py")
+                       if re.search(r"^\s*(from tests[. ]|import tests\b)", p.read_text(), re.M))
+    assert offenders == []

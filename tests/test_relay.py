@@ -417,6 +417,7 @@ def test_activity_keeps_idle_timer_away_but_total_timeout_ends_it() -> None:
     run(main())
 
 
+@pytest.mark.slow  # seconds: kept out of the quick tier
 def test_slow_reader_bounds_the_buffer() -> None:
     """A reader that takes 4 KiB every 2 ms against a sender at full speed: the pump's
     user-space buffer never exceeds the high-water mark plus one socket read."""
