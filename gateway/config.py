@@ -288,6 +288,25 @@ class MtaSts:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRpt:
+    """TLS-RPT (RFC 8460): daily reports to the recipient domains that ask for them
+    (gateway.tlsrpt, gateway.tlsrptstore, gateway.tlsrptsend).  Off until configured."""
+
+    enabled: bool = False
+    organization: str = ""  # organization-name of the reports
+    contact: str = ""  # contact-info: an address or URI the receiving domain may write to
+    sender: str = ""  # the From: address of reports sent by mail
+    relay: Endpoint | None = None  # the MTA that takes reports sent by mail (SMTP)
+    # The outcomes collected (SQLite, shared by workers): "auto" = $STATE_DIRECTORY/
+    # tlsrpt.sqlite3, else memory only (reports then lose what a restart drops).
+    store: str | None = "auto"
+    ca_file: str | None = None  # for https: report URIs; None: this host's roots
+    max_domains: int = 10000  # policy domains recorded per day; more are counted, not kept
+    send_after: float = 900.0  # seconds after 00:00 UTC before the day's reports go out
+    timeout: float = 30.0  # one delivery attempt (SMTP or HTTPS)
+
+
+@dataclass(frozen=True, slots=True)
 class TlsKeys:
     """The site's key for inbound STARTTLS, and the next one during a rollover."""
 
@@ -315,6 +334,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     tls: TlsKeys = field(default_factory=TlsKeys)
     mta_sts: MtaSts = field(default_factory=MtaSts)
+    tlsrpt: TlsRpt = field(default_factory=TlsRpt)
     # Processes sharing the listeners (SO_REUSEPORT); 1 runs everything in this process.
     workers: int = 1
     source: str = "<config>"
@@ -329,9 +349,9 @@ class Config:
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Defaults are read from instances: slotted dataclasses keep no class-level field values.
-_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE, _SELFTEST, _STS = (
+_UPSTREAM, _LIMITS, _TIMEOUTS, _METRICS, _LOGGING, _DNS, _CACHE, _SELFTEST, _STS, _RPT = (
     Upstream(), Limits(), Timeouts(), Metrics(), Logging(), DnsConfig(), DnsCache(),
-    DnsSelfTest(), MtaSts())
+    DnsSelfTest(), MtaSts(), TlsRpt())
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -651,6 +671,47 @@ def _recipient_policy(source: str, path: str, data: object) -> RecipientPolicy:
     return RecipientPolicy(domain, level, sts)
 
 
+def _tlsrpt(top: _Section) -> TlsRpt:
+    t = top.section("tlsrpt")
+    enabled = _RPT.enabled
+    if t.has("enabled"):
+        raw = t.raw("enabled")
+        if not isinstance(raw, bool):
+            raise t.error("enabled", "must be true or false")
+        enabled = raw
+    store = _RPT.store
+    if t.has("store"):
+        raw = t.raw("store")
+        if raw is not None and not (isinstance(raw, str) and raw):
+            raise t.error("store", "must be a file path, auto or null")
+        store = raw
+    relay = parse_endpoint(t.raw("relay"), t.source, "tlsrpt.relay") \
+        if t.has("relay") and t.raw("relay") is not None else None
+    rpt = TlsRpt(
+        enabled=enabled,
+        organization=t.string("organization", "") if t.has("organization") else "",
+        contact=t.string("contact", "") if t.has("contact") else "",
+        sender=t.string("sender", "") if t.has("sender") else "",
+        relay=relay,
+        store=store,
+        ca_file=(t.string("ca_file", "") or None) if t.has("ca_file")
+        and t.raw("ca_file") is not None else None,
+        max_domains=t.integer("max_domains", _RPT.max_domains),
+        send_after=t.seconds("send_after", _RPT.send_after, zero_ok=True),
+        timeout=t.seconds("timeout", _RPT.timeout),
+    )
+    t.done()
+    if rpt.enabled:
+        for key in ("organization", "contact", "sender"):
+            if not getattr(rpt, key):
+                raise t.error(key, "is required when tlsrpt.enabled is true")
+        if "@" not in rpt.sender or any(c in rpt.sender for c in "<> \t\r\n"):
+            raise t.error("sender", "must be an address user@domain")
+    if rpt.send_after >= 86400:
+        raise t.error("send_after", "must be less than a day (86400 s)")
+    return rpt
+
+
 def _mta_sts(top: _Section) -> MtaSts:
     m = top.section("mta_sts")
     enabled = _STS.enabled
@@ -737,6 +798,7 @@ def parse(data: object, source: str = "<config>") -> Config:
     dns_config = _dns(top)
     policy = _policy(top)
     mta_sts = _mta_sts(top)
+    tlsrpt = _tlsrpt(top)
     workers = 1
     if top.has("workers"):
         raw_workers = top.raw("workers")
@@ -777,6 +839,7 @@ def parse(data: object, source: str = "<config>") -> Config:
         policy=policy,
         tls=keys,
         mta_sts=mta_sts,
+        tlsrpt=tlsrpt,
         workers=workers,
         source=source,
     )
