@@ -19,6 +19,11 @@ declared is refused in the handshake. A change rewrites the config, checks it
 is left (nginx cuts requests still running after ``worker_shutdown_timeout``, 1 s).
 The stall fault is nginx's too (``echo_sleep`` from libnginx-mod-http-echo, which
 Debian 12's nginx-light pulls in).
+
+Report sinks (:meth:`PolicyHost.add_report_sink`): a virtual host that takes POSTs at a path
+and keeps each body in a file of its own (``client_body_in_file_only``, the body read by
+``echo_read_request_body``), named in the access log; :meth:`PolicyHost.posts` reads them
+back (TLS-RPT's ``https:`` reports, RFC 8460 5.4).
 """
 
 from __future__ import annotations
@@ -112,6 +117,19 @@ def _domain(domain: str) -> str:
 # -- the server ---------------------------------------------------------------------------
 
 
+class Post(NamedTuple):
+    """One request to a report sink, as nginx logged it, with the body it kept."""
+
+    time: float  # when it arrived (epoch seconds, ms resolution)
+    host: str  # the Host header
+    sni: str
+    method: str
+    path: str
+    status: int
+    content_type: str  # the request's Content-Type
+    body: bytes  # as received (b"" when the sink answered without keeping it)
+
+
 class Fetch(NamedTuple):
     """One request as nginx logged it."""
 
@@ -138,6 +156,14 @@ class _Site:
     @property
     def host(self) -> str:
         return f"mta-sts.{self.domain}"
+
+
+@dataclass
+class _Sink:
+    host: str
+    path: str
+    chain: tuple[Issued, ...]
+    status: int = 200  # 2xx: the body is read and kept; else the answer, body discarded
 
 
 class PolicyHost:
@@ -180,6 +206,7 @@ class PolicyHost:
         self.error_log = self.workdir / "error.log"
         self.access_log = self.workdir / "access.log"
         self._sites: dict[str, _Site] = {}
+        self._sinks: dict[str, _Sink] = {}
         self._proc: subprocess.Popen[Any] | None = None
         self._added: list[str] = []
         self._closed = False
@@ -266,6 +293,53 @@ class PolicyHost:
         self._site(domain).chain = (leaf, *chain)
         self._apply()
 
+    def add_report_sink(self, host: str, path: str = "/tlsrpt") -> str:
+        """Take POSTs at ``https://host/path`` (a certificate for ``host`` from the PKI),
+        keeping each body (see :meth:`posts`); returns that URL (no port: 443)."""
+        host = _domain(host)
+        if not path.startswith("/") or any(c in path for c in ' ;{}"\\'):
+            raise ValueError(f"path {path!r}")
+        self._sinks[host] = _Sink(host, path, (self.pki.leaf([host]), *self.pki.chain))
+        self._apply()
+        return f"https://{host}{'' if self.port == 443 else f':{self.port}'}{path}"
+
+    def sink_status(self, host: str, status: int) -> None:
+        """Answer the sink's POSTs with ``status`` (a 2xx keeps the body, anything else is
+        answered without reading it: a receiver that is down or refuses)."""
+        sink = self._sinks.get(_domain(host))
+        if sink is None:
+            raise KeyError(f"no report sink {host!r} (sinks: {sorted(self._sinks)})")
+        sink.status = status
+        self._apply()
+
+    def posts(self, host: str | None = None, *, at_least: int = 0,
+              timeout: float = 5.0) -> list[Post]:
+        """The requests to the sinks (``host``'s, else all), oldest first, with their kept
+        bodies; waits up to ``timeout`` for ``at_least`` of them."""
+        name = _domain(host) if host is not None else None
+        found: list[Post] = []
+
+        def enough() -> bool:
+            nonlocal found
+            found = [p for p in self._read_posts() if name is None or p.host == name]
+            return len(found) >= at_least
+
+        _wait(enough, timeout if at_least else 0.0)
+        return found
+
+    def _read_posts(self) -> list[Post]:
+        sinks = set(self._sinks)
+        out = []
+        for e in self._log_entries():
+            if e["host"] not in sinks:
+                continue
+            kept = e.get("body", "")
+            body = Path(kept).read_bytes() if kept and Path(kept).is_file() else b""
+            msec, rt = float(e["msec"]), float(e["rt"])
+            out.append(Post(msec - rt, e["host"], e["sni"], e.get("method", ""), e["uri"],
+                            int(e["status"]), e.get("ctype", ""), body))
+        return out
+
     def _fault(self, domain: str, answer: list[str], size: int | None = None) -> None:
         site = self._site(domain)
         site.answer, site.size = answer, size  # one fault at a time: it replaces the last
@@ -298,7 +372,9 @@ class PolicyHost:
             "    log_format lab escape=json '{\"msec\":\"$msec\",\"rt\":\"$request_time\","
             "\"host\":\"$host\",\"sni\":\"$ssl_server_name\",\"uri\":\"$request_uri\","
             "\"status\":\"$status\",\"bytes\":\"$body_bytes_sent\","
-            "\"client\":\"$remote_addr\",\"ua\":\"$http_user_agent\"}';",
+            "\"client\":\"$remote_addr\",\"ua\":\"$http_user_agent\","
+            "\"method\":\"$request_method\",\"ctype\":\"$content_type\","
+            "\"body\":\"$request_body_file\"}';",
             f"    access_log {self.access_log} lab;",
             *[f"    {what}_temp_path {tmp / what};"
               for what in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")],
@@ -330,6 +406,28 @@ class PolicyHost:
                 f"        root {root};",
                 f"        location = {WELL_KNOWN} {{ {types} {' '.join(site.answer)} }}",
                 f"        location @policy {{ {types} try_files {WELL_KNOWN} =404; }}",
+                "        location / { return 404; }",
+                "    }",
+            ]
+        for sink in self._sinks.values():
+            cert = certs / f"sink-{sink.host}.pem"
+            key = certs / f"sink-{sink.host}.key"
+            cert.write_bytes(b"".join(c.pem for c in sink.chain))
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(sink.chain[0].key_pem)
+            # The body read (echo_read_request_body) into a file that outlives the request
+            # (client_body_in_file_only), named by $request_body_file in the access log.
+            take = ["client_body_in_file_only on;", "client_max_body_size 1m;",
+                    "echo_read_request_body;", f"echo_status {sink.status};", "echo ok;"] \
+                if 200 <= sink.status < 300 else [f"return {sink.status};"]
+            lines += [
+                "    server {",
+                *[f"        listen {a}:{self.port} ssl;" for a in listen],
+                f"        server_name {sink.host};",
+                f"        ssl_certificate {cert};",
+                f"        ssl_certificate_key {key};",
+                f"        location = {sink.path} {{ {' '.join(take)} }}",
                 "        location / { return 404; }",
                 "    }",
             ]
@@ -487,16 +585,17 @@ class PolicyHost:
         _wait(enough, timeout if at_least else 0.0)
         return found
 
-    def _read_log(self) -> list[Fetch]:
+    def _log_entries(self) -> list[dict[str, str]]:
         try:
             text = self.access_log.read_text()
         except FileNotFoundError:
             return []
+        # A line still being written has no closing brace yet.
+        return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+    def _read_log(self) -> list[Fetch]:
         out = []
-        for line in text.splitlines():
-            if not line.endswith("}"):  # a line still being written
-                continue
-            e = json.loads(line)
+        for e in self._log_entries():
             msec, rt = float(e["msec"]), float(e["rt"])
             # fmt: off
             out.append(Fetch(msec - rt, rt, e["host"], e["sni"], e["uri"], int(e["status"]),
@@ -611,6 +710,7 @@ __all__ = [
     "Fetch",
     "HttpsLabError",
     "PolicyHost",
+    "Post",
     "Response",
     "https_get",
     "httpslab_usable",
