@@ -273,8 +273,10 @@ def test_an_mta_that_verifies_on_its_own_is_left_alone(world: World) -> None:
         mta.sendmail("alice@a.test", "v4@b.test", message(marker))
         world.peer.wait_delivered(marker)
         mta.wait_log(r"Verified TLS connection established to mx\.b\.test\[203\.0\.113\.2\]")
-        s = session_to(gw, f"{PEER_V4}:25", 0)
-        assert str(s["client"]).startswith(VERIFYING_V4), s
+        # (The lab's other MTA may retry a message of an earlier test through this
+        # gateway meanwhile: the session looked at is the verifying MTA's.)
+        [s] = gw.sessions_to(f"{PEER_V4}:25", where=lambda s: str(s["client"]).startswith(
+            VERIFYING_V4) and bool(s.get("mta_starttls")))[:1]
         assert (s["tls"], s["mta_starttls"]) == ("end_to_end", "stepped_aside"), s
         # Inside the MTA's own TLS the gateway cannot see QUIT: a reset at the end (a close
         # with the other's last record unread) ends relayed when the other side's close was
