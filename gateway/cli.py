@@ -110,6 +110,23 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return control.reload(config, _print_now, pid=args.pid, timeout=args.timeout)
 
 
+def _cmd_tlsrpt(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"smtpgate: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        from .tlsrptcli import show
+
+        return show(config.tlsrpt, sys.stdout, domain=args.domain, day=args.day,
+                    store=args.store)
+    from .tlsrptsend import send
+
+    return send(config, _print_now, day=args.day, domain=args.domain, now=args.now,
+                store=args.store)
+
+
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
@@ -642,6 +659,43 @@ def parser() -> argparse.ArgumentParser:
     fw.add_argument("--table", type=int, default=100, metavar="N",
                     help="routing table for TPROXY and transparent upstreams (default: 100)")
     fw.set_defaults(func=_cmd_firewall)
+
+    rpt = sub.add_parser("tlsrpt", help="TLS reports (RFC 8460): show or send them",
+                         description="The daily TLS reports the gateway sends to the recipient "
+                                     "domains that ask for them (tlsrpt in the config; "
+                                     "docs/operations.md, TLS reports).")
+    rsub = rpt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rshow = rsub.add_parser(
+        "show", help="print the reports the counts make",
+        description="Print, per policy domain, the RFC 8460 JSON report exactly as `tlsrpt "
+                    "send` would send it, from the store file (read only). Without --day: "
+                    "today's running counts (UTC); yesterday's is what the next send "
+                    "reports. What a worker counted in its last few seconds is not in the file "
+                    "yet. Exit 0 when printed, 1 when nothing was recorded for that day or "
+                    "domain, 2 for bad input.")
+    rsend = rsub.add_parser(
+        "send", help="send the reports now",
+        description="Look up each domain's _smtp._tls TXT record and, with --now, deliver "
+                    "its report to every rua (mailto: through tlsrpt.relay, https: by POST), "
+                    "noting each delivery in the store; without --now only say what the "
+                    "daily schedule would send. Exit 0 when every report was delivered (or "
+                    "there was nothing to send), 1 when some delivery failed (the running "
+                    "gateway retries it), 2 for bad input or a config without "
+                    "tlsrpt.enabled.")
+    for p_ in (rshow, rsend):
+        p_.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"config file (default: {DEFAULT_CONFIG})")
+        p_.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
+        p_.add_argument("--day", metavar="YYYY-MM-DD",
+                        help="the UTC day (show: default today; send: default yesterday)")
+        p_.set_defaults(func=_cmd_tlsrpt)
+    for p_ in (rshow, rsend):
+        p_.add_argument("--store", metavar="PATH",
+                        help="this store file instead of tlsrpt.store (a shell lacks the "
+                             "service's STATE_DIRECTORY)")
+    rsend.add_argument("--now", action="store_true",
+                       help="send now, not at the daily time (with --day of today: the counts "
+                            "so far, a partial report)")
 
     demo = sub.add_parser("demo", help="mail between four sites through both gateways (lab)",
                           description="Build the lab (gatelab: network namespaces, Postfix, "

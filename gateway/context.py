@@ -24,6 +24,7 @@ from .tasks import TaskGroup
 
 if TYPE_CHECKING:
     from .stsfetch import Policies
+    from .tlsrptstore import Store as TlsRptStore
 
 STATIC_PLAN_CACHE = 10_000
 LOCAL_ADDRESS_TTL = 30.0  # seconds: addresses added to or removed from the host
@@ -44,7 +45,11 @@ class SessionCache:
 
     def __init__(self, size: int = 10000) -> None:
         self.size = size
-        self._sessions: OrderedDict[tuple[object, ...], ssl.SSLSession] = OrderedDict()
+        # With each session, the chain its full handshake presented: a resumed handshake
+        # presents none (OpenSSL keeps only the leaf), and the recipient checks (DANE-TA,
+        # MTA-STS's Web PKI path) need the chain the session was authenticated with.
+        self._sessions: OrderedDict[tuple[object, ...],
+                                    tuple[ssl.SSLSession, tuple[bytes, ...]]] = OrderedDict()
 
     @staticmethod
     def key(destination: str, plan: Plan) -> tuple[object, ...]:
@@ -52,10 +57,17 @@ class SessionCache:
                 tuple(sorted(str(r) for r in plan.tlsa)), tuple(sorted(plan.fingerprints)))
 
     def get(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
-        return self._sessions.get(key)
+        found = self._sessions.get(key)
+        return found[0] if found is not None else None
 
-    def put(self, key: tuple[object, ...], session: ssl.SSLSession) -> None:
-        self._sessions[key] = session
+    def chain(self, key: tuple[object, ...], session: ssl.SSLSession | None) -> list[bytes]:
+        """The chain presented when ``session`` (the one resumed) was made; [] if unknown."""
+        found = self._sessions.get(key)
+        return list(found[1]) if found is not None and found[0] is session else []
+
+    def put(self, key: tuple[object, ...], session: ssl.SSLSession,
+            chain: tuple[bytes, ...] = ()) -> None:
+        self._sessions[key] = (session, chain)
         self._sessions.move_to_end(key)
         while len(self._sessions) > self.size:
             self._sessions.popitem(last=False)
@@ -92,6 +104,8 @@ class Context:
         # certificates must chain to (set by gateway.server when mta_sts is enabled).
         self.sts: Policies | None = None
         self.webpki: Store | None = None
+        # TLS-RPT: where sessions count their outcomes (gateway.server, tlsrpt.enabled).
+        self.tlsrpt: TlsRptStore | None = None
         self.idle = asyncio.Event()  # set when the last session ends (drain waits on it)
         # Local addresses of our upstream sockets: a connection *from* one of these that
         # reaches a listener is our own traffic intercepted again (A6).

@@ -123,6 +123,7 @@ class Metrics:
             "applied, by the policy's mode and the result (RFC 8460 result types; "
             "no_policy: mta_sts require without a valid policy).",
             ["mode", "result"], registry=registry)
+        self.tlsrpt_reports = tlsrpt_reports(registry)
         self.build = Info("smtpgate_build", "Version of smtpgate and its runtime.",
                           registry=registry)
         self.build.info({"version": __version__, "python": platform.python_version()})
@@ -174,6 +175,22 @@ class Metrics:
     def track_buffered(self, fn: Callable[[], int]) -> None:
         """Computed at scrape time: no bookkeeping on the data path."""
         self.buffered.set_function(fn)
+
+
+TLSRPT_REPORTS = "smtpgate_tlsrpt_reports"
+
+
+def tlsrpt_reports(registry: CollectorRegistry) -> Counter:
+    """TLS reports delivered or not, by method (mailto, https): one process sends them (the
+    supervisor with workers), so it is defined apart for the supervisor's registry too."""
+    counter = Counter(TLSRPT_REPORTS, "TLS reports (RFC 8460) by delivery method and result: "
+                      "sent (the relay took it, or the HTTPS server answered 2xx) or failed "
+                      "(an attempt that failed; it is retried later).", ["method", "result"],
+                      registry=registry)
+    for method in ("mailto", "https"):
+        for result in ("sent", "failed"):
+            counter.labels(method, result)
+    return counter
 
 
 class Report(Protocol):

@@ -34,6 +34,8 @@ from .relay import End, Leg, Pump
 from .smtp import RemoteProtocolError
 from .sts import NO_POLICY, Candidates, Verdict, applied, decide
 from .sts import Policy as StsPolicy
+from .tlsrpt import NO_POLICY as NO_POLICY_FOUND
+from .tlsrpt import STS, STS_RESULTS, SUCCESS, TLSA, Outcome
 from .upgrade import Command, Defer, NeedPlan, Reconnect, StartTls, StartTlsMta, Upgrade
 from .walks import RecipientRule
 
@@ -88,8 +90,10 @@ class OutboundUpgrade(TlsPhase):
         self._when_planned = when_planned
         self._connect_leg = connect_leg
         self._ssl_object: ssl.SSLObject | None = None
+        self._chain: list[bytes] = []  # the peer's chain (a resumed session's: its first)
         self._cache_key: tuple[object, ...] = ()
         self.envelope: Envelope | None = None
+        self._reported: set[str] = set()  # policy domains counted for TLS reports
 
     def from_client(self, data: bytes) -> None:
         self._apply(self.machine.client_data(data))
@@ -149,9 +153,9 @@ class OutboundUpgrade(TlsPhase):
         self._cache_key = SessionCache.key(str(self.upstream), plan)
         self.tls["peer_name"] = plan.sni or "-"
         leg = self.pump.upstream
+        offered = ctx.tls_sessions.get(self._cache_key)
         try:
-            ssl_object = await self.handshake(leg, ctx.tls_client, False, plan.sni,
-                                              ctx.tls_sessions.get(self._cache_key))
+            ssl_object = await self.handshake(leg, ctx.tls_client, False, plan.sni, offered)
         except HANDSHAKE_ERRORS as exc:
             why = f"handshake: {type(exc).__name__}: {exc}"[:200]
             self.tls["verify"] = "handshake failed"
@@ -162,13 +166,15 @@ class OutboundUpgrade(TlsPhase):
             return
         self.tls.update(self.facts(ssl_object))
         self._ssl_object = ssl_object
+        self._chain = ctx.tls_sessions.chain(self._cache_key, offered) \
+            if ssl_object.session_reused else presented_chain(ssl_object)
         if ssl_object.session_reused:
             # Only sessions verified against this very TLSA set (or pins) are offered.
             ok, result = True, authenticated(plan.auth)
             reason = "resumed" if plan.auth is Auth.NONE else "resumed verified session"
         else:
             try:
-                ok, result, reason = self._verify(plan, presented_chain(ssl_object))
+                ok, result, reason = self._verify(plan, self._chain)
             except Exception as exc:  # a bug in verification is a failed verification
                 ok, result = False, Result.DEFERRED
                 reason = f"verification error: {type(exc).__name__}"
@@ -304,7 +310,7 @@ class OutboundUpgrade(TlsPhase):
 
     def _sts_verdict(self, domain: str, policy: StsPolicy, candidates: Candidates) -> Verdict:
         encrypted = self.machine.result in ENCRYPTED
-        chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
+        chain = self._chain
         assert self.ctx.webpki is not None  # built with ctx.sts
         verdict = decide(domain, policy, candidates, encrypted, chain, store=self.ctx.webpki)
         m = self.ctx.metrics
@@ -330,15 +336,56 @@ class OutboundUpgrade(TlsPhase):
                 label = "mta_sts"
         m = self.ctx.metrics
         m.child(m.recipients, "allowed" if allow else "deferred", label).inc()
+        if (self.ctx.tlsrpt is not None and self.config.tlsrpt.enabled
+                and cmd.domain not in self._reported):
+            # RFC 8460 counts sessions per policy domain: the first recipient of a domain
+            # says what this session was for it.
+            self._reported.add(cmd.domain)
+            self.ctx.tlsrpt.record(self._outcome(rule, sts, allow, label))
         if not allow:
             self.tls.setdefault("deferred_recipients", "")
             self.tls["deferred_recipients"] += f"{cmd.domain}: {reason}; "
         if not self.pump.done.done():
             self._env_apply(self.envelope.recipient(cmd.ident, allow, cmd.domain, reason))
 
+    def _outcome(self, rule: RecipientRule, sts: tuple[Found, Verdict | None] | None,
+                 allow: bool, label: str) -> Outcome:
+        """This session's TLS for the recipient's domain, as a TLS report counts it."""
+        encrypted = self.machine.result in ENCRYPTED
+        sock = self.pump.upstream.transport.get_extra_info("sockname") \
+            if self.pump.upstream.transport is not None else None
+        where = {"sending_ip": str(sock[0]) if sock else "",
+                 "receiving_ip": str(self.destination.host)}
+        plan = self.machine.plan
+        host = plan.sni if plan is not None and plan.sni else ""
+        if rule.doubt is not None:  # the domain's DNSSEC could not be trusted
+            return Outcome(rule.domain, TLSA, (), (rule.host,) if rule.host else (),
+                           "dnssec-invalid", receiving_mx=rule.host or host,
+                           detail=rule.doubt, **where)
+        if rule.host and rule.records:  # DANE decided (RFC 8461 2)
+            result = SUCCESS if label == "dane" or (allow and encrypted) else (
+                "dnssec-invalid" if rule.doubt else "starttls-not-supported"
+                if not encrypted else "validation-failure")
+            return Outcome(rule.domain, TLSA, tuple(sorted(str(r) for r in rule.records)),
+                           (rule.host,), result, receiving_mx=rule.host,
+                           detail="" if result == SUCCESS else label, **where)
+        if sts is not None:
+            found, verdict = sts
+            policy = found.policy
+            if policy is not None and verdict is not None and verdict.result in STS_RESULTS:
+                return Outcome(rule.domain, STS, tuple(policy.text().splitlines()), policy.mx,
+                               STS_RESULTS[verdict.result], receiving_mx=host,
+                               detail=verdict.reason, **where)
+            if policy is None and found.failure is not None:
+                return Outcome(rule.domain, STS, (), (), found.failure, receiving_mx=host,
+                               detail=found.error or "", **where)
+        result = SUCCESS if encrypted else "starttls-not-supported"
+        return Outcome(rule.domain, NO_POLICY_FOUND, (), (), result, receiving_mx=host,
+                       **where)
+
     def _satisfies(self, rule: RecipientRule) -> tuple[bool, str, str]:
         encrypted = self.machine.result in ENCRYPTED
-        chain = presented_chain(self._ssl_object) if self._ssl_object is not None else []
+        chain = self._chain
         required = self.config.policy.for_recipient(rule.domain)
         return recipient_decision(rule, encrypted, chain, required)
 
@@ -353,7 +400,7 @@ class OutboundUpgrade(TlsPhase):
             return  # the stored session is still the one to offer; reading it again costs
         session = ssl_object.session
         if session is not None and (session.has_ticket or session.id):
-            self.ctx.tls_sessions.put(self._cache_key, session)
+            self.ctx.tls_sessions.put(self._cache_key, session, tuple(self._chain))
 
     @staticmethod
     def _verify(plan: Plan, chain: list[bytes]) -> tuple[bool, Result, str]:

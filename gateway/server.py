@@ -11,6 +11,7 @@ import resource
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -33,6 +34,9 @@ from .netfilter import (
 from .session import Session
 from .tasks import TaskGroup
 
+if TYPE_CHECKING:
+    from .tlsrptsend import Reporter
+
 ListenerKey = tuple[object, ...]
 
 
@@ -53,6 +57,7 @@ class Gateway:
         self.selftest = metrics_socket is None
         self._selftest_wake = asyncio.Event()
         self._tasks = TaskGroup()
+        self._reporter: Reporter | None = None
 
     @property
     def config(self) -> Config:
@@ -115,6 +120,8 @@ class Gateway:
         await self._apply_listeners(self.config)
         if self.config.sts_wanted:
             await self._start_sts(self.config)
+        if self.config.tlsrpt.enabled:
+            await self._start_tlsrpt(self.config)
         target = self.metrics_socket or self.config.metrics.listen
         if target is not None:
             self._metrics_server = await serve(self.metrics.registry, target, self)
@@ -132,6 +139,22 @@ class Gateway:
                             lambda: ctx.resolver, self.metrics)
         await policies.open()
         ctx.sts = policies
+
+    async def _start_tlsrpt(self, config: Config) -> None:
+        """Sessions count their outcomes in the store; one process reports them: this
+        one, unless it is a worker (its supervisor does)."""
+        from .tlsrptstore import Store
+
+        store = Store(config.tlsrpt)
+        await store.open()
+        self.ctx.tlsrpt = store
+        if self.metrics_socket is None:
+            from .tlsrptsend import Reporter
+
+            ctx = self.ctx
+            self._reporter = Reporter(config.tlsrpt, store, lambda: ctx.resolver,
+                                      self.metrics.tlsrpt_reports)
+            self._tasks.spawn(self._reporter.run_forever(), name="tlsrpt reporter")
 
     # -- what /healthz and /status say (gateway.metrics.Report) --------------------------
     def serving(self) -> bool:
@@ -179,6 +202,12 @@ class Gateway:
         # Sessions already running keep the config they started with.
         self.ctx.reconfigure(new, tls_server)
         self.ctx.webpki = webpki
+        if self.ctx.tlsrpt is None and new.tlsrpt.enabled:
+            await self._start_tlsrpt(new)
+        elif self.ctx.tlsrpt is not None:
+            self.ctx.tlsrpt.config = new.tlsrpt  # max_domains
+            if self._reporter is not None:
+                self._reporter.config = new.tlsrpt  # organization, contact, relay, ...
         if self.ctx.sts is not None:
             # (enabled: false with an entry that turns it on: the policies are looked up)
             self.ctx.sts.config = dataclasses.replace(new.mta_sts, enabled=True)
@@ -214,6 +243,10 @@ class Gateway:
         if ctx.sts is not None:
             await ctx.sts.close()
         await self._tasks.cancel_all()
+        if self._reporter is not None:
+            await self._reporter.close()
+        if ctx.tlsrpt is not None:
+            await ctx.tlsrpt.close()  # what the sessions counted last is written
         if self._metrics_server is not None:
             self._metrics_server.close()
         event(log, "stopped", aborted=len(left))

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
@@ -35,8 +35,13 @@ from .config import Config, ConfigError, Direction, load
 from .health import FAMILIES, Health
 from .keys import site_pairs, webpki_store
 from .logs import event, log
-from .metrics import aggregate, serve
+from .metrics import TLSRPT_REPORTS, aggregate, serve, tlsrpt_reports
 from .tasks import TaskGroup
+
+if TYPE_CHECKING:
+    from .dns import Resolver
+    from .tlsrptsend import Reporter
+    from .tlsrptstore import Store
 
 RELOADS = "smtpgate_config_reloads"
 
@@ -95,6 +100,9 @@ async def supervise(path: str, config: Config) -> int:
         reloads.labels(result)
     health = Health(registry, config.source)
     current = config  # what the workers run (the last file that passed)
+    # TLS reports: the workers count outcomes into the shared store; the supervisor alone
+    # sends the reports (and counts them), so that each goes out once.
+    reports = tlsrpt_reports(registry)
 
     def render() -> bytes:
         texts = []
@@ -104,7 +112,8 @@ async def supervise(path: str, config: Config) -> int:
                 texts.append(text)
         # The workers' own reload counts and health gauges are left out: the supervisor
         # decides reloads and runs the DNS self-test for all.
-        return aggregate(texts, retired, drop={RELOADS, *FAMILIES}) + generate_latest(registry)
+        return aggregate(texts, retired, drop={RELOADS, TLSRPT_REPORTS, *FAMILIES}) \
+            + generate_latest(registry)
 
     def retire(w: _Worker) -> None:
         if (text := last.pop(w.index, None)) is not None:
@@ -154,6 +163,9 @@ async def supervise(path: str, config: Config) -> int:
 
     exporter = None
     tasks: TaskGroup | None = None
+    reporter: Reporter | None = None
+    store: Store | None = None
+    resolver: Resolver | None = None
     try:
         for w in workers:
             w.start()
@@ -162,6 +174,16 @@ async def supervise(path: str, config: Config) -> int:
         wake = asyncio.Event()
         tasks = TaskGroup()
         tasks.spawn(health.selftest_loop(lambda: current.dns, wake), name="dns self-test")
+        if config.tlsrpt.enabled:
+            from .dns import Resolver
+            from .tlsrptsend import Reporter
+            from .tlsrptstore import Store
+
+            resolver = Resolver(config.dns)
+            store = Store(config.tlsrpt)
+            await store.open()
+            reporter = Reporter(config.tlsrpt, store, lambda: resolver, reports)
+            tasks.spawn(reporter.run_forever(), name="tlsrpt reporter")
 
         def stop() -> None:
             draining.set()
@@ -185,6 +207,8 @@ async def supervise(path: str, config: Config) -> int:
                 event(log, "reload rejected", logging.ERROR, error=str(exc))
                 return
             current = new
+            if reporter is not None:
+                reporter.config = new.tlsrpt  # organization, contact, relay, ...
             reloads.labels("ok").inc()
             health.reloaded(True, new.source)
             event(log, "reload passed to the workers", workers=len(workers))
@@ -223,6 +247,12 @@ async def supervise(path: str, config: Config) -> int:
     finally:
         if tasks is not None:
             await tasks.cancel_all()
+        if reporter is not None:
+            await reporter.close()
+        if store is not None:
+            await store.close()
+        if resolver is not None:
+            await resolver.close()
         if exporter is not None:
             exporter.close()
         for w in workers:  # on an error path: none may outlive its supervisor

@@ -36,7 +36,8 @@ def test_no_label_carries_an_address() -> None:
     Metrics(reg)
     labels = {k for fam in reg.collect() for s in fam.samples for k in s.labels}
     assert labels <= {"direction", "outcome", "stream", "reason", "result", "le", "version",
-                      "python", "rdtype", "status", "handling", "action", "kind", "mode"}
+                      "python", "rdtype", "status", "handling", "action", "kind", "mode",
+                      "method"}
 
 
 def test_buffered_gauge_is_computed_at_scrape() -> None:

@@ -24,6 +24,10 @@ policy protects never crosses in clear.
 
 from __future__ import annotations
 
+import email
+import email.policy
+import gzip
+import json
 import re
 import time
 import uuid
@@ -48,6 +52,7 @@ from gatelab.postfix_instance import (
     tls_receiver_settings,
 )
 from gateway.dane import tlsa_record
+from gateway.tlsrptstore import FLUSH_EVERY
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -64,7 +69,11 @@ POLICIES = {
     "dane.test": policy("enforce", ["nothere.dane.test"]),
     "fresh.test": policy("enforce", ["mx.sts.test"]),  # only smtpgate check asks for it
 }
+REPORTS = "reports.test"  # where the gateway's TLS reports go (a Postfix in gw)
+REPORTED = ("sts.test", "wrongname.test", "strip.test", "dane.test", "wrongtlsa.test",
+            "nopolicy.test")
 ROUTES = {"sts.test": ".2", "notlisted.test": ".2", "dane.test": ".2",
+          "wrongtlsa.test": ".2", "bogus.test": ".2",
           "wrongname.test": ".3", "testing.test": ".3", "nopolicy.test": ".3",
           "strip.test": ".4", "plain.nopolicy.test": ".4"}
 
@@ -107,6 +116,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         f"_25._tcp.mx.dane TLSA {tlsa_record(good_leaf.der)}",
         "nopolicy MX 10 mx.nopolicy", "mx.nopolicy A 203.0.113.3",
         "fresh MX 10 mx.sts",
+        # DANE failures for the TLS reports: a TLSA that matches nothing; a bogus zone.
+        "wrongtlsa MX 10 mx.wrongtlsa", "mx.wrongtlsa A 203.0.113.2",
+        f"_25._tcp.mx.wrongtlsa TLSA 3 1 1 {'5a' * 32}",
+        *(f'_smtp._tls.{d}. TXT "v=TLSRPTv1; rua=mailto:tlsrpt@{REPORTS}"'
+          for d in REPORTED),
     ]
     for domain in POLICIES:
         records += sts_records(domain, POLICY_V4, "1")
@@ -119,7 +133,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for address in ("203.0.113.4/24",):  # .2 and .3 are the lab's own
             lab.peer.ip("addr", "add", address, "dev", netlab.HOST_IF)
         dns.zone("test.", records)
+        dns.zone("bogus.test.", ["@ MX 10 mx.sts.test."])
         dns.start()
+        dns.make_bogus("bogus.test.")
         for domain, text in POLICIES.items():
             host.add_domain(domain, text)
         host.start()
@@ -306,3 +322,111 @@ def test_require_and_off_per_recipient_domain(world: World) -> None:
     finally:
         world.gw.config_path.write_text(original)
         assert cli(world.lab.gw, "reload", "-c", str(world.gw.config_path)).returncode == 0
+
+
+def purge(mta: PostfixInstance) -> None:
+    """Drop the MTA's queue: a deferred message retried every second would add sessions the
+    test did not send."""
+    mta.ns.run(["postsuper", "-c", str(mta.config_dir), "-d", "ALL"], check=False)
+
+
+def test_tls_reports_count_the_sessions_and_arrive_by_mail(world: World) -> None:
+    """Every session the test sends is in the day's reports, one policy and result each,
+    across a restart of the gateway; `tlsrpt send --now` hands them to the relay, which
+    delivers them to a mailbox, where they are parsed back."""
+    work = world.work
+    store = work / "tlsrpt.sqlite3"
+    original = world.gw.config_path.read_text()
+    with PostfixInstance(world.lab.gw, work, receiver_settings(
+            "127.0.0.1", domain=REPORTS, myhostname="relay.gw.test"), name="relay") as relay:
+        world.gw.config_path.write_text(original + (
+            f"tlsrpt: {{enabled: true, organization: Lab Gateway, contact: "
+            f"'mailto:postmaster@a.test', sender: tlsrpt@a.test, relay: '127.0.0.1:25', "
+            f"store: '{store}'}}\n"))
+        try:
+            purge(world.mta)
+            r = cli(world.lab.gw, "reload", "-c", str(world.gw.config_path))
+            assert r.returncode == 0, r.stdout + r.stderr
+            expected = {  # domain -> (policy type, result, sessions)
+                "sts.test": ("sts", "success", 2), "dane.test": ("tlsa", "success", 1),
+                "wrongname.test": ("sts", "certificate-host-mismatch", 1),
+                "strip.test": ("sts", "starttls-not-supported", 1),
+                "wrongtlsa.test": ("tlsa", "validation-failure", 1),
+                "bogus.test": ("tlsa", "dnssec-invalid", 1),
+                "nopolicy.test": ("no-policy-found", "success", 1),
+            }
+            sent = 0
+            for domain, (_, _result, n) in expected.items():
+                for _ in range(n):
+                    rcpt = f"r{sent}@{domain}"
+                    mark = world.mta.log_mark()
+                    send(world, rcpt)
+                    world.mta.wait_log(rf"to=<{re.escape(rcpt)}>.*status=(sent|deferred)",
+                                       timeout=30, since=mark)
+                    purge(world.mta)
+                    sent += 1
+                if domain == "strip.test":  # halfway: what was counted survives a restart
+                    world.gw.stop()
+                    world.gw.start()
+            day = time.strftime("%Y-%m-%d", time.gmtime())
+            time.sleep(FLUSH_EVERY + 1)  # the running gateway writes its counts this often
+            r = cli(world.lab.gw, "tlsrpt", "show", "-c", str(world.gw.config_path),
+                    "--day", day)
+            assert r.returncode == 0, r.stdout + r.stderr
+            shown = {rep["policies"][0]["policy"]["policy-domain"]: rep
+                     for rep in json_stream(r.stdout)}
+            assert sorted(shown) == sorted(expected), r.stdout
+            for domain, (ptype, result, n) in expected.items():
+                [p] = shown[domain]["policies"]
+                assert p["policy"]["policy-type"] == ptype, (domain, p)
+                good = n if result == "success" else 0
+                assert p["summary"] == {"total-successful-session-count": good,
+                                        "total-failure-session-count": n - good}, (domain, p)
+                if result != "success":
+                    [detail] = p["failure-details"]
+                    assert (detail["result-type"], detail["failed-session-count"]) == (
+                        result, n), (domain, detail)
+                    assert detail["receiving-ip"].startswith("203.0.113.")
+            r = cli(world.lab.gw, "tlsrpt", "send", "-c", str(world.gw.config_path),
+                    "--day", day, "--now")
+            # bogus.test's own TXT record cannot be trusted: its report is not sent (exit 1,
+            # retried later); every other domain's is.
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert "bogus.test: lookup-failed: the TXT lookup of _smtp._tls.bogus.test. " \
+                   "failed DNSSEC validation" in r.stdout, r.stdout
+            mails = relay.wait_maildir(len(REPORTED), timeout=30)
+            received = {}
+            for path in mails:
+                msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                assert msg.get_content_type() == "multipart/report"
+                assert msg.get_param("report-type") == "tlsrpt"
+                [part] = [p for p in msg.iter_attachments()
+                          if p.get_content_type() == "application/tlsrpt+gzip"]
+                payload = part.get_payload(decode=True)
+                assert isinstance(payload, bytes)
+                report = json.loads(gzip.decompress(payload))
+                domain = str(msg["TLS-Report-Domain"])
+                assert report["policies"][0]["policy"]["policy-domain"] == domain
+                received[domain] = report
+            # What arrived is what show printed (bogus.test's own TXT record cannot be
+            # trusted: its report is not sent).
+            assert received == {d: shown[d] for d in REPORTED}
+            assert world.gw.metric("smtpgate_tlsrpt_reports_total", method="mailto",
+                                   result="sent") == 0  # sent by the CLI, not the gateway
+        finally:
+            world.gw.config_path.write_text(original)
+            cli(world.lab.gw, "reload", "-c", str(world.gw.config_path))
+            purge(world.mta)
+
+
+def json_stream(text: str) -> list[dict[str, Any]]:
+    """The JSON documents `tlsrpt show` prints one after the other."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while i < len(text):
+        doc, end = decoder.raw_decode(text, i)
+        out.append(doc)
+        i = end
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return out
