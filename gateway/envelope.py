@@ -79,6 +79,13 @@ def recipient_domain(line: bytes) -> tuple[str, str] | None:
     return address, address.rsplit("@", 1)[1].rstrip(".").lower()
 
 
+def reverse_path(line: bytes) -> str:
+    """The address of ``MAIL FROM:<address> ...``, lower case ("" for the null path)."""
+    text = line.decode("ascii", "replace")
+    start, end = text.find("<"), text.find(">")
+    return text[start + 1:end].lower() if 0 <= start < end else ""
+
+
 def defer_recipient(reason: str) -> bytes:
     clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in reason)[:300]
     return f"450 4.7.5 smtpgate: {clean}\r\n".encode("ascii")
@@ -91,6 +98,7 @@ class Envelope:
     deferred: list[tuple[str, str]] = field(default_factory=list)  # (domain, reason)
     quit_answered: bool = False
     allowed: int = 0
+    sender: str = ""  # the current transaction's MAIL FROM address
     _client: bytearray = field(default_factory=bytearray)
     _peer: ReplyReader = field(init=False)
     _order: deque[_Pending] = field(default_factory=deque)  # replies owed, in order
@@ -205,6 +213,8 @@ class Envelope:
             v = verb(line)
             p = _Pending(v, line)
             self._queue.append(p)
+            if v == b"MAIL":
+                self.sender = reverse_path(line)
             if v == b"RCPT" and (rcpt := recipient_domain(line)) is not None:
                 self._next_ident += 1
                 p.ident, p.held = self._next_ident, True

@@ -337,7 +337,9 @@ class OutboundUpgrade(TlsPhase):
         m = self.ctx.metrics
         m.child(m.recipients, "allowed" if allow else "deferred", label).inc()
         if (self.ctx.tlsrpt is not None and self.config.tlsrpt.enabled
-                and cmd.domain not in self._reported):
+                and cmd.domain not in self._reported
+                # RFC 8460 5.3: the delivery of a report is not reported on.
+                and self.envelope.sender != self.config.tlsrpt.sender.lower()):
             # RFC 8460 counts sessions per policy domain: the first recipient of a domain
             # says what this session was for it.
             self._reported.add(cmd.domain)

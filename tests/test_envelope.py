@@ -249,3 +249,17 @@ def test_peer_fin_is_passed_on_once() -> None:
     log = eof_same([("client", b"NOOP\r\n"), ("peer", b"250 Ok\r\n"), ("peer_eof",),
                     ("peer_eof",)])
     assert log == [("peer", b"NOOP\r\n"), ("client", b"250 Ok\r\n"), ("shut-client", b"")]
+
+
+@pytest.mark.parametrize(("line", "sender"), [
+    (b"MAIL FROM:<TLSRPT@A.test> SIZE=100\r\n", "tlsrpt@a.test"),
+    (b"MAIL FROM:<>\r\n", ""),
+    (b"MAIL FROM: no brackets\r\n", ""),
+])
+def test_the_transaction_sender_is_known(line: bytes, sender: str) -> None:
+    """What TLS reporting needs to leave the delivery of its own reports out (RFC 8460
+    5.3); each transaction's MAIL replaces the last."""
+    e = Envelope()
+    e.client_data(b"MAIL FROM:<other@a.test>\r\n")
+    e.client_data(line)
+    assert e.sender == sender

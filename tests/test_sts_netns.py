@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 
 from gatelab import dnslab, httpslab, netlab, postfix_instance
@@ -69,6 +70,7 @@ POLICIES = {
     "dane.test": policy("enforce", ["nothere.dane.test"]),
     "fresh.test": policy("enforce", ["mx.sts.test"]),  # only smtpgate check asks for it
 }
+SCHEMA = json.loads((Path(__file__).parent / "data" / "tlsrpt-schema.json").read_text())
 REPORTS = "reports.test"  # where the gateway's TLS reports go (a Postfix in gw)
 REPORTED = ("sts.test", "wrongname.test", "strip.test", "dane.test", "wrongtlsa.test",
             "nopolicy.test")
@@ -368,6 +370,12 @@ def test_tls_reports_count_the_sessions_and_arrive_by_mail(world: World) -> None
                 if domain == "strip.test":  # halfway: what was counted survives a restart
                     world.gw.stop()
                     world.gw.start()
+            # A report's own delivery (MAIL FROM tlsrpt.sender) is not counted (RFC 8460
+            # 5.3): sts.test stays at the 2 sessions above.
+            marker = f"MARKER-{uuid.uuid4().hex}".encode()
+            world.mta.sendmail("tlsrpt@a.test", "report@sts.test",
+                               b"Subject: a report\r\n\r\n" + marker + b"\r\n")
+            world.good.wait_delivered(marker, 30)
             day = time.strftime("%Y-%m-%d", time.gmtime())
             time.sleep(FLUSH_EVERY + 1)  # the running gateway writes its counts this often
             r = cli(world.lab.gw, "tlsrpt", "show", "-c", str(world.gw.config_path),
@@ -407,6 +415,7 @@ def test_tls_reports_count_the_sessions_and_arrive_by_mail(world: World) -> None
                 report = json.loads(gzip.decompress(payload))
                 domain = str(msg["TLS-Report-Domain"])
                 assert report["policies"][0]["policy"]["policy-domain"] == domain
+                jsonschema.validate(report, SCHEMA)  # RFC 8460's format
                 received[domain] = report
             # What arrived is what show printed (bogus.test's own TXT record cannot be
             # trusted: its report is not sent).
