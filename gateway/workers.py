@@ -70,8 +70,12 @@ class _Worker:
         self.path, self.index, self.socket_path = path, index, socket_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
+        # A worker answers on its socket only once its listeners are open (server.start):
+        # until it has, it is not serving yet.
+        self.answered = False
 
     def start(self) -> None:
+        self.answered = False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self.proc = subprocess.Popen(
@@ -122,6 +126,11 @@ async def supervise(path: str, config: Config) -> int:
     def up(w: _Worker) -> bool:
         return w.proc is not None and w.proc.poll() is None
 
+    def listening(w: _Worker) -> bool:
+        if not w.answered:
+            w.answered = bool(_get(w.socket_path, "/status"))
+        return w.answered
+
     def worker_status(w: _Worker) -> dict[str, Any] | None:
         try:
             found: dict[str, Any] = json.loads(_get(w.socket_path, "/status") or "null")
@@ -133,8 +142,9 @@ async def supervise(path: str, config: Config) -> int:
         """/healthz and /status for the whole gateway (gateway.metrics.Report)."""
 
         def serving(self) -> bool:
-            # Healthy while not draining and every worker is up (a restart shows as 503).
-            return not draining.is_set() and all(up(w) for w in workers)
+            # Healthy while not draining and every worker is up and listening (a start or a
+            # restart shows as 503 until its listeners are open).
+            return not draining.is_set() and all(up(w) and listening(w) for w in workers)
 
         def problems(self) -> list[str]:
             found = health.problems()

@@ -13,8 +13,12 @@ authoritative NSD behind it; ``bad.test`` is signed with expired signatures (bog
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +28,7 @@ import pytest
 
 from gatelab import dnslab, netlab
 from gatelab.dnslab import DnsWorld
-from gatelab.gatewayproc import GatewayProcess, cli, gateway_config
+from gatelab.gatewayproc import ROOT, GatewayProcess, cli, gateway_config, log_lines
 from gatelab.netlab import Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -144,3 +148,34 @@ def test_workers_status_and_reload(world: tuple[Lab, DnsWorld], tmp_path: Path) 
         r = cli(gw.ns, "reload", "-c", str(gw.config_path))
         assert r.returncode == 1 and "workers: cannot change on reload" in r.stdout, r.stdout
         assert gw.metric("smtpgate_config_last_reload_successful") == 0
+
+
+def test_workers_healthz_is_200_only_once_every_worker_listens(
+        world: tuple[Lab, DnsWorld], tmp_path: Path) -> None:
+    """A probe that sees 200 may send traffic: by then every worker has its listeners open
+    (a worker answers its supervisor only after they are).  Polled from the moment the
+    supervisor runs, not after a worker said it started."""
+    lab, _ = world
+    work = tmp_path / "gw"
+    work.mkdir()
+    (work / "smtpgate.yaml").write_text(config(workers=2))
+    log = work / "smtpgate.log"
+    with log.open("wb") as out:
+        proc = lab.gw.popen([sys.executable, "-m", "gateway", "run", "-c",
+                             str(work / "smtpgate.yaml")], stdout=out, stderr=out,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError):
+                head, _ = netlab.http_get(lab.gw, "127.0.0.1", 9125, "/healthz", timeout=2)
+                if head.startswith(b"HTTP/1.1 200"):
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        listening = {e.get("worker") for e in log_lines(log.read_text().splitlines())
+                     if e.get("event") == "listening"}
+        assert listening == {0, 1}, log.read_text()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
