@@ -1,5 +1,6 @@
 """The reference docs against the code they describe: docs/configuration.md against the keys
-the config loader accepts, docs/metrics.md against what the exporter exposes.
+the config loader accepts, docs/metrics.md against what the exporter exposes, docs/interop.md
+against the tests it cites.
 
 A failure here names exactly what is missing from (or extra in) a doc: fix the doc (or the
 code), not the test. Messages start with "DOCS OUT OF SYNC".
@@ -318,3 +319,28 @@ def test_the_duration_is_as_documented() -> None:
     assert "rounded to the millisecond" in session_field("duration")
     source = (ROOT / "gateway" / "session.py").read_text()
     assert '"duration": round(duration, 3),' in source
+
+
+# -- docs/interop.md: the matrix cites tests that exist, and every interop test is cited ----
+
+INTEROP_MD = ROOT / "docs" / "interop.md"
+
+
+def defined_tests(path: Path) -> set[str]:
+    return {node.name for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+def test_interop_md_cites_only_tests_that_exist_and_every_interop_test() -> None:
+    """Each ``tests/…py::test_name`` (a ``[param]`` tail allowed) in docs/interop.md names a
+    test function of that file; each test of tests/test_interop_*_netns.py is cited."""
+    text = INTEROP_MD.read_text()
+    cited = set(re.findall(r"(tests/test_\w+\.py)::(test_\w+)", text))
+    missing = [f"{f}::{name}" for f, name in sorted(cited)
+               if not (ROOT / f).exists() or name not in defined_tests(ROOT / f)]
+    assert missing == [], f"DOCS OUT OF SYNC: docs/interop.md cites no such test: {missing}"
+    uncited = [f"{path.relative_to(ROOT)}::{name}"
+               for path in sorted((ROOT / "tests").glob("test_interop_*_netns.py"))
+               for name in sorted(defined_tests(path))
+               if (str(path.relative_to(ROOT)), name) not in cited]
+    assert uncited == [], f"DOCS OUT OF SYNC: docs/interop.md leaves out: {uncited}"

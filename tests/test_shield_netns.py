@@ -31,6 +31,7 @@ from gatelab import certs, netlab, postfix_instance
 from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import GW_PEER_IF, MTA_V4, Lab
 from gatelab.postfix_instance import PostfixInstance, receiver_settings
+from gatelab.smuggling import END, VARIANTS, smuggling
 from gateway.smtp import RemoteProtocolError, Reply, ReplyReader
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -38,24 +39,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 if (_why := netlab.netns_usable() or postfix_instance.postfix_usable()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
-END = b"\r\n.\r\n"
 PORTS = {"normalize": 25, "passthrough": 26, "reject": 27, "off": 28}
-VARIANTS = {
-    "LF.LF": b"\n.\n", "CR.CR": b"\r.\r", "CRLF.CR": b"\r\n.\r", "CRLF.LF": b"\r\n.\n",
-    "LF.CRLF": b"\n.\r\n", "CR.CRLF": b"\r.\r\n", "CRLF.CRCRLF": b"\r\n.\r\r\n",
-}
-
-
-def smuggling(variant: str, tag: str) -> bytes:
-    """Content whose first 'end' is the variant, followed by a second transaction in the
-    variant's own line ends, then the real end."""
-    eol = {"LF": b"\n", "CR": b"\r"}.get(variant.split(".", maxsplit=1)[0], b"\r\n")
-    # Its own end only in bare line ends: a CRLF "." CRLF there would end the carrier.
-    own_end = [b"."] if eol != b"\r\n" else []
-    second = eol.join([b"MAIL FROM:<x@tripwire.example>", b"RCPT TO:<carol@b.test>", b"DATA",
-                       b"Subject: smuggled " + tag.encode(), b"", b"smuggled", *own_end]) + eol
-    return (b"From: a@client.example\r\nSubject: carrier " + tag.encode() + b"\r\n\r\nbefore"
-            + VARIANTS[variant] + second + b"after" + END)
 
 
 @dataclass
