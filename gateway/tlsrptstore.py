@@ -61,6 +61,8 @@ T = TypeVar("T")
 
 FILE_NAME = "tlsrpt.sqlite3"
 FILE_TIMEOUT = 2.0  # SQLite waits this long for another worker's lock (busy_timeout)
+OPEN_ATTEMPTS = 8  # opening the file while other workers create it: about 6 s in all
+CLOSE_ATTEMPTS = 10  # the last write at close, while another worker holds the lock
 FLUSH_EVERY = 5.0  # seconds between writes of what the sessions counted
 PENDING_ROWS = 5000  # distinct outcomes held before a write is started early
 MAX_POLICIES = 10  # distinct policies itemized per domain and day
@@ -128,6 +130,11 @@ class Tally:
 
     def __bool__(self) -> bool:
         return bool(self.days or self.dropped)
+
+    def sessions(self) -> int:
+        """The sessions counted (for the log when they cannot be written)."""
+        return sum(n for domains in self.days.values() for d in domains.values()
+                   for n in d.rows.values())
 
     def add(self, day: str, outcome: Outcome, count: int, max_domains: int) -> bool:
         """Counts ``outcome``; False when its domain is past ``max_domains`` (dropped)."""
@@ -507,7 +514,17 @@ class Store:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="tlsrpt-store")
             file = StoreFile(path, self.read_only)
             try:
-                await self._run(file.open)
+                # Workers starting together contend for the file's creation and its switch
+                # to WAL, which SQLite may refuse at once rather than wait: retried, since a
+                # worker that gave up would count in memory and its reports would lack it.
+                for attempt in range(OPEN_ATTEMPTS):
+                    try:
+                        await self._run(file.open)
+                        break
+                    except sqlite3.OperationalError as exc:
+                        if not _busy(exc) or attempt == OPEN_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.05 * 2 ** attempt)
             except FileNotFoundError:  # read-only, and the gateway wrote none yet
                 self.problem = f"no {path} yet"
                 event(log, "tlsrpt store", where="memory", reason=self.problem)
@@ -529,6 +546,16 @@ class Store:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)  # after one last write
         await self.flush()
+        # Another worker holding the lock past busy_timeout: the last counts are kept in
+        # _pending; try again a few times rather than drop them with the file.
+        for _ in range(CLOSE_ATTEMPTS):
+            if not self._pending or self._file is None:
+                break
+            await asyncio.sleep(0.2)
+            await self.flush()
+        if self._pending and self._file is not None:
+            event(log, "tlsrpt store lost counts", logging.ERROR, path=self._file.path,
+                  sessions=self._pending.sessions())
         file, self._file = self._file, None
         if file is not None:
             with contextlib.suppress(sqlite3.Error, OSError):
