@@ -435,6 +435,26 @@ class _Section:
             allowed = ", ".join(e.value for e in enum)
             raise self.error(key, f"must be one of: {allowed}") from None
 
+    def boolean(self, key: str, default: bool) -> bool:
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false")
+        return value
+
+    def state_file(self, key: str, default: str | None) -> str | None:
+        """A file path, ``auto`` (see :func:`state_file`) or null."""
+        if not self.has(key):
+            return default
+        value = self.raw(key)
+        if value is not None and not (isinstance(value, str) and value):
+            raise self.error(key, "must be a file path, auto or null")
+        return value
+
+    def optional_path(self, key: str) -> str | None:
+        return (self.string(key, "") or None) if self.raw(key) is not None else None
+
     def address(self, key: str, default: IPAddress | None = None) -> IPAddress | None:
         if not self.has(key) or self.raw(key) is None:
             return default
@@ -671,31 +691,32 @@ def _recipient_policy(source: str, path: str, data: object) -> RecipientPolicy:
     return RecipientPolicy(domain, level, sts)
 
 
+def state_file(setting: str | None, key: str, name: str) -> tuple[str | None, str]:
+    """The file a ``path | auto | null`` setting names and, when there is none, why (for
+    the log): ``auto`` is ``name`` in systemd's state directory ($STATE_DIRECTORY, the first
+    of its colon-separated list), memory only without one."""
+    if setting is None:
+        return None, f"{key} is null"
+    if setting != "auto":
+        return setting, ""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not state:
+        return None, f"{key} is auto and STATE_DIRECTORY is not set"
+    return os.path.join(state, name), ""
+
+
 def _tlsrpt(top: _Section) -> TlsRpt:
     t = top.section("tlsrpt")
-    enabled = _RPT.enabled
-    if t.has("enabled"):
-        raw = t.raw("enabled")
-        if not isinstance(raw, bool):
-            raise t.error("enabled", "must be true or false")
-        enabled = raw
-    store = _RPT.store
-    if t.has("store"):
-        raw = t.raw("store")
-        if raw is not None and not (isinstance(raw, str) and raw):
-            raise t.error("store", "must be a file path, auto or null")
-        store = raw
     relay = parse_endpoint(t.raw("relay"), t.source, "tlsrpt.relay") \
         if t.has("relay") and t.raw("relay") is not None else None
     rpt = TlsRpt(
-        enabled=enabled,
+        enabled=t.boolean("enabled", _RPT.enabled),
         organization=t.string("organization", "") if t.has("organization") else "",
         contact=t.string("contact", "") if t.has("contact") else "",
         sender=t.string("sender", "") if t.has("sender") else "",
         relay=relay,
-        store=store,
-        ca_file=(t.string("ca_file", "") or None) if t.has("ca_file")
-        and t.raw("ca_file") is not None else None,
+        store=t.state_file("store", _RPT.store),
+        ca_file=t.optional_path("ca_file"),
         max_domains=t.integer("max_domains", _RPT.max_domains),
         send_after=t.seconds("send_after", _RPT.send_after, zero_ok=True),
         timeout=t.seconds("timeout", _RPT.timeout),
@@ -714,21 +735,8 @@ def _tlsrpt(top: _Section) -> TlsRpt:
 
 def _mta_sts(top: _Section) -> MtaSts:
     m = top.section("mta_sts")
-    enabled = _STS.enabled
-    if m.has("enabled"):
-        raw = m.raw("enabled")
-        if not isinstance(raw, bool):
-            raise m.error("enabled", "must be true or false")
-        enabled = raw
-    cache = _STS.cache
-    if m.has("cache"):
-        raw = m.raw("cache")
-        if raw is not None and not (isinstance(raw, str) and raw):
-            raise m.error("cache", "must be a file path, auto or null")
-        cache = raw
-    ca_file = m.string("ca_file", "") or None if m.has("ca_file") and m.raw("ca_file") \
-        is not None else None
-    sts = MtaSts(enabled=enabled, cache=cache, ca_file=ca_file,
+    sts = MtaSts(enabled=m.boolean("enabled", _STS.enabled),
+                 cache=m.state_file("cache", _STS.cache), ca_file=m.optional_path("ca_file"),
                  fetch_timeout=m.seconds("fetch_timeout", _STS.fetch_timeout),
                  max_policies=m.integer("max_policies", _STS.max_policies))
     m.done()

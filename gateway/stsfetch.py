@@ -58,7 +58,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from . import __version__
 from .answers import Answer, Status
-from .config import MtaSts
+from .config import MtaSts, state_file
 from .dns import Resolver
 from .logs import event
 from .metrics import Metrics
@@ -483,14 +483,7 @@ def _row(values: Sequence[Any]) -> Row | None:
 
 def cache_path(setting: str | None) -> tuple[str | None, str]:
     """The file for ``mta_sts.cache`` and, when there is none, why (for the log)."""
-    if setting is None:
-        return None, "mta_sts.cache is null"
-    if setting != "auto":
-        return setting, ""
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd: colon-separated
-    if not state:
-        return None, "mta_sts.cache is auto and STATE_DIRECTORY is not set"
-    return os.path.join(state, FILE_NAME), ""
+    return state_file(setting, "mta_sts.cache", FILE_NAME)
 
 
 # -- the shell -------------------------------------------------------------------------------

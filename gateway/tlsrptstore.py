@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .config import state_file
 from .logs import event
 from .tasks import TaskGroup
 from .tlsrpt import (
@@ -198,16 +199,8 @@ class Delivery:
 
 
 def store_path(setting: str | None) -> tuple[str | None, str]:
-    """The file for ``tlsrpt.store`` and, when there is none, why (for the log).  As
-    gateway.stsfetch.cache_path, for this file's name and setting."""
-    if setting is None:
-        return None, "tlsrpt.store is null"
-    if setting != "auto":
-        return setting, ""
-    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]  # systemd: colon-separated
-    if not state:
-        return None, "tlsrpt.store is auto and STATE_DIRECTORY is not set"
-    return os.path.join(state, FILE_NAME), ""
+    """The file for ``tlsrpt.store`` and, when there is none, why (for the log)."""
+    return state_file(setting, "tlsrpt.store", FILE_NAME)
 
 
 # -- the file --------------------------------------------------------------------------------
