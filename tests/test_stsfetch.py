@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from gatelab.certs import make_leaf, make_root, server_context
 from gatelab.fakedns import FakeDns, Reply, answer
+from gatelab.logcapture import kept_records, named
 from gateway.answers import Answer, Status
 from gateway.config import DnsConfig, Endpoint, MtaSts
 from gateway.dns import Resolver
@@ -278,27 +279,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 @pytest.fixture
 def events() -> Iterator[list[logging.LogRecord]]:
-    """The log records of the "smtpgate" logger, whatever handlers other tests left."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    logger = logging.getLogger("smtpgate")
-    handler, level = Keep(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with kept_records() as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def named(records: list[logging.LogRecord], name: str) -> list[dict[str, Any]]:
-    return [{"level": r.levelno, **getattr(r, "fields", {})} for r in records
-            if r.getMessage() == name]
 
 
 class Clock:
