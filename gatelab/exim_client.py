@@ -12,9 +12,7 @@ lab namespaces, each instance with a private config, spool and log:
 
 from __future__ import annotations
 
-import pwd
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -22,9 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gatelab.interop import MTA_ROOTS, LogFile, Maildir, PrivateDir, root_usable
 from gatelab.netlab import Netns, wait_port
 
-EXIM_ROOT = Path("/var/lib/smtpgate-tests/exim4")
+EXIM_ROOT = MTA_ROOTS / "exim4"
 EXIM = EXIM_ROOT / "usr/sbin/exim4"
 EXIM_USER = "Debian-exim"  # compiled into Debian's binary
 # A queue listing's message ids (4.96's 6-6-2 base-62 form).
@@ -33,13 +32,7 @@ _MESSAGE_ID = re.compile(r"\b[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}\b")
 
 def exim_usable() -> str | None:
     """None when an Exim client can run here, else why not (for skip())."""
-    if not EXIM.exists():
-        return f"{EXIM} missing (scripts/bootstrap-debian unpacks it)"
-    try:
-        pwd.getpwnam(EXIM_USER)
-    except KeyError:
-        return f"user {EXIM_USER} missing (scripts/bootstrap-debian creates it)"
-    return None
+    return root_usable("exim4", "usr/sbin/exim4", EXIM_USER)
 
 
 def main_option_error(option: str) -> str:
@@ -65,14 +58,10 @@ class _Exim:
 
     def __init__(self, ns: Netns, subdirs: Sequence[str]) -> None:
         self.ns = ns
-        # Under /tmp, not pytest's 0700 tmp_path: the Exim user must reach into it.
-        self.dir = Path(tempfile.mkdtemp(prefix="sg-exim-"))
-        self.dir.chmod(0o755)
-        ids = pwd.getpwnam(EXIM_USER)
-        for sub in ("spool", "log", *subdirs):
-            (self.dir / sub).mkdir()
-            shutil.chown(self.dir / sub, ids.pw_uid, ids.pw_gid)
+        self.tree = PrivateDir("sg-exim-", EXIM_USER, ("spool", "log", *subdirs))
+        self.dir = self.tree.path
         self.conf = self.dir / "exim.conf"
+        self.mainlog = LogFile(self.dir / "log" / "mainlog", "Exim")
 
     def common(self, hostname: str) -> list[str]:
         return [
@@ -109,26 +98,18 @@ class _Exim:
         return _MESSAGE_ID.findall(self.queued())
 
     def log(self) -> str:
-        path = self.dir / "log" / "mainlog"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return self.mainlog.text()
 
     def log_mark(self) -> int:
         """The main log's length now, for wait_log(since=...) to ignore older lines."""
-        return len(self.log())
+        return self.mainlog.mark()
 
     def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
         """The first match of ``regex`` (multiline) in the main log after ``since``."""
-        pattern = re.compile(regex, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while not (m := pattern.search(self.log(), since)):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no /{regex}/ in Exim's log after {timeout}s:\n"
-                                   f"{self.log()[since:][-3000:]}")
-            time.sleep(0.05)
-        return m
+        return self.mainlog.wait(regex, timeout, since=since)
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.tree.remove()
 
 
 class EximClient(_Exim):
@@ -186,6 +167,7 @@ class EximServer(_Exim):
         super().__init__(ns, ("mail",))
         self.address, self.port = address, port
         self.maildir = self.dir / "mail" / "inbox"
+        self.inbox = Maildir(self.maildir, "Exim")
         listen = f"<; {address}.{port}"  # "<;": a list separator an IPv6 address cannot hold
         self.conf.write_text("\n".join([
             *self.common(hostname),
@@ -244,19 +226,11 @@ class EximServer(_Exim):
 
     def maildir_messages(self) -> list[Path]:
         """Delivered messages, oldest first."""
-        files = [p for d in ("new", "cur") if (self.maildir / d).is_dir()
-                 for p in (self.maildir / d).iterdir()]
-        return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+        return self.inbox.messages()
 
     def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
         """The delivered message that carries ``marker``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for path in self.maildir_messages():
-                if marker in (data := path.read_bytes()):
-                    return data
-            time.sleep(0.05)
-        raise TimeoutError(f"{marker!r} not delivered by Exim:\n{self.log()[-3000:]}")
+        return self.inbox.wait_delivered(marker, timeout, self.log)
 
     def wait_queue_empty(self, timeout: float = 20.0) -> None:
         """Until every message received has been delivered (or bounced)."""
