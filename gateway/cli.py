@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from . import __version__
-from .config import ConfigError, Endpoint, IPAddress, load, parse_endpoint
+from .config import Config, ConfigError, Endpoint, IPAddress, load, parse_endpoint
 from .dane import tlsa_owner, tlsa_record
 from .keyfiles import CERT_MODE, KEY_MODE, KeyFileError, promote, write_atomic
 from .keygen import (
@@ -34,21 +34,30 @@ from .keys import RSA_MIN_BITS, describe_key, load_keypair, read_certificates
 DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.yaml"
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _config(path: str | None, *, keys: bool = False) -> Config | None:
+    """The config at ``path`` (none: no file, no listeners); with ``keys``, its key files
+    and MTA-STS trust anchors read as start and reload read them.  None once the error
+    (naming the key and the file) is printed: the command exits 2."""
+    from .keys import site_pairs, webpki_store
+
     try:
-        config = load(args.config)
+        config = load(path) if path else Config(listeners=())
+        if keys:
+            site_pairs(config)
+            webpki_store(config)
     except ConfigError as exc:
         print(f"smtpgate: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if (config := _config(args.config, keys=args.check)) is None:
         return 2
     if args.check:
-        from .keys import site_pairs, webpki_store
+        from .keys import site_pairs
 
-        try:
-            pairs = site_pairs(config)  # the key files, read as start and reload read them
-            webpki_store(config)  # and the MTA-STS trust anchors
-        except ConfigError as exc:
-            print(f"smtpgate: {exc}", file=sys.stderr)
-            return 2
+        pairs = site_pairs(config)  # read above: now for their warnings
         for pair in pairs or ():
             for warning in pair.warnings if pair is not None else ():
                 print(f"smtpgate: {config.source}: warning: {warning}", file=sys.stderr)
@@ -62,59 +71,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from .check import check
-    from .config import Config
 
-    try:
-        config = load(args.config) if args.config else Config(listeners=())
-    except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
+    if (config := _config(args.config)) is None:
         return 2
     return asyncio.run(check(config, args.target, _print_now, connect=args.connect,
                              helo=args.helo, step_timeout=args.timeout, mta=args.mta,
                              rcpt=args.rcpt))
 
 
-def _load_checked(path: str) -> object:
-    """The config as ``run --check`` reads it (the key files too); None after the error was
-    printed."""
-    from .keys import site_pairs, webpki_store
-
-    try:
-        config = load(path)
-        site_pairs(config)
-        webpki_store(config)
-    except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
-        return None
-    return config
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     from . import control
 
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
+    if (config := _config(args.config)) is None:
         return 2
     return control.status(config, _print_now, as_json=args.json)
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
     from . import control
-    from .config import Config
 
-    config = _load_checked(args.config)  # a bad file never reaches the gateway
-    if not isinstance(config, Config):
+    # A bad file (or key file) never reaches the gateway.
+    if (config := _config(args.config, keys=True)) is None:
         return 2
     return control.reload(config, _print_now, pid=args.pid, timeout=args.timeout)
 
 
 def _cmd_tlsrpt(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"smtpgate: {exc}", file=sys.stderr)
+    if (config := _config(args.config)) is None:
         return 2
     if args.action == "show":
         from .tlsrptcli import show
