@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from .tlsrpt import parse_day, utc_day
-from .tlsrptstore import Store, prepare, store_path
+from .tlsrptstore import Store, command_store, prepare
 
 if TYPE_CHECKING:
     from .config import TlsRpt
@@ -46,14 +46,10 @@ def show(config: TlsRpt, out: TextIO, *, domain: str | None = None, day: str | N
             print(f"smtpgate tlsrpt show: --domain {domain!r} is not a domain name (write an "
                   f"internationalized one in A-labels, xn--...)", file=err)
             return 2
-    path = store
+    path, why = command_store(config.store, store)
     if path is None:
-        path, why = store_path(config.store)
-        if path is None:
-            hint = (" (give the service's: STATE_DIRECTORY=/var/lib/smtpgate, or --store "
-                    "PATH)" if config.store == "auto" else "")
-            print(f"smtpgate tlsrpt show: no store file to read: {why}{hint}", file=err)
-            return 1 if config.store is None else 2
+        print(f"smtpgate tlsrpt show: no store file to read: {why}", file=err)
+        return 1 if config.store is None else 2
     return asyncio.run(_show(config, out, err, path, day=day, domain=name))
 
 

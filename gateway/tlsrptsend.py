@@ -54,7 +54,7 @@ from .smtp import RemoteProtocolError, Reply, ReplyReader
 from .stsfetch import GatewayResolver, normalize
 from .tasks import TaskGroup
 from .tlsrpt import DAY, day_start, gzipped, parse_day, shift_day, utc_day
-from .tlsrptstore import Delivery, Prepared, Store, prepare, store_path
+from .tlsrptstore import Delivery, Prepared, Store, command_store, prepare
 
 if TYPE_CHECKING:
     from .config import Config, TlsRpt
@@ -744,14 +744,10 @@ def send(config: Config, out: Callable[[str], None], *, day: str | None = None,
         if name is None:
             print(f"smtpgate tlsrpt send: --domain {domain!r} is not a domain name", file=err)
             return 2
-    path = store
+    path, why = command_store(rpt.store, store)
     if path is None:
-        path, why = store_path(rpt.store)
-        if path is None:
-            hint = (" (give the service's: STATE_DIRECTORY=/var/lib/smtpgate, or --store "
-                    "PATH)" if rpt.store == "auto" else "")
-            print(f"smtpgate tlsrpt send: no store file: {why}{hint}", file=err)
-            return 2
+        print(f"smtpgate tlsrpt send: no store file: {why}", file=err)
+        return 2
     if not os.path.exists(path):  # not created here: the gateway makes it when it counts
         print(f"smtpgate tlsrpt send: no store file {path} (the gateway has counted nothing "
               f"there yet)", file=err)

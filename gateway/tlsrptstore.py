@@ -203,6 +203,17 @@ def store_path(setting: str | None) -> tuple[str | None, str]:
     return state_file(setting, "tlsrpt.store", FILE_NAME)
 
 
+def command_store(setting: str | None, given: str | None) -> tuple[str | None, str]:
+    """The store file a ``smtpgate tlsrpt`` command reads: ``given`` (its --store), else
+    ``tlsrpt.store``'s; when there is none, why, with what to give instead."""
+    if given is not None:
+        return given, ""
+    path, why = store_path(setting)
+    if path is None and setting == "auto":
+        why += " (give the service's: STATE_DIRECTORY=/var/lib/smtpgate, or --store PATH)"
+    return path, why
+
+
 # -- the file --------------------------------------------------------------------------------
 
 _TABLES = (
