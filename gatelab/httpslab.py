@@ -32,6 +32,7 @@ import atexit
 import contextlib
 import functools
 import http.client
+import http.server
 import ipaddress
 import json
 import os
@@ -719,3 +720,44 @@ __all__ = [
     "sts_records",
     "sts_txt",
 ]
+
+
+# -- an in-process HTTPS server (unit tests: no namespace, no nginx) ---------------------
+
+class TlsRequestHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler whose connection is TLS under the server's context (subclass it
+    with do_GET/do_POST); quiet: the tests read what was asked, not a log."""
+
+    server: InProcessHttps
+
+    def setup(self) -> None:
+        self.request = self.server.context.wrap_socket(self.request, server_side=True)
+        self.request.settimeout(10)
+        super().setup()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.request.close()  # the TLS socket took over the descriptor
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class InProcessHttps(http.server.ThreadingHTTPServer):
+    """``handler`` on 127.0.0.1 (a free port: ``port``) under ``context``, served by a
+    daemon thread named ``name`` until shutdown()."""
+
+    daemon_threads = True
+
+    def __init__(self, context: ssl.SSLContext, handler: type[TlsRequestHandler],
+                 name: str) -> None:
+        self.context = context
+        super().__init__(("127.0.0.1", 0), handler)
+        self.port: int = self.server_address[1]
+        threading.Thread(target=self.serve_forever, args=(0.02,), daemon=True,
+                         name=name).start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that gave up on the certificate: expected in these tests

@@ -6,7 +6,6 @@ gateway's own Resolver.  No root, no namespaces: the quick tier."""
 from __future__ import annotations
 
 import asyncio
-import http.server
 import ipaddress
 import logging
 import sqlite3
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from gatelab.certs import make_leaf, make_root, server_context
 from gatelab.fakedns import FakeDns, Reply, answer
+from gatelab.httpslab import InProcessHttps, TlsRequestHandler
 from gatelab.logcapture import kept_records, named
 from gateway.answers import Answer, Status
 from gateway.config import DnsConfig, Endpoint, MtaSts
@@ -182,24 +182,13 @@ class Lab:
         self.tls = server_context(tmp / "pki", make_leaf(root, ["mta-sts.x.test"]), root)
         self.tls.sni_callback = pick
         self.http = self._serve()
-        self.port = self.http.server_address[1]
+        self.port = self.http.port
         self.dns = FakeDns(self._answer).serve_in(None, port=0)
 
-    def _serve(self) -> http.server.ThreadingHTTPServer:
+    def _serve(self) -> InProcessHttps:
         lab = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def setup(self) -> None:
-                self.request = lab.tls.wrap_socket(self.request, server_side=True)
-                self.request.settimeout(10)
-                super().setup()
-
-            def finish(self) -> None:
-                try:
-                    super().finish()
-                finally:
-                    self.request.close()  # the TLS socket took over the descriptor
-
+        class Handler(TlsRequestHandler):
             def do_GET(self) -> None:
                 host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
                 lab.hits[host] = lab.hits.get(host, 0) + 1
@@ -219,19 +208,7 @@ class Lab:
                 self.end_headers()
                 self.wfile.write(route.body)
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass  # a client that gave up on the certificate: expected here
-
-        server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True,
-                         name="sts https").start()
-        return server
+        return InProcessHttps(self.tls, Handler, "sts https")
 
     async def _answer(self, query: dns.message.QueryMessage, transport: str) -> Reply:
         q = query.question[0]

@@ -11,7 +11,6 @@ import email.message
 import email.policy
 import email.utils
 import gzip
-import http.server
 import io
 import ipaddress
 import json
@@ -34,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gatelab.certs import make_leaf, make_root, server_context
 from gatelab.fakedns import FakeDns, Reply, answer
+from gatelab.httpslab import InProcessHttps, TlsRequestHandler
 from gatelab.logcapture import kept_records, named
 from gateway.config import Config, DnsConfig, Endpoint, TlsRpt
 from gateway.dns import Resolver
@@ -272,7 +272,7 @@ class Lab:
         self.ca.write_bytes(root.pem)
         self.tls = server_context(self.tmp / "pki", make_leaf(root, ["reports.x.test"]), root)
         self.http = self._serve()
-        self.https_port = self.http.server_address[1]
+        self.https_port = self.http.port
         self.smtp = FakeSmtp()
         self.dns = FakeDns(self._answer).serve_in(None, port=0)
         with socket.socket() as s:  # a port nobody listens on: a relay that is down
@@ -285,21 +285,10 @@ class Lab:
     def publish(self, domain: str, *texts: str) -> None:
         self.txt[domain] = list(texts)
 
-    def _serve(self) -> http.server.ThreadingHTTPServer:
+    def _serve(self) -> InProcessHttps:
         lab = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def setup(self) -> None:
-                self.request = lab.tls.wrap_socket(self.request, server_side=True)
-                self.request.settimeout(10)
-                super().setup()
-
-            def finish(self) -> None:
-                try:
-                    super().finish()
-                finally:
-                    self.request.close()
-
+        class Handler(TlsRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 lab.posts.append(Posted(self.path, {k.lower(): v for k, v in
@@ -310,19 +299,7 @@ class Lab:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                pass
-
-        server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True,
-                         name="tlsrpt https").start()
-        return server
+        return InProcessHttps(self.tls, Handler, "tlsrpt https")
 
     async def _answer(self, query: dns.message.QueryMessage, transport: str) -> Reply:
         q = query.question[0]
