@@ -81,7 +81,16 @@ import dns.rdtypes.ANY.DNSKEY
 import dns.rdtypes.ANY.SOA
 import dns.zone
 
-from gatelab.netlab import PEER_NET_V4, PEER_V4, CommandError, Lab, Netns, wait_port
+from gatelab.netlab import (
+    PEER_NET_V4,
+    PEER_V4,
+    CommandError,
+    Lab,
+    Netns,
+    alive,
+    descendants,
+    wait_port,
+)
 from gateway.dane import tlsa_record
 
 # Where DnsWorld.on_lab() puts the authoritative server (on the peer's eth0).
@@ -750,16 +759,16 @@ class DnsWorld:
     @staticmethod
     def _stop_tree(ns: Netns, proc: subprocess.Popen[Any]) -> None:
         # Descendants are collected first, so any left behind are killed by their PIDs.
-        children = _children(proc.pid)
+        children = descendants(proc.pid)
         ns.stop(proc, timeout=5)
         for pid in reversed(children):  # deepest first: a parent still alive reaps
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                if not _alive(pid):
+                if not alive(pid):
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                 for _ in range(50):
-                    if not _alive(pid):
+                    if not alive(pid):
                         break
                     time.sleep(0.02)
 
@@ -769,7 +778,7 @@ class DnsWorld:
         out = []
         for proc in (self._nsd, self._unbound):
             if proc is not None and proc.poll() is None:
-                out += [proc.pid, *_children(proc.pid)]
+                out += [proc.pid, *descendants(proc.pid)]
         return out
 
     def __enter__(self) -> DnsWorld:
@@ -963,25 +972,6 @@ class DnsWorld:
         """``dig @resolver ARGS`` run inside resolver_ns (an independent client)."""
         cp = self.resolver_ns.run(["dig", f"@{server or self.resolver_address}", *args])
         return str(cp.stdout)
-
-
-def _children(pid: int) -> list[int]:
-    """Descendants of ``pid`` (via /proc/<pid>/task/*/children), depth first."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                out.append(int(child))
-                out.extend(_children(int(child)))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @atexit.register

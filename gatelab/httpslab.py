@@ -51,7 +51,7 @@ from typing import Any, Literal, NamedTuple
 
 from gatelab.certs import Issued, WebPki, expired
 from gatelab.dnslab import DnsWorld
-from gatelab.netlab import HOST_IF, Lab, Netns, wait_port
+from gatelab.netlab import HOST_IF, Lab, Netns, alive, descendants, wait_port
 
 NGINX = "/usr/sbin/nginx"
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
@@ -499,11 +499,11 @@ class PolicyHost:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        workers = _children(proc.pid)
+        workers = descendants(proc.pid)
         self.ns.stop(proc, timeout=5)  # SIGTERM: fast shutdown, the master ends its workers
         for pid in workers:
             for sig in (signal.SIGTERM, signal.SIGKILL):
-                if not _alive(pid):
+                if not alive(pid):
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
@@ -517,7 +517,7 @@ class PolicyHost:
     def pids(self) -> list[int]:
         """The running nginx's master and workers."""
         proc = self._proc
-        return [proc.pid, *_children(proc.pid)] if proc is not None and self.running else []
+        return [proc.pid, *descendants(proc.pid)] if proc is not None and self.running else []
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -526,13 +526,13 @@ class PolicyHost:
     def _reload(self, timeout: float = 10.0) -> None:
         proc = self._proc
         assert proc is not None
-        old = set(_children(proc.pid))
+        old = set(descendants(proc.pid))
         proc.send_signal(signal.SIGHUP)
         # Live once every worker is one the master started after the HUP: the old ones
         # stop accepting when told to quit, but until they exit one may still answer.
         def live() -> bool:
             self._check_alive()
-            now = set(_children(proc.pid))
+            now = set(descendants(proc.pid))
             return bool(now) and not now & old
 
         if not _wait(live, timeout):
@@ -628,23 +628,8 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def _gone(pid: int) -> bool:
-    return not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return not alive(pid)
 
 
 def _wait(cond: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:

@@ -465,6 +465,27 @@ def http_get(ns: Netns, host: str, port: int, path: str,
     return head, body
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (via /proc/<pid>/task/*/children), depth first: what a
+    daemon we started forked, to wait for or stop by PID."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                out.append(int(child))
+                out.extend(descendants(int(child)))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_port(ns: Netns, host: str, port: int, timeout: float = 10.0) -> None:
     """Wait until ``host:port`` accepts TCP connections as seen from ``ns``."""
     deadline = time.monotonic() + timeout
