@@ -228,6 +228,11 @@ def tricky_body(marker: bytes) -> bytes:
 def client_bytes(pcap: Path) -> bytes:
     """What the client of the one port-25 connection in ``pcap`` sent, in sequence order
     (IPv4 over Ethernet, as the lab's veths carry it; a retransmission counted once)."""
+    return b"".join(client_segments(pcap))
+
+
+def client_segments(pcap: Path) -> list[bytes]:
+    """client_bytes() segment by segment: what the client put in each TCP segment."""
     data = pcap.read_bytes()
     segments: dict[int, bytes] = {}
     offset = 24  # the pcap file header
@@ -242,7 +247,7 @@ def client_bytes(pcap: Path) -> bytes:
         tcp = ip[ihl:total]
         if struct.unpack_from("!H", tcp, 2)[0] == 25 and (payload := tcp[(tcp[12] >> 4) * 4:]):
             segments.setdefault(struct.unpack_from("!I", tcp, 4)[0], payload)
-    return b"".join(segments[seq] for seq in sorted(segments))
+    return [segments[seq] for seq in sorted(segments)]
 
 
 # -- inbound ----------------------------------------------------------------------------
@@ -366,18 +371,22 @@ def envelope_sender(message: bytes) -> bytes:
     return m.group(1) if m else b""
 
 
-def smuggled_through(i: Inbound, listener: str,
-                     carriers: Sequence[str] = CARRIERS) -> tuple[list[str], list[bytes]]:
+def smuggled_through(i: Inbound, listener: str, carriers: Sequence[str] = CARRIERS,
+                     replies: dict[str, int] | None = None) -> tuple[list[str], list[bytes]]:
     """Every shield variant and the two LF-only carriers, one session each, through
     ``listener``: the variants whose second message the MTA delivered with the smuggler's
-    envelope, and all it delivered."""
+    envelope, and all it delivered.  Each carrier must be accepted (250), unless
+    ``replies`` is given: then each variant's reply code to the content goes there."""
     before = len(i.mta.maildir_messages())
     for variant in carriers:
         tag = f"{listener}-{variant}"
         content = (lf_only(tag, variant.endswith("BDAT")) if variant.startswith("LF-only")
                    else smuggling(variant, tag))
         code = smtp_send(i, INBOUND_PORTS[listener], content)
-        assert code == 250, (variant, code)
+        if replies is not None:
+            replies[variant] = code
+        else:
+            assert code == 250, (variant, code)
     i.mta.wait_queue_empty()
     got = [p.read_bytes() for p in i.mta.maildir_messages()[before:]]
     names = sorted(m.group(1).decode() for data in got
