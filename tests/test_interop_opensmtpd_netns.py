@@ -279,12 +279,33 @@ def test_opensmtpd_own_starttls_to_a_peer_without_tlsa_is_left_end_to_end(
           f"  {tail(line)}")
 
 
+def test_opensmtpd_own_starttls_to_a_dane_peer_is_taken_over(outbound: Outbound) -> None:
+    """OpenSMTPD at its default toward a DANE peer: its unverified STARTTLS would bypass the
+    peer's TLSA, so the gateway takes it over (terminates it locally, the default) and
+    makes the hop to the peer itself, verified by DANE."""
+    seen = len(outbound.gw.sessions())
+    marker = new_marker()
+    with OpenSmtpdClient(outbound.lab.mta, "smtp://203.0.113.2:25") as osmtpd, \
+            Capture(outbound.lab.gw, GW_PEER_IF, outbound.work / "takeover.pcap") as cap:
+        osmtpd.send("alice@example.com", "takeover@example.net",
+                    b"Subject: opensmtpd takeover\n\n" + marker + b"\n")
+        message = delivered_once(outbound.tls_peer, marker)
+        osmtpd.wait_queue_empty()
+        log = osmtpd.log()
+        [line] = delivery(log, "takeover@example.net")
+        [own_tls] = re.findall(r"^\S+ mta tls .*$", log, re.MULTILINE)
+    assert 'result="Ok"' in line, log
+    assert re.search(r"ciphers=TLSv1\.[23]:", own_tls), own_tls  # its TLS, with the gateway
+    assert not cap.contains(marker)
+    assert b"(using TLSv1." in message
+    s = outbound.session_since("203.0.113.2:25", seen)
+    assert (s["mta_starttls"], s["tls"], s["outcome"]) == ("terminated", "dane", "relayed"), s
+    assert s["verify"] in ("dane-ee match", "resumed verified session"), s
+    print(f"\nOPENSMTPD outbound own STARTTLS -> DANE peer: gateway mta_starttls="
+          f"{s['mta_starttls']} tls={s['tls']} verify={s['verify']}\n  {tail(line)}")
+
+
 # -- inbound: OpenSMTPD receives ----------------------------------------------------------
-
-# What the offload does that OpenSMTPD 6.8 refuses (docs/interop.md, gateway/offload.py):
-GATEWAY_BUG = ("gateway: the offload forwards the client's EHLO over TLS to the MTA, a second "
-               "EHLO in its session, which OpenSMTPD 6.8 answers 503 5.5.1 Already identified")
-
 
 @pytest.fixture(scope="module")
 def inbound(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inbound]:
@@ -325,26 +346,32 @@ def ehlo_over_tls(i: Inbound) -> tuple[bytes, bytes]:
     return before, after
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=GATEWAY_BUG)
 def test_dane_sender_verifies_the_gateway_and_opensmtpd_logs_the_real_client(
         inbound: Inbound) -> None:
+    """First a client's EHLO over TLS: OpenSMTPD refuses a second greeting in a session
+    (test_opensmtpd_server_is_a_real_receiver), so the offload must answer it with the
+    MTA's own extensions; then the DANE sender's message, with its address."""
     mark = inbound.mta.log_mark()
+    seen = len(inbound.gw.sessions())
     before, after = ehlo_over_tls(inbound)
+    inbound.gw.sessions_to(None, after=seen, where=lambda s: s.get("listener") == "normalize")
+    log = inbound.mta.log()[mark:]
     assert b"STARTTLS" in before, before  # the gateway's offer
-    refused = inbound.mta.log()[mark:]
-    print(f"\nOPENSMTPD inbound, EHLO over TLS: {after.decode().strip()}\n  OpenSMTPD: "
-          + "; ".join(tail(x) for x in re.findall(r"^\S+ smtp failed-command .*$", refused,
-                                                  re.MULTILINE)))
-    # A TLS client's EHLO after STARTTLS must get the MTA's extensions, as in plaintext.
-    assert after.startswith(b"250"), (after, refused)
+    assert after.startswith(b"250-legacy.b.test Hello client.example"), (after, log)
+    assert b"STARTTLS" not in after and "failed-command" not in log, (after, log)
     marker = new_marker()
+    mark = inbound.mta.log_mark()
     got = dane_sender_delivers(inbound, marker)
     assert envelope_sender(got.message) == b"alice@example.org", got.message[:300]
-    connected = inbound.mta.wait_log(r"^\S+ smtp connected address=203\.0\.113\.2 .*$",
-                                     since=mark).group(0)
-    assert b"[203.0.113.2]" in got.message.split(b"\n\n", 1)[0]
-    print(f"\nOPENSMTPD inbound: sender {got.verified.split(': ', 1)[1]}\n"
-          f"  OpenSMTPD: {tail(connected)}")
+    assert b"from sender.example.org (<unknown> [203.0.113.2])" in got.message, got.message
+    log = inbound.mta.log()[mark:]
+    [connected] = re.findall(r"^\S+ smtp connected .*$", log, re.MULTILINE)
+    [received] = re.findall(r"^\S+ smtp message .*$", log, re.MULTILINE)
+    assert connected.endswith(" connected address=203.0.113.2 host=<unknown>"), log
+    assert "failed-command" not in log and "tls" not in log, log  # TLS was the gateway's
+    print(f"\nOPENSMTPD inbound: EHLO over TLS answered {after.splitlines()[0].decode()}\n"
+          f"  sender {got.verified.split(': ', 1)[1]}\n"
+          f"  OpenSMTPD: {tail(connected)}; {tail(received)}")
 
 
 def plain_client_delivers(i: Inbound) -> tuple[bytes, str, dict[str, Any]]:
@@ -419,7 +446,7 @@ def test_the_control_without_the_shield(inbound: Inbound) -> None:
 def test_opensmtpd_server_is_a_real_receiver(inbound: Inbound) -> None:
     """The lab's OpenSMTPD answers as OpenSMTPD (direct from gw, with a PROXY v2 header of
     its own naming 192.0.2.77), offers neither PIPELINING nor CHUNKING nor STARTTLS, takes
-    the header's address as the client's, and refuses to relay."""
+    the header's address as the client's, refuses a second EHLO, and refuses to relay."""
     mark = inbound.mta.log_mark()
     header = v2_header(Endpoint(ipaddress.ip_address("192.0.2.77"), 40000),
                        Endpoint(ipaddress.ip_address(MTA_V4), 25))
@@ -433,6 +460,8 @@ def test_opensmtpd_server_is_a_real_receiver(inbound: Inbound) -> None:
         while (line := f.readline()).startswith(b"250-"):
             ehlo += line
         ehlo += line
+        sock.sendall(b"EHLO gw.example\r\n")
+        again = f.readline()
         sock.sendall(b"MAIL FROM:<a@gw.example>\r\n")
         assert f.readline().startswith(b"250")
         sock.sendall(b"RCPT TO:<x@elsewhere.example>\r\n")
@@ -441,8 +470,10 @@ def test_opensmtpd_server_is_a_real_receiver(inbound: Inbound) -> None:
     assert re.match(rb"220 legacy\.b\.test ESMTP OpenSMTPD", banner), banner
     assert ehlo.startswith(b"250-legacy.b.test Hello gw.example"), ehlo
     assert not re.search(rb"PIPELINING|CHUNKING|STARTTLS", ehlo), ehlo
+    # A second greeting in one session is refused (RFC 5321 4.1.4 lets a server decline).
+    assert again == b"503 5.5.1 Invalid command: Already identified\r\n", again
     assert refused.startswith(b"550 Invalid recipient: <x@elsewhere.example>"), refused
     inbound.mta.wait_log(r"^\S+ smtp connected address=192\.0\.2\.77 ", since=mark)
     offered = " ".join(line[4:].decode().strip() for line in ehlo.splitlines()[1:])
     print(f"\nOPENSMTPD inbound real receiver: {banner.decode().strip()}; EHLO offers "
-          f"{offered}; {refused.decode().strip()}")
+          f"{offered}; a second EHLO: {again.decode().strip()}; {refused.decode().strip()}")
