@@ -265,6 +265,34 @@ def test_sendmail_own_starttls_to_a_peer_without_tlsa_is_left_end_to_end(
     print(f"\nSENDMAIL outbound own STARTTLS -> no TLSA: {said(tls)}\n  {said(line)}")
 
 
+def test_sendmail_own_starttls_toward_a_dane_peer_is_taken_over(outbound: Outbound) -> None:
+    """The same Sendmail toward the DANE peer: its unverified STARTTLS would bypass the
+    protection, so the gateway takes it over (``mta_starttls: terminate``, the default):
+    Sendmail's TLS ends at the gateway (the certificate it logs is the gateway's), and the
+    gateway's own TLS to the peer is DANE-verified."""
+    seen = len(outbound.gw.sessions())
+    marker = new_marker()
+    with SendmailClient(outbound.lab.mta, PEER_V4, tls=True) as sm, \
+            Capture(outbound.lab.gw, GW_PEER_IF, outbound.work / "takeover.pcap") as cap:
+        sm.send("alice@example.com", "takeover@example.net",
+                b"Subject: sendmail takeover\n\n" + marker + b"\n")
+        message = delivered_once(outbound.tls_peer, marker)
+        assert sm.queued() == "", sm.log()
+        line = to_line(sm.log(), "takeover@example.net")
+        tls = sm.wait_log(r"^.*STARTTLS=client, relay=\[203\.0\.113\.2\], version=TLSv1\.[23], "
+                          r".*$").group(0)
+        cert = sm.wait_log(r"^.*STARTTLS=client, cert-subject=(\S+), .*$")
+    assert "stat=Sent" in line, line
+    assert cert.group(1) != "/CN=mx.b.test", cert.group(0)  # not the peer's: the gateway's
+    assert not cap.contains(marker)
+    assert b"(using TLSv1." in message
+    s = outbound.session_since("203.0.113.2:25", seen)
+    assert (s["mta_starttls"], s["tls"], s["outcome"]) == ("terminated", "dane", "relayed"), s
+    assert s["verify"] in ("dane-ee match", "resumed verified session"), s
+    print(f"\nSENDMAIL outbound own STARTTLS -> DANE peer: {said(tls)}\n  {said(cert.group(0))}"
+          f"\n  gateway: mta_starttls={s['mta_starttls']} tls={s['tls']} verify={s['verify']}")
+
+
 # -- inbound: Sendmail receives ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
