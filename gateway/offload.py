@@ -9,6 +9,12 @@ forwarded, its reply passed on unchanged), and STARTTLS after any of them is sti
 by the gateway (RFC 3207 allows it anywhere in the plaintext phase): the STARTTLS it offered
 is never withdrawn, and the MTA never sees a STARTTLS or TLS bytes.
 
+The EHLO over TLS is answered by the gateway with the MTA's own reply to the last EHLO in
+plaintext (STARTTLS left out): the MTA never saw the STARTTLS, so to it a second greeting is
+just that, which some MTAs refuse (OpenSMTPD: ``503 5.5.1 Invalid command: Already
+identified``).  Only when the MTA gave no EHLO reply before (HELO, a refusal, or STARTTLS
+straight after the banner) does the greeting over TLS go to the MTA.
+
 A4: bytes the client pipelines after its STARTTLS line, before the handshake, are an
 injection attempt (CVE-2011-0411): the session is rejected, they never reach the MTA.  The
 reply direction likewise: the MTA speaking unasked when a command is about to go to it ends
@@ -104,6 +110,7 @@ class Offload:
     _client: bytearray = field(default_factory=bytearray)
     _mta: ReplyReader = field(init=False)
     _greet: bytes = b""
+    _caps: Reply | None = None  # the MTA's 250 to the last greeting in plaintext, if EHLO
     _client_eof: bool = False
     _mta_eof: bool = False
 
@@ -179,6 +186,13 @@ class Offload:
             while self.state is St.COMMAND and (
                     line := take_line(self._client, self.limits)) is not None:
                 v = verb(line)
+                if v in (b"EHLO", b"HELO") and self.tls and self._caps is not None:
+                    # Answered here (see the module's docstring); the MTA goes on from its
+                    # greeting in plaintext, and the rest is its business.
+                    caps = self._caps
+                    said = (edit_ehlo(caps, starttls=False) if v == b"EHLO"
+                            else b"250 " + caps.lines[0] + b"\r\n")
+                    return [*out, SendClient(said), *self._relay()]
                 if v in (b"EHLO", b"HELO"):
                     if self._mta.buffer:  # see tls_done: it would be read as this reply
                         return out + self._reject(MTA_UNASKED, b"421 4.3.0")
@@ -222,6 +236,8 @@ class Offload:
         return [SendClient(r.raw), *self._commands()]
 
     def _ehlo_reply(self, r: Reply) -> list[InboundCommand]:
+        if not self.tls:
+            self._caps = r if r.code == 250 and self._greet == b"EHLO" else None
         if r.code != 250 or self._greet == b"HELO":
             # Refused, or HELO (no extensions to offer STARTTLS in): passed on as it is.
             if r.code == 250 and self.tls:

@@ -458,13 +458,26 @@ def judge_pipelined(c: Wire, legacy: list[Served], s: dict[str, Any],
             problems.append(f"the session says {outcome_of(s)}")
     elif c.secure:
         # Before TLS the MTA saw only the plaintext phase's commands; after it, exactly the
-        # client's bytes; and the client saw over TLS exactly the MTA's replies to what it
-        # sent over TLS.
+        # client's bytes but for its greeting over TLS, which the gateway answers with the
+        # MTA's reply to the last EHLO before (gateway/offload.py: to the MTA it would be a
+        # second greeting); and the client saw over TLS that, then exactly the MTA's replies
+        # to the rest.
         greetings = [line for line in bytes(c.plain_out).splitlines(keepends=True)
                      if verb(line) in PLAINTEXT_PHASE]
-        if bytes(m.wire.plain_in) != b"".join(greetings) + bytes(c.tls_out):
-            problems.append(f"the MTA got {bytes(m.wire.plain_in)[:300]!r}")
-        if bytes(c.tls_in) != b"".join(t for _, t in m.replies[1 + len(greetings):]):
+        sent = bytes(m.wire.plain_in)
+        tls_out, answered = bytes(c.tls_out), b""
+        ehlos = [i for i, line in enumerate(greetings) if verb(line) == b"EHLO"]
+        last_greeting = max((i for i, line in enumerate(greetings)
+                             if verb(line) in (b"EHLO", b"HELO")), default=-1)
+        first = tls_out.split(b"\r\n", 1)[0] + b"\r\n"
+        if ehlos and ehlos[-1] == last_greeting and verb(first) in (b"EHLO", b"HELO"):
+            caps = m.replies[1 + ehlos[-1]][1]
+            answered = (caps if verb(first) == b"EHLO"
+                        else b"250 " + caps.split(b"\r\n", 1)[0][4:] + b"\r\n")
+            tls_out = tls_out[len(first):]
+        if sent != b"".join(greetings) + tls_out:
+            problems.append(f"the MTA got {sent[:300]!r}")
+        if bytes(c.tls_in) != answered + b"".join(t for _, t in m.replies[1 + len(greetings):]):
             problems.append(f"over TLS the client got {bytes(c.tls_in)[:300]!r}")
         if s.get("tls") != "tls":
             problems.append(f"the session says {outcome_of(s)}")
