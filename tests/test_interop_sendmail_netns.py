@@ -17,7 +17,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -53,11 +53,24 @@ if (_why := netlab.netns_usable() or dnslab.dnslab_usable()
     pytest.skip(_why, allow_module_level=True)
 
 
-def to_line(log: str, rcpt: str, since: int = 0) -> str:
+def wait_lines(log: Callable[[], str], regex: str, n: int, *, since: int = 0,
+               timeout: float = 15.0) -> list[str]:
+    """The lines matching ``regex`` after ``since``, once there are ``n`` (Sendmail's
+    lines arrive through the syslog catcher's thread, a moment after the fact)."""
+    deadline = time.monotonic() + timeout
+    while len(found := re.findall(rf"^(?:{regex})$", log()[since:], re.MULTILINE)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(found)} of {n} /{regex}/:\n{log()[since:][-3000:]}")
+        time.sleep(0.05)
+    return found
+
+
+def to_line(sm: SendmailClient, rcpt: str, since: int = 0) -> str:
     """Sendmail's one delivery line for ``rcpt`` (``<qid>: to=<rcpt>, ... stat=...``)."""
-    found = re.findall(rf"^.*: to=<?{re.escape(rcpt)}>?, .*$", log[since:], re.MULTILINE)
-    assert len(found) == 1, (rcpt, log[since:])
-    line: str = found[0]
+    regex = rf".*: to=<?{re.escape(rcpt)}>?, .*"
+    [line] = wait_lines(sm.log, regex, 1, since=since)
+    time.sleep(0.2)  # a second attempt would be right behind
+    assert wait_lines(sm.log, regex, 1, since=since) == [line], sm.log()[since:]
     return line
 
 
@@ -81,7 +94,7 @@ def test_legacy_sendmail_to_a_dane_peer_is_upgraded_and_verified(outbound: Outbo
                            b"Subject: sendmail dane\n\n" + marker + b"\n")
         message = delivered_once(outbound.tls_peer, marker)
         assert sm.queued() == "", sm.log()
-        line = to_line(sm.log(), "dane@example.net")
+        line = to_line(sm, "dane@example.net")
         # Sendmail itself spoke plaintext: STARTTLS offered to it, never used by it.
         assert "250-STARTTLS" in dialogue and ">>> STARTTLS" not in dialogue, dialogue
         assert "STARTTLS=client" not in sm.log(), sm.log()
@@ -113,7 +126,7 @@ def test_legacy_sendmail_to_a_plain_peer_passes_byte_exact(outbound: Outbound, h
         sm.send("alice@example.com", "plain@example.net", b"Subject: bytes\n\n" + body)
         message = delivered_once(outbound.plain_peer, marker)
         assert sm.queued() == "", sm.log()
-        line = to_line(sm.log(), "plain@example.net")
+        line = to_line(sm, "plain@example.net")
     sent, got = hashlib.sha256(body).hexdigest(), hashlib.sha256(body_of(message)).hexdigest()
     assert got == sent, (body, body_of(message))
     wire = client_bytes(mta.path)
@@ -137,7 +150,7 @@ def test_legacy_sendmail_under_a_wrong_tlsa_keeps_the_message_and_delivers_once_
                 Capture(outbound.lab.gw, GW_PEER_IF, outbound.work / "fix.pcap") as cap:
             dialogue = sm.send("alice@example.com", "fix@fix.test",
                                b"Subject: sendmail wrong tlsa\n\n" + marker + b"\n")
-            deferral = to_line(sm.log(), "fix@fix.test")
+            deferral = to_line(sm, "fix@fix.test")
             # The reply to its MAIL; the stat may instead say "Connection reset": Sendmail
             # sends QUIT after a 421, to a connection the gateway has closed (RST).
             assert ("reply=421 4.7.5 smtpgate: TLS to peer failed: no matching record, "
@@ -157,7 +170,7 @@ def test_legacy_sendmail_under_a_wrong_tlsa_keeps_the_message_and_delivers_once_
             mark = sm.log_mark()
             sm.run_queue()
             delivered_once(outbound.tls_peer, marker)
-            retried = to_line(sm.log(), "fix@fix.test", since=mark)
+            retried = to_line(sm, "fix@fix.test", since=mark)
             assert f"]: {held}: to=fix@fix.test, " in retried and "stat=Sent" in retried, retried
             assert sm.queued() == "", sm.log()
         assert cap.packets() > 10 and not cap.contains(marker)
@@ -188,8 +201,7 @@ def test_legacy_sendmail_several_recipients_only_the_dane_domain_is_deferred(
         sm.send("alice@example.com", [asks, other], b"Subject: two\n\n" + marker + b"\n")
         message = delivered_once(peer, marker)
         assert f"X-Original-To: {other}".encode() in message
-        log = sm.log()
-        deferred, sent = to_line(log, asks), to_line(log, other)
+        deferred, sent = to_line(sm, asks), to_line(sm, other)
         assert f"dsn=4.7.5, reply={why}" in deferred, deferred
         assert f"stat=Deferred: {why}" in deferred, deferred
         assert "dsn=2.0.0, stat=Sent" in sent, sent
@@ -250,7 +262,7 @@ def test_sendmail_own_starttls_to_a_peer_without_tlsa_is_left_end_to_end(
                            b"Subject: sendmail own tls\n\n" + marker + b"\n")
         message = delivered_once(outbound.tls_peer, marker)
         assert sm.queued() == "", sm.log()
-        line = to_line(sm.log(), "own@example.net")
+        line = to_line(sm, "own@example.net")
         tls = sm.wait_log(r"^.*STARTTLS=client, relay=\[203\.0\.113\.3\], version=TLSv1\.[23], "
                           r"verify=\w+, .*$").group(0)
     assert ">>> STARTTLS" in dialogue and "stat=Sent" in line, (dialogue, line)
@@ -278,7 +290,7 @@ def test_sendmail_own_starttls_toward_a_dane_peer_is_taken_over(outbound: Outbou
                 b"Subject: sendmail takeover\n\n" + marker + b"\n")
         message = delivered_once(outbound.tls_peer, marker)
         assert sm.queued() == "", sm.log()
-        line = to_line(sm.log(), "takeover@example.net")
+        line = to_line(sm, "takeover@example.net")
         tls = sm.wait_log(r"^.*STARTTLS=client, relay=\[203\.0\.113\.2\], version=TLSv1\.[23], "
                           r".*$").group(0)
         cert = sm.wait_log(r"^.*STARTTLS=client, cert-subject=(\S+), .*$")
@@ -382,16 +394,17 @@ def test_the_control_without_the_shield(inbound: Inbound) -> None:
     assert names == [] and got == [], (names, got)
     assert replies == dict.fromkeys(CARRIERS, 421), replies
     assert len(inbound.mta.maildir_messages()) == before
-    refusals = list(re.finditer(
-        r"^.*: collect: relay=\[203\.0\.113\.2\], from=<a@client\.example>, info=Bare "
-        r"(?:linefeed|carriage return) \((LF|CR)\) not allowed, where=(\w+), status=tempfail$",
-        inbound.mta.log()[mark:], re.MULTILINE))
-    found = [(r.group(1), r.group(2)) for r in refusals]
+    refusals = wait_lines(
+        inbound.mta.log, r".*: collect: relay=\[203\.0\.113\.2\], from=<a@client\.example>, "
+        r"info=Bare (?:linefeed|carriage return) \((?:LF|CR)\) not allowed, where=\w+, "
+        r"status=tempfail", len(CARRIERS), since=mark)
+    found = [(m.group(1), m.group(2)) for r in refusals
+             if (m := re.search(r"\((LF|CR)\) not allowed, where=(\w+)", r))]
     assert found == list(FIRST_BARE.values()), (found, inbound.mta.log()[mark:])
     assert "tripwire" not in inbound.mta.log()[mark:]
     print(f"\nSENDMAIL inbound without the shield: smuggled {names}; every carrier answered "
-          f"{sorted(set(replies.values()))}\n  Sendmail: {said(refusals[0].group(0))}\n"
-          f"  Sendmail: {said(refusals[1].group(0))}")
+          f"{sorted(set(replies.values()))}\n  Sendmail: {said(refusals[0])}\n"
+          f"  Sendmail: {said(refusals[1])}")
 
 
 def test_sendmail_server_is_a_real_receiver(inbound: Inbound) -> None:
