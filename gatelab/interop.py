@@ -61,6 +61,17 @@ MTA_ROOTS = Path("/var/lib/smtpgate-tests")  # scripts/bootstrap-debian's privat
 WRONG = "3 1 1 " + "5a" * 32
 DOMAINS = "example.net, dane.test, wrongmx.test, needdane.test, fix.test"
 CARRIERS = [*VARIANTS, "LF-only", "LF-only-BDAT"]
+FIX_HOST = "203.0.113.9"  # mx.fix.test: its TLSA is wrong until a test fixes it
+# The per-recipient cell, (host, the recipient whose domain asks for DANE, the other, the
+# 450 the first gets): one message, two recipients, one session.
+TWO_RECIPIENTS = [
+    # .3 gives TLS, but not with the key mx.wrongkey.test's TLSA names
+    ("203.0.113.3", "u1@wrongmx.test", "u2@example.net",
+     "450 4.7.5 smtpgate: peer key does not match the TLSA of mx.wrongkey.test"),
+    # .7 gives no TLS at all, and mx.needdane.test publishes TLSA
+    ("203.0.113.7", "u5@needdane.test", "u6@example.net",
+     "450 4.7.5 smtpgate: mx.needdane.test publishes TLSA; this hop is not encrypted"),
+]
 INBOUND_PORTS = {"normalize": 25, "off": 28}
 
 
@@ -160,6 +171,29 @@ class Outbound:
     def session_since(self, destination: str, seen: int) -> dict[str, Any]:
         """The last session line to ``destination`` after the first ``seen`` lines."""
         return self.gw.sessions_to(destination, after=seen)[-1]
+
+    # The wrong-TLSA cell: mx.fix.test (FIX_HOST) publishes a TLSA that matches nothing
+    # until the test fixes it, then the MTA's retry must deliver the message once.
+    def deferred_by_the_wrong_tlsa(self, seen: int, marker: bytes) -> None:
+        """The gateway's session to FIX_HOST deferred (no matching record), no copy."""
+        s = self.session_since(f"{FIX_HOST}:25", seen)
+        assert (s["tls"], s["outcome"], s["verify"]) == (
+            "deferred", "deferred", "no matching record"), s
+        assert not copies(self.tls_peer, marker)
+
+    def fix_the_tlsa(self) -> None:
+        """mx.fix.test's TLSA right, and the gateway's cache past the old answer."""
+        self.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [self.good])
+        time.sleep(1.2)  # the gateway's DNS cache (max_ttl 1 s) lets the old answer go
+
+    def unfix_the_tlsa(self) -> None:
+        """Back to the wrong TLSA for the next test (in the test's ``finally``)."""
+        self.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [WRONG])
+
+    def verified_after_the_fix(self, seen: int) -> None:
+        """The second session to FIX_HOST since ``seen``: DANE, verified, relayed."""
+        s = self.gw.sessions_to(f"{FIX_HOST}:25", after=seen, n=2)[-1]
+        assert (s["tls"], s["verify"], s["outcome"]) == ("dane", "dane-ee match", "relayed"), s
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,12 +22,11 @@ from gatelab.capture import Capture
 from gatelab.exim_client import EximClient, EximServer
 from gatelab.interop import (
     CARRIERS,
-    WRONG,
+    TWO_RECIPIENTS,
     Inbound,
     Outbound,
     body_of,
     client_bytes,
-    copies,
     dane_sender_delivers,
     delivered_once,
     ehlo_of,
@@ -117,35 +115,23 @@ def test_legacy_exim_under_a_wrong_tlsa_keeps_the_message_and_delivers_once_afte
             deferral = exim.wait_log(r"^.* == fix@fix\.test .*defer.*$").group(0)
             assert "421 4.7.5 smtpgate: TLS to peer failed: no matching record" in deferral
             [held] = exim.message_ids()
-            s = outbound.session_since("203.0.113.9:25", seen)
-            assert (s["tls"], s["outcome"], s["verify"]) == (
-                "deferred", "deferred", "no matching record"), s
-            assert not copies(outbound.tls_peer, marker)
+            outbound.deferred_by_the_wrong_tlsa(seen, marker)
 
-            outbound.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [outbound.good])
-            time.sleep(1.2)  # the gateway's DNS cache (max_ttl 1 s) lets the old answer go
+            outbound.fix_the_tlsa()
             mark = exim.log_mark()
             exim.run_queue()
             delivered_once(outbound.tls_peer, marker)
             retried = exim.wait_log(r"^.* => fix@fix\.test .*$", since=mark).group(0)
             assert held in retried and exim.queued() == "", exim.log()
         assert cap.packets() > 10 and not cap.contains(marker)
-        s = outbound.gw.sessions_to("203.0.113.9:25", after=seen, n=2)[-1]
-        assert (s["tls"], s["verify"], s["outcome"]) == ("dane", "dane-ee match", "relayed"), s
+        outbound.verified_after_the_fix(seen)
         print(f"\nEXIM outbound wrong TLSA: {deferral.split(' ', 2)[2]}\n"
               f"  after the fix: {retried.split(' ', 2)[2]}")
     finally:
-        outbound.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [WRONG])
+        outbound.unfix_the_tlsa()
 
 
-@pytest.mark.parametrize(("host", "asks", "other", "why"), [
-    # .3 gives TLS, but not with the key mx.wrongkey.test's TLSA names
-    ("203.0.113.3", "u1@wrongmx.test", "u2@example.net",
-     "450 4.7.5 smtpgate: peer key does not match the TLSA of mx.wrongkey.test"),
-    # .7 gives no TLS at all, and mx.needdane.test publishes TLSA
-    ("203.0.113.7", "u5@needdane.test", "u6@example.net",
-     "450 4.7.5 smtpgate: mx.needdane.test publishes TLSA; this hop is not encrypted"),
-])
+@pytest.mark.parametrize(("host", "asks", "other", "why"), TWO_RECIPIENTS)
 def test_legacy_exim_several_recipients_only_the_dane_domain_is_deferred(
         outbound: Outbound, host: str, asks: str, other: str, why: str) -> None:
     """One message, two recipients, one session: the recipient whose domain's MX for this

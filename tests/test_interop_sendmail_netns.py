@@ -25,7 +25,7 @@ from gatelab import dnslab, netlab, postfix_instance, sendmail_lab
 from gatelab.capture import Capture
 from gatelab.interop import (
     CARRIERS,
-    WRONG,
+    TWO_RECIPIENTS,
     Inbound,
     Outbound,
     body_of,
@@ -160,13 +160,9 @@ def test_legacy_sendmail_under_a_wrong_tlsa_keeps_the_message_and_delivers_once_
                              dialogue), dialogue
             [held] = sm.queue_ids()
             assert deferral.split("]: ", 1)[1].startswith(held), (held, deferral)
-            s = outbound.session_since("203.0.113.9:25", seen)
-            assert (s["tls"], s["outcome"], s["verify"]) == (
-                "deferred", "deferred", "no matching record"), s
-            assert not copies(outbound.tls_peer, marker)
+            outbound.deferred_by_the_wrong_tlsa(seen, marker)
 
-            outbound.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [outbound.good])
-            time.sleep(1.2)  # the gateway's DNS cache (max_ttl 1 s) lets the old answer go
+            outbound.fix_the_tlsa()
             mark = sm.log_mark()
             sm.run_queue()
             delivered_once(outbound.tls_peer, marker)
@@ -174,22 +170,14 @@ def test_legacy_sendmail_under_a_wrong_tlsa_keeps_the_message_and_delivers_once_
             assert f"]: {held}: to=fix@fix.test, " in retried and "stat=Sent" in retried, retried
             assert sm.queued() == "", sm.log()
         assert cap.packets() > 10 and not cap.contains(marker)
-        s = outbound.gw.sessions_to("203.0.113.9:25", after=seen, n=2)[-1]
-        assert (s["tls"], s["verify"], s["outcome"]) == ("dane", "dane-ee match", "relayed"), s
+        outbound.verified_after_the_fix(seen)
         print(f"\nSENDMAIL outbound wrong TLSA: {said(deferral)}\n"
               f"  after the fix (-qf): {said(retried)}")
     finally:
-        outbound.dns.set_records("test.", "_25._tcp.mx.fix", "TLSA", [WRONG])
+        outbound.unfix_the_tlsa()
 
 
-@pytest.mark.parametrize(("host", "asks", "other", "why"), [
-    # .3 gives TLS, but not with the key mx.wrongkey.test's TLSA names
-    ("203.0.113.3", "u1@wrongmx.test", "u2@example.net",
-     "450 4.7.5 smtpgate: peer key does not match the TLSA of mx.wrongkey.test"),
-    # .7 gives no TLS at all, and mx.needdane.test publishes TLSA
-    ("203.0.113.7", "u5@needdane.test", "u6@example.net",
-     "450 4.7.5 smtpgate: mx.needdane.test publishes TLSA; this hop is not encrypted"),
-])
+@pytest.mark.parametrize(("host", "asks", "other", "why"), TWO_RECIPIENTS)
 def test_legacy_sendmail_several_recipients_only_the_dane_domain_is_deferred(
         outbound: Outbound, host: str, asks: str, other: str, why: str) -> None:
     """One message, two recipients, one session: the recipient whose domain's MX for this
