@@ -9,8 +9,12 @@ import os
 
 import pytest
 
-# Skips that are facts of the supported machine, not missing installs.
-EXPECTED = ("no `docker compose` plugin here",)
+from gatelab.qmail_lab import NO_SOURCE
+
+# Skips that are facts of the supported machine or checkout, not missing installs: the
+# notqmail source (issue 19's qmail row) sits beside the repository where this workplace
+# keeps it (../shared/third-party/); no registry carries it, so no install can provide it.
+EXPECTED = ("no `docker compose` plugin here", NO_SOURCE)
 
 _unexpected: list[str] = []
 
