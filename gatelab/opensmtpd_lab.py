@@ -104,7 +104,10 @@ class _OpenSmtpd:
         assert self.proc is not None, "not started"
         # smtpctl insists on running setgid to the queue's group (as Debian installs it; the
         # unpacked copy is not): the same effect for this one call.
-        return ["nsenter", f"--target={self.proc.pid}", "--mount", "--", "setpriv",
+        # --root: the daemon's root, not the mount namespace's (they differ in a chroot,
+        # as scripts/fresh-check runs the suite: setns() alone would leave us at the
+        # host's /, where the instance's /var is not).
+        return ["nsenter", f"--target={self.proc.pid}", "--mount", "--root", "--", "setpriv",
                 f"--regid={QUEUE_USER}", "--keep-groups", "--"]
 
     def smtpctl(self, *args: str, argv0: Path = SMTPCTL, data: bytes | None = None) -> str:

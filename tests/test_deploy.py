@@ -157,10 +157,17 @@ def example_limits() -> tuple[float, int]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports on loopback (held together while chosen: two picks one
+    after the other may be the same port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 # -- systemd -----------------------------------------------------------------------------
@@ -568,7 +575,7 @@ def gateway_on_loopback(
     """The real `smtpgate run` on loopback: one inbound passthrough listener in front of a
     silent MTA, metrics on a free port, no mark (no capability needed)."""
     mta = SilentMta()
-    listen, metrics = free_port(), free_port()
+    listen, metrics = free_ports(2)
     config = tmp_path / "smtpgate.yaml"
     config.write_text(f"""
 listeners:
@@ -593,7 +600,8 @@ metrics: {{listen: "127.0.0.1:{metrics}"}}
 
 
 def test_healthcheck_command_against_a_running_then_draining_gateway(
-        gateway_on_loopback: tuple[subprocess.Popen[bytes], int, int, SilentMta]) -> None:
+        gateway_on_loopback: tuple[subprocess.Popen[bytes], int, int, SilentMta],
+        tmp_path: Path) -> None:
     proc, listen, metrics, mta = gateway_on_loopback
     argv = [sys.executable, *healthcheck_argv()[1:]]  # the image's venv python -> ours
     env = {**os.environ, "SMTPGATE_HEALTH_URL": f"http://127.0.0.1:{metrics}/healthz"}
@@ -603,7 +611,8 @@ def test_healthcheck_command_against_a_running_then_draining_gateway(
 
     deadline = time.monotonic() + 15
     while healthcheck() != 0:
-        assert proc.poll() is None, "gateway exited"
+        assert proc.poll() is None, \
+            f"gateway exited: {(tmp_path / 'smtpgate.log').read_text(errors='replace')}"
         assert time.monotonic() < deadline, "never healthy"
         time.sleep(0.1)
     with socket.create_connection(("127.0.0.1", listen)) as client:
