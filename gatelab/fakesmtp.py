@@ -273,6 +273,7 @@ class Script:
     inject: bytes = b""  # plaintext behind the 220 to STARTTLS, delivered as `mode`
     mode: str = "segment"  # segment | split | later | bytewise | after-hello
     mail_reply: bytes | None = None  # instead of "250 2.1.0 sender ok"
+    refuse_ehlo: bool = False  # EHLO gets 502: a server of RFC 821's, HELO only
 
 
 @dataclass
@@ -325,7 +326,9 @@ def serve(out: Served) -> None:
         v = verb(line)
         out.commands.append((line, w.secure))
         n += 1
-        if v == b"EHLO":
+        if v == b"EHLO" and s.refuse_ehlo:
+            answer(v, b"502 5.5.1 EHLO not implemented\r\n")
+        elif v == b"EHLO":
             starttls = [b"STARTTLS"] if s.context is not None and not w.secure else []
             text = ehlo_reply(s.name, [*s.caps, *starttls])
             out.replies.append((v, text))

@@ -23,6 +23,7 @@ import pytest
 
 from gatelab import dnslab, netlab, postfix_instance, sendmail_lab
 from gatelab.capture import Capture
+from gatelab.fakesmtp import FakeServer, Script, verb
 from gatelab.interop import (
     CARRIERS,
     TWO_RECIPIENTS,
@@ -234,6 +235,74 @@ def test_legacy_sendmail_pipelining_crosses_the_gateway_and_it_never_sends_bdat(
     s = outbound.session_since(f"{host}:25", seen)
     assert (s["outcome"], s.get("tls")) == ("relayed", tls), s
     print(f"\nSENDMAIL outbound PIPELINING via {host} (tls={tls}): peer saw {summary}")
+
+
+@pytest.fixture
+def helo_peers(outbound: Outbound) -> Iterator[dict[str, FakeServer]]:
+    """Two servers of RFC 821's (EHLO refused, HELO only; in-process: no real MTA of ours
+    refuses EHLO on demand): .10 without a name, .11 named mx.helo.test, which publishes
+    TLSA (so the gateway must have TLS there)."""
+    o = outbound
+    hosts = ("203.0.113.10", "203.0.113.11")
+    for host in hosts:
+        o.lab.peer.ip("addr", "add", f"{host}/24", "dev", netlab.HOST_IF)
+    o.dns.set_records("113.0.203.in-addr.arpa.", "11", "PTR", ["mx.helo.test."])
+    o.dns.set_records("test.", "mx.helo", "A", ["203.0.113.11"])
+    o.dns.set_records("test.", "_25._tcp.mx.helo", "TLSA", [o.good])
+    servers = {h: FakeServer(o.lab.peer, h, Script(name=b"old.test", refuse_ehlo=True))
+               for h in hosts}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
+        o.dns.set_records("test.", "_25._tcp.mx.helo", "TLSA", [])
+        o.dns.set_records("test.", "mx.helo", "A", [])
+        o.dns.set_records("113.0.203.in-addr.arpa.", "11", "PTR", [])
+        for host in hosts:
+            o.lab.peer.ip("addr", "del", f"{host}/24", "dev", netlab.HOST_IF)
+
+
+def test_sendmail_falls_back_to_helo_and_the_gateway_follows(
+        outbound: Outbound, helo_peers: dict[str, FakeServer]) -> None:
+    """Sendmail's habit: EHLO refused, HELO.  Toward a peer without TLSA the gateway learns
+    there is no STARTTLS (its own EHLO is refused too), says Sendmail's HELO again and the
+    message goes in plaintext; toward one whose name publishes TLSA the same refusal is a
+    4xx and Sendmail keeps the message: never in clear."""
+    seen = len(outbound.gw.sessions())
+    marker = new_marker()
+    plain, dane = helo_peers["203.0.113.10"], helo_peers["203.0.113.11"]
+    mark = plain.arm()
+    with SendmailClient(outbound.lab.mta, "203.0.113.10") as sm:
+        dialogue = sm.send("alice@example.com", "old@example.net",
+                           b"Subject: sendmail helo\n\n" + marker + b"\n")
+        line = to_line(sm, "old@example.net")
+        assert sm.queued() == "", sm.log()
+    [served] = plain.settle(mark)
+    assert re.search(r">>> EHLO mta\.example\.com\n502 5\.5\.1 EHLO not implemented\n"
+                     r">>> HELO mta\.example\.com\n250 old\.test\n", dialogue), dialogue
+    said_to_peer = [verb(line) for line, _ in served.commands]
+    # Sendmail's EHLO and HELO, the gateway's probing EHLO (refused), Sendmail's HELO again.
+    assert said_to_peer[:5] == [b"EHLO", b"HELO", b"EHLO", b"HELO", b"MAIL"], said_to_peer
+    assert any(marker in c for c in served.contents), served.contents
+    assert "stat=Sent" in line, line
+    s = outbound.session_since("203.0.113.10:25", seen)
+    assert (s["tls"], s["outcome"]) == ("plaintext", "relayed"), s
+
+    mark = dane.arm()
+    with SendmailClient(outbound.lab.mta, "203.0.113.11") as sm:
+        sm.send("alice@example.com", "old@example.net",
+                b"Subject: sendmail helo dane\n\n" + marker + b"\n")
+        deferred = to_line(sm, "old@example.net")
+        assert "stat=Deferred" in deferred and "refused EHLO" in deferred, deferred
+        [held] = sm.queue_ids()
+    [served] = dane.settle(mark)
+    assert b"MAIL" not in [verb(line) for line, _ in served.commands], served.commands
+    assert not served.contents
+    s = outbound.session_since("203.0.113.11:25", seen)
+    assert (s["plan"], s["outcome"]) == ("require-tls", "deferred"), s
+    print(f"\nSENDMAIL outbound EHLO refused, HELO: {said(line)}\n"
+          f"  toward a TLSA name: {said(deferred)} (kept: {held})")
 
 
 def test_sendmail_own_starttls_to_a_peer_without_tlsa_is_left_end_to_end(
