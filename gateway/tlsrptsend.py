@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import email.policy
 import email.utils
+import fcntl
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -76,6 +77,10 @@ GIVE_UP_AFTER = 2 * DAY  # past the end of its day a report is stale: the next o
 NEVER = math.inf  # next_try of a delivery given up (or a domain without a record)
 TICK = 300.0  # the schedule sleeps at most this long (a clock step, a stalled wake)
 PARALLEL = 4  # domains reported on at once
+# How long a send waits for another's on the same store (the gateway's round and `tlsrpt
+# send --now`): one round's deliveries, each bounded by its own timeouts.
+SEND_WAIT = 120.0
+SEND_POLL = 0.1
 MAX_REPLY = 512  # bytes of a refusal kept for the log
 
 
@@ -402,6 +407,7 @@ class Summary:
     day: str
     lines: list[Line] = field(default_factory=list)
     wake: float = NEVER  # the earliest next try among what is still pending
+    busy: bool = False  # nothing done: another send held the store past SEND_WAIT
 
     @property
     def sent(self) -> int:
@@ -410,6 +416,14 @@ class Summary:
     @property
     def failed(self) -> int:
         return sum(1 for line in self.lines if line.result in (FAILED, LOOKUP_FAILED))
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _stamp(when: float) -> str:
@@ -493,6 +507,41 @@ class Reporter:
         schedule's view: a failed delivery waits for its next try, one given up stays so);
         ``force`` (``smtpgate tlsrpt send --now``) tries whatever is not delivered yet.
         ``dry_run``: looks up and says what would be sent, sends and notes nothing."""
+        if dry_run:
+            return await self._send_day(day, domain, force, dry_run)
+        async with self._sending() as mine:
+            if not mine:
+                event(log, "tlsrpt send waits", logging.WARNING, day=day,
+                      why=f"another send on {self.store.path} for {SEND_WAIT:.0f} s")
+                return Summary(day, wake=self.clock() + TICK, busy=True)
+            return await self._send_day(day, domain, force, dry_run)
+
+    @contextlib.asynccontextmanager
+    async def _sending(self) -> AsyncIterator[bool]:
+        """One sender at a time per store file: the gateway's schedule and ``tlsrpt send
+        --now`` each read which deliveries are done, deliver the rest and note them; two at
+        once would both deliver a report.  An flock(2) on the store file itself (SQLite
+        locks with fcntl(2), which flock does not meet; read-only: the gateway's user and
+        root can both take it), polled: a blocking flock would hold the event loop.  Yields
+        whether it is ours (False: still another's after SEND_WAIT)."""
+        if self.store.path is None:  # counts in memory: nobody else sees them
+            yield True
+            return
+        fd = os.open(self.store.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mine = _try_flock(fd)
+            # Polled (another process's unlock wakes nothing here), a bounded number of times.
+            for _ in range(int(SEND_WAIT / SEND_POLL)):
+                if mine:
+                    break
+                await asyncio.sleep(SEND_POLL)
+                mine = _try_flock(fd)
+            yield mine
+        finally:
+            os.close(fd)  # the lock goes with it
+
+    async def _send_day(self, day: str, domain: str | None, force: bool,
+                        dry_run: bool) -> Summary:
         summary = Summary(day)
         domains = await self.store.domains(day)
         if domain is not None:
@@ -769,6 +818,10 @@ async def _send(config: Config, out: Callable[[str], None], err: TextIO, *, path
             print(f"smtpgate tlsrpt send: cannot use the store file {path}", file=err)
             return 2
         summary = await reporter.send_day(day, domain=domain, force=now, dry_run=not now)
+        if summary.busy:
+            print(f"smtpgate tlsrpt send: another send (the gateway's schedule?) has held "
+                  f"{path} for {SEND_WAIT:.0f} s; nothing sent: try again", file=err)
+            return 1
         for line in summary.lines:
             out(line.text(day))
         if not summary.lines:

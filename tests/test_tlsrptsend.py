@@ -10,11 +10,13 @@ import email
 import email.message
 import email.policy
 import email.utils
+import fcntl
 import gzip
 import io
 import ipaddress
 import json
 import logging
+import os
 import socket
 import socketserver
 import threading
@@ -35,6 +37,7 @@ from gatelab.certs import make_leaf, make_root, server_context
 from gatelab.fakedns import FakeDns, Reply, answer
 from gatelab.httpslab import InProcessHttps, TlsRequestHandler
 from gatelab.logcapture import kept_records, named
+from gateway import tlsrptsend
 from gateway.config import Config, DnsConfig, Endpoint, TlsRpt
 from gateway.dns import Resolver
 from gateway.tlsrpt import STS, Outcome, day_start
@@ -52,6 +55,7 @@ from gateway.tlsrptsend import (
     PENDING,
     RETRY_DELAYS,
     SENT,
+    TICK,
     WAITING,
     Reporter,
     _dot_stuffed,
@@ -488,6 +492,47 @@ def test_send_day_delivers_by_mail_and_https(lab: Lab, events: list[logging.LogR
     assert {(e["domain"], e["rua"]) for e in sent} == {
         ("a.test", "mailto:tlsrpt@a.test"), ("a.test", lab.url()),
         ("c.test", "mailto:reports@c.test")}
+
+
+def test_two_senders_on_one_store_deliver_each_report_once(
+        lab: Lab, events: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's round and ``tlsrpt send --now`` on the same store at once: each reads
+    which deliveries are done before it delivers, so without a lock both would deliver.
+    With it the second waits, then finds them delivered; held past SEND_WAIT, it gives up
+    and says so, sending nothing."""
+    lab.publish("a.test", f"v=TLSRPTv1; rua=mailto:tlsrpt@a.test,{lab.url()}")
+
+    async def go() -> None:
+        g = await gate(lab, {"a.test": 2})
+        other_store = Store(g.reporter.config, g.clock, path=g.store.path)
+        await other_store.open()
+        other = Reporter(g.reporter.config, other_store, lambda: g.resolver, clock=g.clock)
+        try:
+            first, second = await asyncio.gather(g.reporter.send_day(DAY, force=True),
+                                                 other.send_day(DAY, force=True))
+            results = sorted([line.result for line in first.lines]
+                             + [line.result for line in second.lines])
+            assert results == sorted([SENT, SENT, DELIVERED, DELIVERED]), (first, second)
+            assert len(lab.smtp.mails) == 1 and len(lab.posts) == 1
+            # Held by someone else past the wait: nothing done, said, retried later.
+            monkeypatch.setattr(tlsrptsend, "SEND_WAIT", 0.3)
+            assert g.store.path is not None
+            held = os.open(g.store.path, os.O_RDONLY)
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                busy = await other.send_day(DAY, force=True)
+            finally:
+                os.close(held)
+            assert busy.busy and busy.lines == [] and busy.wake == g.clock() + TICK
+            assert len(lab.smtp.mails) == 1 and len(lab.posts) == 1
+        finally:
+            await other.close()
+            await other_store.close()
+            await g.close()
+
+    run(go())
+    [waited] = named(events, "tlsrpt send waits")
+    assert waited["day"] == DAY, waited
 
 
 def test_failed_delivery_is_retried_with_backoff(lab: Lab,
