@@ -15,12 +15,11 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gatelab.interop import MTA_ROOTS, LogFile, Maildir, PrivateDir, root_usable
+from gatelab.interop import MTA_ROOTS, LabMta, LogFile, Maildir, PrivateDir, root_usable
 from gatelab.netlab import Netns, wait_port
 
 EXIM_ROOT = MTA_ROOTS / "exim4"
@@ -52,7 +51,7 @@ def main_option_error(option: str) -> str:
     return m.group(1) if m else said
 
 
-class _Exim:
+class _Exim(LabMta):
     """What both roles share: the private tree (owned by the Exim user, who receives and
     delivers), running the binary against its config, the main log."""
 
@@ -61,7 +60,8 @@ class _Exim:
         self.tree = PrivateDir("sg-exim-", EXIM_USER, ("spool", "log", *subdirs))
         self.dir = self.tree.path
         self.conf = self.dir / "exim.conf"
-        self.mainlog = LogFile(self.dir / "log" / "mainlog", "Exim")
+        self.name = "Exim"
+        self.mta_log = LogFile(self.dir / "log" / "mainlog", "Exim")
 
     def common(self, hostname: str) -> list[str]:
         return [
@@ -96,17 +96,6 @@ class _Exim:
 
     def message_ids(self) -> list[str]:
         return _MESSAGE_ID.findall(self.queued())
-
-    def log(self) -> str:
-        return self.mainlog.text()
-
-    def log_mark(self) -> int:
-        """The main log's length now, for wait_log(since=...) to ignore older lines."""
-        return self.mainlog.mark()
-
-    def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
-        """The first match of ``regex`` (multiline) in the main log after ``since``."""
-        return self.mainlog.wait(regex, timeout, since=since)
 
     def close(self) -> None:
         self.tree.remove()
@@ -223,23 +212,6 @@ class EximServer(_Exim):
         if self.proc is not None:
             self.ns.stop(self.proc)
             self.proc = None
-
-    def maildir_messages(self) -> list[Path]:
-        """Delivered messages, oldest first."""
-        return self.inbox.messages()
-
-    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
-        """The delivered message that carries ``marker``."""
-        return self.inbox.wait_delivered(marker, timeout, self.log)
-
-    def wait_queue_empty(self, timeout: float = 20.0) -> None:
-        """Until every message received has been delivered (or bounced)."""
-        deadline = time.monotonic() + timeout
-        while self.queued():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Exim's queue not empty:\n{self.queued()}\n"
-                                   f"{self.log()[-3000:]}")
-            time.sleep(0.1)
 
     def close(self) -> None:
         self.stop()

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from gatelab import certs, netlab
 from gatelab.dnslab import DnsWorld
@@ -154,6 +154,47 @@ class LogFile:
                                    f"{self.text()[since:][-3000:]}")
             time.sleep(0.05)
         return m
+
+
+class LabMta:
+    """What every MTA of the lab offers the tests, from its own word: its log
+    (``mta_log``), its queue listing (``queued()``: "" when empty) and, as a receiver, its
+    Maildir (``inbox``).  Each MTA's module sets those three; the rest is here."""
+
+    name = "the MTA"
+    mta_log: LogFile
+    inbox: Maildir
+
+    def queued(self) -> str:
+        raise NotImplementedError
+
+    def log(self) -> str:
+        return self.mta_log.text()
+
+    def log_mark(self) -> int:
+        """The log's length now, for wait_log(since=...) to ignore older lines."""
+        return self.mta_log.mark()
+
+    def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
+        """The first match of ``regex`` (multiline) in the log after ``since``."""
+        return self.mta_log.wait(regex, timeout, since=since)
+
+    def wait_queue_empty(self, timeout: float = 20.0) -> None:
+        """Until every message received has been delivered (or bounced)."""
+        deadline = time.monotonic() + timeout
+        while queued := self.queued():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}'s queue not empty:\n{queued}\n"
+                                   f"{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def maildir_messages(self) -> list[Path]:
+        """Delivered messages, oldest first."""
+        return self.inbox.messages()
+
+    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
+        """The delivered message that carries ``marker``."""
+        return self.inbox.wait_delivered(marker, timeout, self.log)
 
 
 # -- outbound ---------------------------------------------------------------------------
@@ -286,22 +327,10 @@ def client_segments(pcap: Path) -> list[bytes]:
 
 # -- inbound ----------------------------------------------------------------------------
 
-class Receiver(Protocol):
-    """A legacy MTA listening on MTA_V4:25 in mta, delivering b.test into a Maildir."""
-
-    def maildir_messages(self) -> list[Path]: ...
-    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes: ...
-    def wait_queue_empty(self, timeout: float = 20.0) -> None: ...
-    def log(self) -> str: ...
-    def log_mark(self) -> int: ...
-    def wait_log(self, regex: str, timeout: float = 15.0, *,
-                 since: int = 0) -> re.Match[str]: ...
-
-
 @dataclass
 class Inbound:
     lab: Lab
-    mta: Any  # the Receiver the test module started
+    mta: Any  # the LabMta receiver the test module started
     gw: GatewayProcess
     work: Path
 

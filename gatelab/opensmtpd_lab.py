@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gatelab.interop import MTA_ROOTS, LogFile, Maildir, PrivateDir, root_usable
+from gatelab.interop import MTA_ROOTS, LabMta, LogFile, Maildir, PrivateDir, root_usable
 from gatelab.netlab import Netns, wait_port
 
 OPENSMTPD_ROOT = MTA_ROOTS / "opensmtpd"
@@ -52,7 +52,7 @@ def opensmtpd_usable() -> str | None:
     return root_usable("opensmtpd", "usr/sbin/smtpd", SMTPD_USER, QUEUE_USER, MAIL_USER)
 
 
-class _OpenSmtpd:
+class _OpenSmtpd(LabMta):
     """What both roles share: the private tree (its /var, its Maildir, its log), the daemon
     in the foreground as our child, smtpctl against its control socket."""
 
@@ -73,7 +73,8 @@ class _OpenSmtpd:
         # listens at this address, so each lookup fails at once instead of timing out.
         self.resolv = self.dir / "resolv.conf"
         self.resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        self.smtpd_log = LogFile(self.dir / "log" / "smtpd.log", "OpenSMTPD")
+        self.name = "OpenSMTPD"
+        self.mta_log = LogFile(self.dir / "log" / "smtpd.log", "OpenSMTPD")
         self.proc: subprocess.Popen[Any] | None = None
 
     def _in_private_mounts(self, *argv: str) -> list[str]:
@@ -125,24 +126,6 @@ class _OpenSmtpd:
 
     def envelope_ids(self) -> list[str]:
         return _EVPID.findall(self.queued())
-
-    def wait_queue_empty(self, timeout: float = 20.0) -> None:
-        """Until every envelope received has been delivered (or bounced)."""
-        deadline = time.monotonic() + timeout
-        while queue := self.queued():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"OpenSMTPD's queue not empty:\n{queue}\n"
-                                   f"{self.log()[-3000:]}")
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.smtpd_log.text()
-
-    def log_mark(self) -> int:
-        return self.smtpd_log.mark()
-
-    def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
-        return self.smtpd_log.wait(regex, timeout, since=since)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -211,13 +194,6 @@ class OpenSmtpdServer(_OpenSmtpd):
         except TimeoutError as exc:
             raise RuntimeError(f"smtpd not listening: {self.log()[-2000:]}") from exc
         return self
-
-    def maildir_messages(self) -> list[Path]:
-        """Delivered messages, oldest first."""
-        return self.inbox.messages()
-
-    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
-        return self.inbox.wait_delivered(marker, timeout, self.log)
 
     def __enter__(self) -> OpenSmtpdServer:
         return self.start()

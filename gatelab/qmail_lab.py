@@ -29,19 +29,17 @@ import contextlib
 import grp
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gatelab.interop import LogFile, Maildir, PrivateDir
+from gatelab.interop import LabMta, LogFile, Maildir, PrivateDir
 from gatelab.netlab import Netns, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +149,7 @@ def parse_records(out: bytes) -> list[Record]:
     return [Record(p[:1], p[1:]) for p in parts[:-1]]
 
 
-class QmailInstance:
+class QmailInstance(LabMta):
     """A private copy of the installed tree and the programs run against it in ``ns``."""
 
     def __init__(self, build: QmailBuild, ns: Netns, me: str) -> None:
@@ -161,7 +159,8 @@ class QmailInstance:
         subprocess.run(["cp", "-a", f"{build.prefix}/.", f"{self.dir}/"], check=True,
                        timeout=60)
         self.control("me", me)
-        self.send_log = LogFile(self.dir / "qmail-send.log", "qmail-send")
+        self.name = "qmail"
+        self.send_log = self.mta_log = LogFile(self.dir / "qmail-send.log", "qmail-send")
         self.send: subprocess.Popen[Any] | None = None
 
     @property
@@ -215,23 +214,6 @@ class QmailInstance:
         ``svc -a`` does to a supervised qmail-send)."""
         assert self.send is not None and self.send.poll() is None, "qmail-send not running"
         self.send.send_signal(signal.SIGALRM)
-
-    def wait_queue_empty(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while queued := self.queued():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"qmail's queue not empty:\n{queued}\n"
-                                   f"{self.log()[-3000:]}")
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.send_log.text()
-
-    def log_mark(self) -> int:
-        return self.send_log.mark()
-
-    def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
-        return self.send_log.wait(regex, timeout, since=since)
 
     def close(self) -> None:
         if self.send is not None:
@@ -315,12 +297,6 @@ class QmailReceiver(QmailInstance):
             raise RuntimeError(f"tcpserver not listening: exit {self.smtpd.poll()}: "
                                f"{self.tcpserver_log.text()}") from exc
         return self
-
-    def maildir_messages(self) -> list[Path]:
-        return self.inbox.messages()
-
-    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
-        return self.inbox.wait_delivered(marker, timeout, self.log)
 
     def close(self) -> None:
         if self.smtpd is not None:

@@ -36,12 +36,11 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gatelab.interop import MTA_ROOTS, LogFile, Maildir, PrivateDir, root_usable
+from gatelab.interop import MTA_ROOTS, LabMta, LogFile, Maildir, PrivateDir, root_usable
 from gatelab.netlab import Netns, wait_port
 
 SENDMAIL_ROOT = MTA_ROOTS / "sendmail"
@@ -114,7 +113,7 @@ class SyslogCatcher:
         self.sock.close()
 
 
-class _Sendmail:
+class _Sendmail(LabMta):
     """What both roles share: the private tree, the cf built from ``mc``, the wrapper every
     run of the binary goes through, the syslog catcher and its log, the queue."""
 
@@ -135,7 +134,8 @@ class _Sendmail:
         (self.dir / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {hostname}\n")
         (self.dir / "aliases").write_text("postmaster: root\n")
         self.cf = self.dir / "sendmail.cf"
-        self.maillog = LogFile(self.dir / "maillog", "Sendmail")
+        self.name = "Sendmail"
+        self.mta_log = LogFile(self.dir / "maillog", "Sendmail")
         self.syslog = SyslogCatcher(self.dir / "log.sock", self.dir / "maillog")
 
     def common_mc(self) -> list[str]:
@@ -202,15 +202,6 @@ class _Sendmail:
 
     def queue_ids(self) -> list[str]:
         return _QUEUE_ID.findall(self.queued())
-
-    def log(self) -> str:
-        return self.maillog.text()
-
-    def log_mark(self) -> int:
-        return self.maillog.mark()
-
-    def wait_log(self, regex: str, timeout: float = 15.0, *, since: int = 0) -> re.Match[str]:
-        return self.maillog.wait(regex, timeout, since=since)
 
     def close(self) -> None:
         self.syslog.close()
@@ -301,23 +292,6 @@ class SendmailServer(_Sendmail):
         if self.proc is not None:
             self.ns.stop(self.proc)
             self.proc = None
-
-    def maildir_messages(self) -> list[Path]:
-        """Delivered messages, oldest first."""
-        return self.inbox.messages()
-
-    def wait_delivered(self, marker: bytes, timeout: float = 20.0) -> bytes:
-        """The delivered message that carries ``marker``."""
-        return self.inbox.wait_delivered(marker, timeout, self.log)
-
-    def wait_queue_empty(self, timeout: float = 20.0) -> None:
-        """Until every message received has been delivered (or bounced)."""
-        deadline = time.monotonic() + timeout
-        while queued := self.queued():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Sendmail's queue not empty:\n{queued}\n"
-                                   f"{self.log()[-3000:]}")
-            time.sleep(0.1)
 
     def close(self) -> None:
         self.stop()
