@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gatelab import certs, netlab
+from gatelab.capture import Capture
 from gatelab.dnslab import DnsWorld
 from gatelab.gatewayproc import GatewayProcess, gateway_config
 from gatelab.netlab import GW_PEER_IF, GW_PEER_V4, MTA_V4, Lab, Netns
@@ -213,6 +214,28 @@ class Outbound:
         """The last session line to ``destination`` after the first ``seen`` lines."""
         return self.gw.sessions_to(destination, after=seen)[-1]
 
+    # What the gateway did, the same for every MTA's cell (the MTA's own word stays in the
+    # MTA's test).
+    def upgraded_by_dane(self, seen: int, cap: Capture, marker: bytes, message: bytes,
+                         host: str = "203.0.113.2") -> dict[str, Any]:
+        """The session to ``host`` since ``seen``: upgraded, DANE-verified, relayed; the
+        peer link (``cap``) busy, ``marker`` never in clear; the peer's Received says TLS."""
+        s = self.session_since(f"{host}:25", seen)
+        assert (s["plan"], s["tls"], s["outcome"]) == ("require-tls", "dane", "relayed"), s
+        assert s["verify"] in ("dane-ee match", "resumed verified session"), s
+        assert cap.packets() > 10 and not cap.contains(marker)
+        assert b"(using TLSv1." in message  # the peer's Received: the hop was TLS
+        return s
+
+    def stepped_aside(self, seen: int, host: str = "203.0.113.3") -> dict[str, Any]:
+        """The session to ``host`` since ``seen``: the MTA's own STARTTLS left end to end."""
+        s = self.session_since(f"{host}:25", seen)
+        assert (s["tls"], s["mta_starttls"]) == ("end_to_end", "stepped_aside"), s
+        # Inside the MTA's TLS the gateway cannot see QUIT (tests/test_takeover_netns.py
+        # says why the end may read as a reset); the delivery and the MTA's own TLS count.
+        assert s["outcome"] in ("relayed", "upstream_reset", "client_reset"), s
+        return s
+
     # The wrong-TLSA cell: mx.fix.test (FIX_HOST) publishes a TLSA that matches nothing
     # until the test fixes it, then the MTA's retry must deliver the message once.
     def deferred_by_the_wrong_tlsa(self, seen: int, marker: bytes) -> None:
@@ -270,6 +293,15 @@ def outbound_world(work: Path) -> Iterator[Outbound]:
                     "203.0.113.7, 203.0.113.8", domain=DOMAINS), name="plainpeer") as plain, \
                 GatewayProcess(lab.gw, work / "gw", config) as gw:
             yield Outbound(lab, dns, gw, tls_peer, plain, good, work)
+
+
+def peer_summary(receiver: PostfixInstance, mark: int, tls: str | None) -> str:
+    """The Postfix peer's command counts for the session after ``mark`` (``ehlo=… mail=…
+    commands=N``), STARTTLS among them exactly when the gateway upgraded (``tls``)."""
+    summary = receiver.wait_log(r"disconnect from \S+ (ehlo=.*commands=\S+)",
+                                since=mark).group(1)
+    assert ("starttls=1" in summary) == (tls is not None), summary
+    return summary
 
 
 def new_marker() -> bytes:
@@ -330,13 +362,14 @@ def client_segments(pcap: Path) -> list[bytes]:
 @dataclass
 class Inbound:
     lab: Lab
-    mta: Any  # the LabMta receiver the test module started
+    mta: LabMta  # the receiver the test module started
     gw: GatewayProcess
     work: Path
 
 
 @contextlib.contextmanager
-def inbound_world(work: Path, receiver: Callable[[Netns], contextlib.AbstractContextManager[Any]],
+def inbound_world(work: Path,
+                  receiver: Callable[[Netns], contextlib.AbstractContextManager[LabMta]],
                   client_address: str = "transparent") -> Iterator[Inbound]:
     """``receiver(lab.mta)`` is the MTA (entered here, after the lab and before the
     gateway); ``client_address`` the offload listeners' (``transparent`` or ``proxy``)."""

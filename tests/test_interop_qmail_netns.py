@@ -321,7 +321,8 @@ def test_qmail_smtpd_has_no_proxy_protocol_so_inbound_is_transparent(
 
 def test_dane_sender_verifies_the_gateway_and_qmail_logs_the_real_client(
         inbound: Inbound) -> None:
-    mta: QmailReceiver = inbound.mta
+    mta = inbound.mta
+    assert isinstance(mta, QmailReceiver)  # its tcpserver log too
     marker = new_marker()
     mark, tcp_mark = mta.log_mark(), mta.tcpserver_log.mark()
     got = dane_sender_delivers(inbound, marker)
@@ -359,7 +360,8 @@ def test_the_control_without_the_shield(inbound: Inbound) -> None:
     the session (``451 See https://cr.yp.to/docs/smtplf.html.``, qmail-smtpd exits 1):
     the LF carriers are refused whole, so those go to it one by one here, not through
     smuggled_through (whose honest client expects 250)."""
-    mta: QmailReceiver = inbound.mta
+    mta = inbound.mta
+    assert isinstance(mta, QmailReceiver)  # its tcpserver log too
     names, got = smuggled_through(inbound, "off", CR_CARRIERS)
     assert names == [] and len(got) == len(CR_CARRIERS), (names, [m[:300] for m in got])
     before = len(mta.maildir_messages())
