@@ -405,7 +405,6 @@ def inbound_world(work: Path,
 class DaneDelivery:
     message: bytes  # as the MTA stored it
     verified: str  # the sender's "Verified TLS connection established to ..." line
-    session: dict[str, Any]  # the gateway's session line
 
 
 def dane_sender_delivers(i: Inbound, marker: bytes) -> DaneDelivery:
@@ -425,7 +424,7 @@ def dane_sender_delivers(i: Inbound, marker: bytes) -> DaneDelivery:
     message = i.mta.wait_delivered(marker)
     [s] = [x for x in i.gw.sessions()[seen:] if x.get("listener") == "normalize"]
     assert (s["direction"], s["tls"], s["outcome"]) == ("inbound", "tls", "relayed"), s
-    return DaneDelivery(message, verified, s)
+    return DaneDelivery(message, verified)
 
 
 def smtp_send(i: Inbound, port: int, content: bytes) -> int:
