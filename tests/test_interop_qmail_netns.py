@@ -129,7 +129,11 @@ def test_legacy_qmail_to_a_plain_peer_passes_byte_exact(outbound: Outbound, qmai
                            b"RCPT TO:<plain@example.net>\r\nDATA\r\n"), wire[:200]
     assert b"\r\n..\r\n...two dots\r\n" in wire and wire.endswith(b"\r\n.\r\nQUIT\r\n"), wire[-200:]
     s = outbound.session_since(f"{host}:25", seen)
-    assert (s["outcome"], s.get("tls")) == ("relayed", tls), s
+    assert s.get("tls") == tls, s
+    # qmail-remote sends QUIT and closes without waiting for the 221: through the bare pump,
+    # which reads no SMTP, the peer's 221 may reach a socket qmail has closed, whose reset
+    # ends the session (seen in the fresh root).  The message is delivered either way.
+    assert s["outcome"] in (("relayed", "client_reset") if tls is None else ("relayed",)), s
     helo, rest = wire.split(b"\r\n", 1)
     # Policy none: the bare pump, not one byte changed.  Otherwise, to a HELO client's
     # session the gateway adds its own EHLO (to learn whether the peer offers STARTTLS)
